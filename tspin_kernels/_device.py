@@ -1,0 +1,75 @@
+"""Everything that inspects the hardware or the runtime lives here, and nowhere else."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_can_run(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on tensors living where ``t`` lives."""
+    if not triton_importable():
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreting()
+
+
+def resolve_impl(impl: str, t: torch.Tensor) -> str:
+    """Turn the user's ``impl`` (and ``TSPIN_IMPL`` for ``"auto"``) into a concrete implementation."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        env = os.environ.get("TSPIN_IMPL", "").strip().lower()
+        if env and env != "auto":
+            if env not in IMPLS:
+                raise ValueError(f"TSPIN_IMPL must be one of {IMPLS}, got {env!r}")
+            impl = env
+        else:
+            impl = "triton" if (t.is_cuda and triton_importable()) else "torch"
+    if impl == "triton" and not triton_can_run(t):
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
+            f"got tensors on {t.device}. Use impl='torch' or impl='auto'."
+        )
+    return impl
+
+
+def device_name(device: torch.device | None = None) -> str:
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def autotune_requested() -> bool:
+    return os.environ.get("TSPIN_AUTOTUNE", "0") not in ("", "0") and not interpreting()

@@ -1,0 +1,30 @@
+"""autograd.Function wrapper around the Triton launchers (the torch fallback's Function is in ``reference``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.fused_logps import logps_backward, logps_forward
+
+
+class TritonSequenceLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int):
+        tok, lse = logps_forward(hidden2d, weight, bias, row_idx, target)
+        out = torch.zeros(num_seqs, dtype=torch.float32, device=hidden2d.device)
+        out.index_add_(0, seq_id, tok * token_scale)
+        ctx.save_for_backward(hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse = ctx.saved_tensors
+        g_row = (grad_out.float()[seq_id] * token_scale).contiguous()
+        grad_h, grad_w, grad_b = logps_backward(
+            hidden2d, weight, bias, row_idx, target, lse, g_row,
+            need_h=ctx.needs_input_grad[0],
+            need_w=ctx.needs_input_grad[1],  # False for a frozen head: no weight-gradient work at all
+            need_b=ctx.has_bias and ctx.needs_input_grad[2],
+        )
+        return grad_h, grad_w, grad_b, None, None, None, None, None

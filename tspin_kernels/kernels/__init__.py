@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. No autograd here: see ``tspin_kernels.functions``."""

@@ -1,0 +1,201 @@
+"""Fused LM-head + log-softmax + gather, forward and backward, over compacted rows.
+
+Forward: each program owns BLOCK_M counted rows and one contiguous slice of the vocabulary; it walks the slice in
+BLOCK_N tiles, computing each logit tile as H[rows] @ W[tile]^T with float32 accumulation, and keeps an online
+(max, sum-exp) pair plus the target logit. Slices ("splits") exist to fill the GPU when there are few rows;
+their partial log-sum-exps are merged by the launcher, which also reduces token log-probs per sequence.
+Only the per-row log-sum-exp is kept for backward; the [rows x V] logits never exist in memory.
+
+Backward: one program per (row block, vocab tile) recomputes the logit tile, forms
+dlogits = g_row * (onehot(target) - softmax), and adds dlogits @ W into grad_hidden and dlogits^T @ H into
+grad_weight with float32 atomics (into float32 buffers; low-precision atomics are never used). The weight
+gradient work is compiled out when the head is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _device
+
+
+@triton.jit
+def _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """float32 logits for rows ``hrow`` (int64 row offsets) x vocab ``cols``; out-of-range entries are garbage."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        h = tl.load(H + hrow[:, None] * stride_hn + ks[None, :].to(tl.int64) * stride_hd,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W + cols[None, :].to(tl.int64) * stride_wv + ks[:, None].to(tl.int64) * stride_wd,
+                    mask=cmask[None, :] & kmask[:, None], other=0.0)
+        if UPCAST:  # the interpreter's low-precision dot is wrong; upcast there
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_split, num_splits,
+                stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Nc
+    hrow = tl.load(ROW_IDX + rows, mask=rmask, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=rmask, other=-1).to(tl.int64)
+    v_lo = pid_s * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        cmask = cols < v_hi
+        logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                             HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        logits = tl.where(cmask[None, :], logits, float("-inf"))
+        t += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], logits, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m = m_new
+    out = rows * num_splits + pid_s
+    tl.store(LSE_PART + out, m + tl.log(s), mask=rmask)
+    tl.store(TGT_PART + out, t, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D,
+                stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
+                COMPUTE_GB: tl.constexpr, GROUP_M: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    # grouped ordering: consecutive programs share vocab tiles of W, so they stay in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nc, BLOCK_M)
+    num_n = tl.cdiv(V, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Nc
+    hrow = tl.load(ROW_IDX + rows, mask=rmask, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=rmask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    g = tl.load(GROW + rows, mask=rmask, other=0.0)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < V
+    logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                         HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    p = tl.exp(logits - lse[:, None])
+    d = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    if COMPUTE_GB:
+        tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask)
+    if UPCAST:
+        dl = d
+    else:
+        dl = d.to(H.dtype.element_ty)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        if COMPUTE_GH:
+            w = tl.load(W + cols[:, None] * stride_wv + ks[None, :].to(tl.int64) * stride_wd,
+                        mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            gh = tl.dot(dl, w)  # (BLOCK_M, BLOCK_K)
+            tl.atomic_add(GH + rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :])
+        if COMPUTE_GW:
+            h = tl.load(H + hrow[:, None] * stride_hn + ks[None, :].to(tl.int64) * stride_hd,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            gw = tl.dot(tl.trans(dl), h)  # (BLOCK_N, BLOCK_K)
+            tl.atomic_add(GW + cols[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
+
+
+def _config(D: int, V: int, device: torch.device) -> dict:
+    """Fixed tile sizes. The interpreter gets small tiles (numpy per program); GPUs get MMA-friendly ones."""
+    if _device.interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    major, _ = _device.cuda_capability(device)
+    if major >= 9:  # Hopper
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def _launch_kw(cfg):
+    return {} if _device.interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def logps_forward(hidden2d, weight, bias, row_idx, target):
+    """Per counted row: (token log-prob, log-sum-exp), both float32 of shape (Nc,)."""
+    Nc, (V, D) = row_idx.numel(), weight.shape
+    dev = hidden2d.device
+    if Nc == 0:
+        z = torch.zeros(0, dtype=torch.float32, device=dev)
+        return z, z.clone()
+    cfg = _config(D, V, dev)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    num_m = triton.cdiv(Nc, BM)
+    # split the vocabulary until there are ~2 programs per SM, each split at least 8 tiles wide
+    max_splits = max(1, triton.cdiv(V, 8 * BN))
+    num_splits = min(max_splits, max(1, triton.cdiv(2 * _device.num_sms(dev), num_m)))
+    cols_per_split = triton.cdiv(triton.cdiv(V, num_splits), BN) * BN
+    num_splits = triton.cdiv(V, cols_per_split)
+    lse_part = torch.empty((Nc, num_splits), dtype=torch.float32, device=dev)
+    tgt_part = torch.empty((Nc, num_splits), dtype=torch.float32, device=dev)
+    _fwd_kernel[(num_m, num_splits)](
+        hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse_part, tgt_part,
+        Nc, V, D, cols_per_split, num_splits,
+        hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"],
+        UPCAST=_device.interpreting(), **_launch_kw(cfg),
+    )
+    lse = torch.logsumexp(lse_part, dim=1) if num_splits > 1 else lse_part[:, 0]
+    tok = tgt_part.sum(1) - lse  # the target lies in exactly one split; the others contribute 0
+    return tok, lse
+
+
+def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b):
+    """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token."""
+    Nc, (V, D) = row_idx.numel(), weight.shape
+    dev = hidden2d.device
+    gh = torch.zeros((Nc, D), dtype=torch.float32, device=dev) if need_h else None
+    gw = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_w else None
+    gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
+    if Nc > 0 and (need_h or need_w or need_b):
+        cfg = _config(D, V, dev)
+        BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        dummy = lse
+        grid = (triton.cdiv(Nc, BM) * triton.cdiv(V, BN),)
+        _bwd_kernel[grid](
+            hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse, g_row,
+            gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, V, D,
+            hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b, GROUP_M=8,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(), **_launch_kw(cfg),
+        )
+    grad_h = None
+    if need_h:
+        grad_h = torch.zeros_like(hidden2d)
+        grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
+    return (
+        grad_h,
+        gw.to(weight.dtype) if need_w else None,
+        gb.to(bias.dtype) if need_b else None,
+    )
