@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # float64: torch paths only, for checks
 
 
 @dataclass
@@ -38,7 +38,7 @@ def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, check_f
     if not isinstance(labels, torch.Tensor):
         raise _fail_type("labels", "a torch.Tensor", type(labels).__name__)
     if hidden.dtype not in _FLOATS:
-        raise _fail_type("hidden", "dtype bfloat16, float16 or float32", hidden.dtype)
+        raise _fail_type("hidden", "dtype bfloat16, float16 or float32 (float64 on the torch paths)", hidden.dtype)
     if weight.dtype != hidden.dtype:
         raise _fail_type("weight", f"the same dtype as hidden ({hidden.dtype})", weight.dtype)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -59,7 +59,9 @@ def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, check_f
     if hidden.shape[-1] != D:
         raise ValueError(f"hidden: last dimension must equal weight's D={D}, got {tuple(hidden.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without D), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without D), got {tuple(labels.shape)}"
+        )
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != hidden.device:
             raise ValueError(f"{name}: expected to be on {hidden.device} like hidden, got {t.device}")
@@ -92,7 +94,9 @@ def _check_cu_seqlens(cu: torch.Tensor, n: int, device) -> None:
     if not isinstance(cu, torch.Tensor):
         raise _fail_type("cu_seqlens", "an integer torch.Tensor of shape (S+1,)", type(cu).__name__)
     if cu.dtype.is_floating_point or cu.dtype == torch.bool or cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected an integer tensor of shape (S+1,) with S>=1, got {cu.dtype} {tuple(cu.shape)}")
+        raise ValueError(
+            f"cu_seqlens: expected an integer tensor of shape (S+1,) with S>=1, got {cu.dtype} {tuple(cu.shape)}"
+        )
     if cu.device != device:
         raise ValueError(f"cu_seqlens: expected to be on {device} like hidden, got {cu.device}")
     c = cu.tolist()
@@ -138,7 +142,7 @@ def compact(hidden, labels, cu_seqlens, ignore_index: int, shift: bool, average:
     target = lab[row_idx]
     if average:
         counts = torch.bincount(seq_id, minlength=num_seqs).clamp_min(1).float()
-        token_scale = counts.reciprocal()[seq_id]
+        token_scale = counts.reciprocal()[seq_id]  # float32; exact for the counts seen in practice
     else:
         token_scale = torch.ones(row_idx.numel(), dtype=torch.float32, device=dev)
     return Compacted(hidden2d, hidden.shape, row_idx, target, seq_id, token_scale, num_seqs)

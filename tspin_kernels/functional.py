@@ -47,6 +47,8 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     """
     check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, check_finite)
     impl = _device.resolve_impl(impl, hidden)
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("hidden: impl='triton' expects bfloat16, float16 or float32, got torch.float64")
     if impl == "reference":
         return naive_sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens,
                                     ignore_index=ignore_index, shift=shift, average=average)

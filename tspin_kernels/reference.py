@@ -21,19 +21,25 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and results are float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def naive_sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
                          shift=False, average=False) -> torch.Tensor:
     """Full-logits oracle: logits -> log_softmax -> gather -> masked per-sequence sum (float32)."""
+    acc = acc_dtype(hidden.dtype)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         parts = [
             naive_sequence_logps(hidden[None, a:b], weight, labels[None, a:b], bias=bias, ignore_index=ignore_index,
                                  shift=shift, average=average)
-            if b > a else hidden.new_zeros(1, dtype=torch.float32) + 0 * hidden.sum(dtype=torch.float32)
+            if b > a else hidden.new_zeros(1, dtype=acc) + 0 * hidden.sum(dtype=acc)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
         return torch.cat(parts)
-    logits = F.linear(hidden, weight, bias).float()  # (R, T, V), as HF computes them
+    logits = F.linear(hidden, weight, bias).to(acc)  # (R, T, V), as HF computes them
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
@@ -56,7 +62,7 @@ def _chunk_logits(h, weight, bias):
     logits = h @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logits.float()
+    return logits.to(acc_dtype(logits.dtype))
 
 
 class ChunkedSequenceLogps(torch.autograd.Function):
@@ -67,8 +73,9 @@ class ChunkedSequenceLogps(torch.autograd.Function):
         V = weight.shape[0]
         n = row_idx.numel()
         step = _chunk_rows(V)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
-        tok = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
+        acc = acc_dtype(hidden2d.dtype)
+        lse = torch.empty(n, dtype=acc, device=hidden2d.device)
+        tok = torch.empty(n, dtype=acc, device=hidden2d.device)
         with torch.no_grad():
             for s in range(0, n, step):
                 e = min(s + step, n)
@@ -76,8 +83,8 @@ class ChunkedSequenceLogps(torch.autograd.Function):
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 tok[s:e] = logits.gather(1, target[s:e, None]).squeeze(1) - lse[s:e]
                 del logits
-        out = torch.zeros(num_seqs, dtype=torch.float32, device=hidden2d.device)
-        out.index_add_(0, seq_id, tok * token_scale)
+        out = torch.zeros(num_seqs, dtype=acc, device=hidden2d.device)
+        out.index_add_(0, seq_id, tok * token_scale.to(acc))
         ctx.save_for_backward(hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse)
         ctx.has_bias = bias is not None
         return out
@@ -85,16 +92,18 @@ class ChunkedSequenceLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         V = weight.shape[0]
         n = row_idx.numel()
         step = _chunk_rows(V)
-        g_tok = grad_out.float()[seq_id] * token_scale  # d out / d token logp
-        low_precision = weight.dtype != torch.float32
+        acc = lse.dtype
+        g_tok = grad_out.to(acc)[seq_id] * token_scale.to(acc)  # d out / d token logp
+        low_precision = weight.dtype not in (torch.float32, torch.float64)
         grad_h = torch.zeros_like(hidden2d) if need_h else None
         # fp32 accumulators: many chunks add into the same weight rows
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         for s in range(0, n, step):
             e = min(s + step, n)
             idx = row_idx[s:e]
