@@ -26,10 +26,12 @@ def make_inputs(R, T, D, V, dtype, *, ignore_frac=0.4, bias=False, packed=False,
     return out
 
 
-def run(inputs, impl, *, dtype=None, grads=("hidden", "weight", "bias"), weight_grad=True, weights=None, **opts):
-    """Forward + backward of sum(out * weights); returns (out, {name: grad}) in float64."""
+def run(inputs, impl, *, dtype=None, grads=("hidden", "weight", "bias"), weight_grad=True, weights=None,
+        device="cpu", **opts):
+    """Forward + backward of sum(out * weights); returns (out, {name: grad}) in float64 on the CPU."""
     t = {k: (v.to(dtype) if dtype is not None and v is not None and v.is_floating_point() else v)
          for k, v in inputs.items()}
+    t = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
     t = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
     t["hidden"].requires_grad_(True)
     t["weight"].requires_grad_(weight_grad)
@@ -44,10 +46,10 @@ def run(inputs, impl, *, dtype=None, grads=("hidden", "weight", "bias"), weight_
     else:
         out = fn(t["hidden"], t["weight"], t["labels"], **kw)
     w = weights if weights is not None else torch.linspace(-1.0, 2.0, out.numel())
-    (out * w.to(out.dtype)).sum().backward()
+    (out * w.to(out)).sum().backward()
     gr = {}
     for name in grads:
         x = t.get(name)
         if x is not None and x.grad is not None:
-            gr[name] = x.grad.double()
-    return out.detach().double(), gr
+            gr[name] = x.grad.double().cpu()
+    return out.detach().double().cpu(), gr

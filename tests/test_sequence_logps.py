@@ -26,14 +26,15 @@ def _max_err(a, b):
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def _check(case, impl, dtype, weight_grad=True):
+def check_against_oracle(case, impl, dtype, weight_grad=True, device="cpu"):
     R, T, D, V, opts = case
     opts = dict(opts)
     mk = {k: opts.pop(k) for k in ("bias", "packed", "empty_row") if k in opts}
     inputs = make_inputs(R, T, D, V, torch.float64, **mk)
-    ref_out, ref_g = run(inputs, "naive", **opts, weight_grad=weight_grad)
-    base_out, base_g = run(inputs, "naive", dtype=dtype, **opts, weight_grad=weight_grad)
-    out, g = run(inputs, impl, dtype=dtype, **opts, weight_grad=weight_grad)
+    kw = dict(weight_grad=weight_grad, device=device, **opts)
+    ref_out, ref_g = run(inputs, "naive", **kw)
+    base_out, base_g = run(inputs, "naive", dtype=dtype, **kw)
+    out, g = run(inputs, impl, dtype=dtype, **kw)
     factor, margin = (1.5, 1e-5) if dtype == torch.float32 else (1.5, 2e-3)
     e, e0 = _max_err(out, ref_out), _max_err(base_out, ref_out)
     assert e <= factor * e0 + margin * max(1.0, ref_out.abs().max().item()), f"logps err {e} vs naive {e0}"
@@ -48,13 +49,13 @@ def _check(case, impl, dtype, weight_grad=True):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_against_float64_oracle(case, impl, dtype):
-    _check(CASES[case], impl, dtype)
+    check_against_oracle(CASES[case], impl, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_frozen_head(impl, dtype):
-    _check(CASES["odd"], impl, dtype, weight_grad=False)
+    check_against_oracle(CASES["odd"], impl, dtype, weight_grad=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["reference"])
