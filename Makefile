@@ -26,8 +26,9 @@ test: install
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
 
-test-gpu: install
-	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+# On a GPU machine, from an environment that already has CUDA torch and this package installed.
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
