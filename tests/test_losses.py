@@ -98,3 +98,17 @@ def test_tspin_impl_env_override(monkeypatch):
     monkeypatch.setenv("TSPIN_IMPL", "nonsense")
     with pytest.raises(ValueError, match="TSPIN_IMPL"):
         sequence_logps(inp["hidden"], inp["weight"], inp["labels"])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_autocast_fp32_weight_bf16_activations(impl):
+    """Mixed-precision training: fp32 master weight, autocast bf16; gradients reach the fp32 weight."""
+    inp = make_inputs(3, 8, 16, 40, torch.float32)
+    w = inp["weight"].clone().requires_grad_()
+    h = inp["hidden"].bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_logps(h, w, inp["labels"], impl=impl)
+    out.sum().backward()
+    ref = sequence_logps(h.detach(), w.detach().bfloat16(), inp["labels"], impl="reference")
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert w.grad is not None and w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16

@@ -45,6 +45,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     Returns:
         float32 tensor of shape ``(S,)``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, check_finite)
     impl = _device.resolve_impl(impl, hidden)
     if impl == "triton" and hidden.dtype == torch.float64:
@@ -60,6 +61,18 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     else:
         fn = ChunkedSequenceLogps
     return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs)
+
+
+def _autocast(hidden, weight, bias):
+    """Under torch.autocast, compute in the autocast dtype as F.linear would (fp32 master weights, bf16 activations)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return hidden, weight, bias
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev) or not hidden.is_floating_point():
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def tspin_loss_from_logps(real, generated, proto, *, alpha: float = 1.0, beta: float = 0.1) -> torch.Tensor:
