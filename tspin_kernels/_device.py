@@ -73,3 +73,15 @@ def num_sms(device: torch.device) -> int:
 
 def autotune_requested() -> bool:
     return os.environ.get("TSPIN_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+
+
+def grad_filter_eps() -> float:
+    """``TSPIN_GRAD_FILTER``: softmax threshold under which the Triton backward skips a vocab tile (0 = off)."""
+    raw = os.environ.get("TSPIN_GRAD_FILTER", "0").strip()
+    try:
+        eps = float(raw)
+    except ValueError:
+        raise ValueError(f"TSPIN_GRAD_FILTER must be a float in [0, 1), got {raw!r}") from None
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"TSPIN_GRAD_FILTER must be a float in [0, 1), got {raw!r}")
+    return eps

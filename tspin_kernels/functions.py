@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _device
 from .kernels.fused_logps import logps_backward, logps_forward
 
 
@@ -26,5 +27,6 @@ class TritonSequenceLogps(torch.autograd.Function):
             need_h=ctx.needs_input_grad[0],
             need_w=ctx.needs_input_grad[1],  # False for a frozen head: no weight-gradient work at all
             need_b=ctx.has_bias and ctx.needs_input_grad[2],
+            filter_eps=_device.grad_filter_eps(),
         )
         return grad_h, grad_w, grad_b, None, None, None, None, None

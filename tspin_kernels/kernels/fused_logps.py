@@ -75,10 +75,10 @@ def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_sp
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D,
+def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_eps,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
-                COMPUTE_GB: tl.constexpr, GROUP_M: tl.constexpr,
+                COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     # grouped ordering: consecutive programs share vocab tiles of W, so they stay in L2
     pid = tl.program_id(0)
@@ -101,8 +101,14 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D,
     logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
                          HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     p = tl.exp(logits - lse[:, None])
-    d = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    onehot = cols[None, :] == tgt[:, None]
+    d = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
     d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    if FILTER:
+        # opt-in: a tile with no target whose softmax is negligible everywhere adds ~nothing; skip its matmuls
+        live = tl.where(rmask[:, None] & cmask[None, :] & ((p >= filter_eps) | onehot), 1, 0)
+        if tl.max(tl.max(live, axis=1), axis=0) == 0:
+            return
     if COMPUTE_GB:
         tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask)
     if UPCAST:
@@ -171,8 +177,11 @@ def logps_forward(hidden2d, weight, bias, row_idx, target):
     return tok, lse
 
 
-def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b):
-    """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token."""
+def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0):
+    """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token.
+
+    ``filter_eps > 0`` skips vocab tiles whose softmax is below it for every row (and hold no target).
+    """
     Nc, (V, D) = row_idx.numel(), weight.shape
     dev = hidden2d.device
     gh = torch.zeros((Nc, D), dtype=torch.float32, device=dev) if need_h else None
@@ -185,9 +194,10 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
         grid = (triton.cdiv(Nc, BM) * triton.cdiv(V, BN),)
         _bwd_kernel[grid](
             hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse, g_row,
-            gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, V, D,
+            gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, V, D, float(filter_eps),
             hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b, GROUP_M=8,
+            HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
+            FILTER=filter_eps > 0, GROUP_M=8,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(), **_launch_kw(cfg),
         )
     grad_h = None
