@@ -85,3 +85,7 @@ def grad_filter_eps() -> float:
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"TSPIN_GRAD_FILTER must be a float in [0, 1), got {raw!r}")
     return eps
+
+
+def allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -24,7 +24,7 @@ from .. import _device
 @triton.jit
 def _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """float32 logits for rows ``hrow`` (int64 row offsets) x vocab ``cols``; out-of-range entries are garbage."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -37,7 +37,7 @@ def _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stri
         if UPCAST:  # the interpreter's low-precision dot is wrong; upcast there
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -47,7 +47,7 @@ def _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stri
 def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_split, num_splits,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,7 +63,7 @@ def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_sp
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_hi
         logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                             HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                             HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         logits = tl.where(cmask[None, :], logits, float("-inf"))
         t += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], logits, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -79,7 +79,8 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
                 COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     # grouped ordering: consecutive programs share vocab tiles of W, so they stay in L2
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nc, BLOCK_M)
@@ -99,7 +100,7 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < V
     logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                         HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                         HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
     p = tl.exp(logits - lse[:, None])
     onehot = cols[None, :] == tgt[:, None]
     d = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
@@ -107,8 +108,22 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
     if FILTER:
         # opt-in: a tile with no target whose softmax is negligible everywhere adds ~nothing; skip its matmuls
         live = tl.where(rmask[:, None] & cmask[None, :] & ((p >= filter_eps) | onehot), 1, 0)
-        if tl.max(tl.max(live, axis=1), axis=0) == 0:
-            return
+        if tl.max(tl.max(live, axis=1), axis=0) > 0:
+            _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+                              stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
+                              BLOCK_K, UPCAST, DOT_PRECISION)
+    else:
+        _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+                          stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
+                          BLOCK_K, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+                      stride_hn, stride_hd, stride_wv, stride_wd,
+                      COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr, COMPUTE_GB: tl.constexpr,
+                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add one dlogits tile's contributions: GH[rows] += d @ W[cols], GW[cols] += d^T @ H[rows], GB[cols] += sum d."""
     if COMPUTE_GB:
         tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask)
     if UPCAST:
@@ -123,14 +138,14 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
                         mask=cmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
-            gh = tl.dot(dl, w)  # (BLOCK_M, BLOCK_K)
+            gh = tl.dot(dl, w, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
             tl.atomic_add(GH + rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :])
         if COMPUTE_GW:
             h = tl.load(H + hrow[:, None] * stride_hn + ks[None, :].to(tl.int64) * stride_hd,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
-            gw = tl.dot(tl.trans(dl), h)  # (BLOCK_N, BLOCK_K)
+            gw = tl.dot(tl.trans(dl), h, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
             tl.atomic_add(GW + cols[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
 
 
@@ -142,6 +157,13 @@ def _config(D: int, V: int, device: torch.device) -> dict:
     if major >= 9:  # Hopper
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def _dot_precision(weight) -> str:
+    # float32 inputs follow torch's own TF32 switch; for 16-bit inputs the setting is moot (Triton's default)
+    if weight.dtype == torch.float32 and not _device.allow_tf32():
+        return "ieee"
+    return "tf32"
 
 
 def _launch_kw(cfg):
@@ -170,7 +192,7 @@ def logps_forward(hidden2d, weight, bias, row_idx, target):
         Nc, V, D, cols_per_split, num_splits,
         hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"],
-        UPCAST=_device.interpreting(), **_launch_kw(cfg),
+        UPCAST=_device.interpreting(), DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
     )
     lse = torch.logsumexp(lse_part, dim=1) if num_splits > 1 else lse_part[:, 0]
     tok = tgt_part.sum(1) - lse  # the target lies in exactly one split; the others contribute 0
@@ -198,7 +220,8 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
             hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
             HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
             FILTER=filter_eps > 0, GROUP_M=8,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(), **_launch_kw(cfg),
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(),
+            DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
         )
     grad_h = None
     if need_h:
