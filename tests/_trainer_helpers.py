@@ -1,0 +1,36 @@
+"""Shared helpers for the trainer tests (test_data/losses_path/generation/train/cli/resume): a real tiny Llama and
+tokenizer saved with save_pretrained, and real data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tspin.demo import build_model, build_tokenizer, make_task
+
+
+def tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 1, heads: int = 2, seed: int = 0) -> Path:
+    tok = build_tokenizer()
+    model = build_model(tok, hidden=hidden, layers=layers, heads=heads, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def task_file(path: Path, n: int, seed: int = 1) -> Path:
+    return write_jsonl(path, make_task(n, seed))
+
+
+def tiny_cfg(**kw):
+    from tspin.demo import demo_config
+
+    base = dict(max_new_tokens=6, eval_max_new_tokens=6, generation_batch_size=8, eval_batch_size=8,
+                per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress=False)
+    base.update(kw)
+    return demo_config(**base)

@@ -1,0 +1,272 @@
+"""Data: SPEC section 4 formats through `datasets`, seeded subsets, prompt formatting, tokenization, collation.
+
+Truncation (documented contract): a prompt longer than `max_prompt_length` keeps its *last* tokens (the end of an
+instruction sits next to the response); the response is then cut at the end to fit `max_length`, and a cut
+response loses its EOS. Labels are -100 on prompt tokens and padding, so only response tokens count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAPER_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
+IGNORE_INDEX = -100
+RESPONSE_FIELDS = ("real", "generated", "proto", "generated_prev")
+
+
+class DataError(ValueError):
+    """Malformed data: the message names the file, the line/row and the field."""
+
+
+# ----------------------------------------------------------------------------- loading
+def _load_dataset(path: Path, split: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: split {split!r} not found (available: {', '.join(ds)})")
+            ds = ds[split]
+        return ds
+    suffix = path.suffix.lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported data file type {suffix!r} (expected .jsonl, .json, .parquet or a "
+                        "saved dataset directory)")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets' own errors rarely name the line: find it ourselves
+        if builder == "json":
+            _raise_json_location(path)
+        raise DataError(f"{path}: could not be loaded as {builder}: {e}") from e
+
+
+def _raise_json_location(path: Path) -> None:
+    text = path.read_text()
+    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {n}: expected a JSON object, got {type(obj).__name__}")
+    else:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _locator(path: Path):
+    """Row index -> human location: the line of a JSONL file, else the record/row index."""
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with open(path) as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+        return lambda i: f"line {lines[i]}" if i < len(lines) else f"row {i}"
+    if path.is_file() and path.suffix.lower() == ".json":
+        return lambda i: f"record {i}"
+    return lambda i: f"row {i}"
+
+
+def _text(value, where: str, name: str, required: bool = True) -> str | None:
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def first_turn(messages, where: str) -> tuple[str, str | None]:
+    """The first user message and the assistant reply that follows it (system messages are skipped)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: field 'messages[{i}]' must have 'role' and 'content'")
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise DataError(f"{where}: field 'messages' has no 'user' turn")
+    u = users[0]
+    prompt = _text(messages[u]["content"], where, f"messages[{u}].content")
+    for j in range(u + 1, len(messages)):
+        if messages[j]["role"] == "assistant":
+            return prompt, _text(messages[j]["content"], where, f"messages[{j}].content")
+        if messages[j]["role"] == "user":
+            break
+    return prompt, None
+
+
+def normalize_record(rec: dict, where: str, index: int, require_response: bool = True) -> dict:
+    """Any accepted record -> {prompt_id, prompt, real, [generated, proto, generated_prev, ref_*]}."""
+    if rec.get("messages") is not None:
+        prompt, real = first_turn(rec["messages"], where)
+        if real is None and require_response:
+            raise DataError(f"{where}: missing field 'messages' assistant reply after the first user turn")
+    else:
+        prompt = _text(rec.get("prompt"), where, "prompt")
+        key = "real" if rec.get("real") is not None else "response"
+        real = _text(rec.get(key), where, "response (or real)", required=require_response)
+    if not prompt.strip():
+        raise DataError(f"{where}: field 'prompt' is empty")
+    out = {"prompt_id": str(rec["prompt_id"]) if rec.get("prompt_id") is not None else f"{index:08d}",
+           "prompt": prompt, "real": real}
+    for name in ("generated", "proto", "generated_prev"):
+        if rec.get(name) is not None:
+            out[name] = _text(rec[name], where, name)
+    for name, value in rec.items():
+        if name.startswith("ref_") and value is not None:
+            if not isinstance(value, (int, float)):
+                raise DataError(f"{where}: field {name!r} must be a number, got {type(value).__name__}")
+            out[name] = float(value)
+    return out
+
+
+def load_records(path: str | Path, split: str = "train", require_response: bool = True) -> list[dict]:
+    """Load any SPEC section 4 format into normalized records; malformed ones raise a DataError naming the spot."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    ds = _load_dataset(path, split)
+    where = _locator(path)
+    cols = set(ds.column_names)
+    if not ({"messages", "prompt"} & cols):
+        raise DataError(f"{path}: {where(0)}: missing field 'prompt' (or 'messages'); columns are {sorted(cols)}")
+    return [normalize_record(rec, f"{path}: {where(i)}", i, require_response) for i, rec in enumerate(ds)]
+
+
+def split_heldout(records: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split of `size` held-out records (train, eval), both kept in file order."""
+    if size <= 0:
+        return records, []
+    if size >= len(records):
+        raise ValueError(f"eval_size={size} leaves no training data ({len(records)} records)")
+    perm = np.random.default_rng(seed + 1_000_003).permutation(len(records))
+    held = set(perm[:size].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def select_subset(records: list[dict], fraction: float | None = None, count: int | None = None,
+                  seed: int = 0) -> list[dict]:
+    """Seeded subset by fraction or count, in file order. Smaller subsets are prefixes of one permutation, so the
+    25% subset is contained in the 50% one for the same seed."""
+    if fraction is None and count is None:
+        return records
+    n = len(records)
+    k = count if count is not None else max(1, round(fraction * n))
+    if k > n:
+        raise ValueError(f"data_count={k} exceeds the {n} available records")
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    return [records[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------- tokenization
+def format_prompt(tokenizer, prompt: str, template: str) -> str:
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_template='chat' but the tokenizer has no chat_template; use 'paper'")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return (PAPER_TEMPLATE if template == "paper" else template).replace("{prompt}", prompt)
+
+
+def encode_prompts(tokenizer, prompts: list[str], template: str, max_prompt_length: int) -> list[list[int]]:
+    texts = [format_prompt(tokenizer, p, template) for p in prompts]
+    # a chat template writes its own BOS; the plain templates get the tokenizer's special tokens
+    ids = tokenizer(texts, add_special_tokens=template != "chat")["input_ids"]
+    return [x[-max_prompt_length:] for x in ids]
+
+
+def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
+    ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [x + [eos] if eos is not None else x for x in ids]
+
+
+def join(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    response_ids = response_ids[: max(0, max_length - len(prompt_ids))]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, template: str, max_length: int,
+                   max_prompt_length: int, ref: bool = False) -> list[dict]:
+    """Per record: {prompt_id, <field>: (input_ids, labels) for each field, [ref: {field: logp}]}."""
+    for f in fields:
+        missing = [r["prompt_id"] for r in records if r.get(f) is None]
+        if missing:
+            raise DataError(f"records lack field {f!r} (first prompt_id {missing[0]}, {len(missing)} in all)")
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], template, max_prompt_length)
+    feats = [{"prompt_id": r["prompt_id"]} for r in records]
+    for f in fields:
+        for feat, p, resp in zip(feats, prompt_ids, encode_responses(tokenizer, [r[f] for r in records])):
+            feat[f] = join(p, resp, max_length)
+    if ref:
+        for feat, r in zip(feats, records):
+            try:
+                feat["ref"] = {f: r[f"ref_{f}"] for f in fields}
+            except KeyError as e:
+                raise DataError(f"record {r['prompt_id']}: missing reference log-prob field {e.args[0]!r}") from None
+    return feats
+
+
+# ----------------------------------------------------------------------------- collation
+@dataclass
+class Batch:
+    """Rows ordered field-major: [field0 of every example; field1 of every example; ...] (the kernels' order)."""
+
+    input_ids: torch.Tensor  # (R, T) padded, or (1, N) packed
+    labels: torch.Tensor  # same shape as input_ids, HF style (shift happens in the kernel)
+    attention_mask: torch.Tensor | None  # (R, T); None when packed (position_ids delimit sequences)
+    position_ids: torch.Tensor | None  # (1, N) packed, restarting at 0 per sequence
+    cu_seqlens: torch.Tensor | None  # (R+1,) int32 packed offsets
+    num_examples: int
+    num_tokens: int  # counted (response) tokens
+    ref_logps: torch.Tensor | None = None  # (R,) float32 in row order (SPIN)
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return Batch(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, layout: str = "padded") -> Batch:
+    seqs = [feat[f] for f in fields for feat in features]
+    num_tokens = sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in seqs)
+    ref = None
+    if features and all("ref" in feat for feat in features):
+        ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
+    if layout == "packed":
+        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
+        labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
+        pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]
+        cu = torch.tensor([0] + np.cumsum([len(s) for s, _ in seqs]).tolist(), dtype=torch.int32)
+        return Batch(ids, labels, None, pos, cu, len(features), num_tokens, ref)
+    if layout != "padded":
+        raise ValueError(f"layout={layout!r}: expected 'padded' or 'packed'")
+    T = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, (s, lab) in enumerate(seqs):  # right padding: positions 0..len-1 are real tokens
+        ids[r, : len(s)] = torch.tensor(s)
+        labels[r, : len(s)] = torch.tensor(lab)
+        mask[r, : len(s)] = 1
+    return Batch(ids, labels, mask, None, None, len(features), num_tokens, ref)
+
+
+def fields_for(method: str) -> tuple[str, ...]:
+    if method == "tspin":
+        return ("real", "generated", "proto")
+    if method == "spin":
+        return ("real", "generated")
+    return ("real",)

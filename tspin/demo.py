@@ -1,0 +1,194 @@
+"""`tspin demo`: the paper's comparison at laptop scale, end to end on CPU.
+
+Task: string transformations with exact-match answers (reverse / sort / rotate a random letter string), generated
+deterministically from a seed. Model: a tiny Llama built from a config, with a character-level tokenizer built here.
+Runs: SFT on 25% of the data gives pi_0; T-SPIN and SPIN then self-play for 4 iterations on the same 25%; SFT on
+100% (same init, same epochs) is the reference, and SFT continued on the 25% for as many rounds as self-play is
+the compute-matched control. Every policy is evaluated on the same held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from .config import Config
+from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+
+LETTERS = "abcdefghijklmnop"
+OPS = {
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "rotate": lambda s: s[1:] + s[:1],
+}
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+MARKERS = ["### Instruction: ", "\n\n### Response: "] + list(OPS)
+
+
+def make_task(n: int, seed: int, min_len: int = 4, max_len: int = 8) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        op = rng.choice(sorted(OPS))
+        s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
+        rows.append({"prompt_id": f"{seed}-{i:05d}", "prompt": f"{op} {s}", "response": OPS[op](s)})
+    return rows
+
+
+def build_tokenizer():
+    """Character-level WordLevel tokenizer; the template markers and op names are single added tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(LETTERS) + [" ", ":", "\n", "#"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    tok.add_tokens(MARKERS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def build_model(tokenizer, *, hidden: int = 96, layers: int = 3, heads: int = 4, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+DEMO_SETTINGS = dict(
+    n_train=2000, n_eval=300, model=dict(hidden=96, layers=3, heads=4),
+    sft_epochs=8.0, selfplay_epochs=1.0, iterations=4,
+)
+
+
+def demo_config(**overrides) -> Config:
+    base = dict(prompt_template="paper", max_length=40, max_prompt_length=24, max_new_tokens=10,
+                eval_max_new_tokens=10, temperature=1.0, top_p=1.0, generation_batch_size=256, eval_batch_size=256,
+                per_device_train_batch_size=32, gradient_accumulation_steps=1, optimizer="adamw", weight_decay=0.0,
+                lr_scheduler="linear", warmup_ratio=0.1, max_grad_norm=1.0, loss_impl="auto", seed=0, data_seed=0,
+                logging_steps=5, device="cpu", alpha=1.0, beta=0.1, beta_iter0=0.0, spin_lambda=0.1)
+    base.update(overrides)
+    return Config(**base).validate()
+
+
+def _runs(out: Path, s: dict, lr_sft: float, lr_sp: float, progress: bool) -> list[tuple[str, str, Config]]:
+    data, base = out / "data" / "train.jsonl", out / "base"
+    pi0 = str(out / "sft25" / "model")
+    common = dict(data_path=str(data), eval_data_path=str(out / "data" / "eval.jsonl"), progress=progress,
+                  tokenizer_name_or_path=str(base))
+    q = dict(data_fraction=0.25, **common)
+    sp = dict(model_name_or_path=pi0, num_iterations=s["iterations"], num_train_epochs=s["selfplay_epochs"],
+              learning_rate=lr_sp, **q)
+    return [
+        ("sft25", "train", demo_config(method="sft", model_name_or_path=str(base), num_train_epochs=s["sft_epochs"],
+                                       learning_rate=lr_sft, output_dir=str(out / "sft25"), **q)),
+        ("tspin", "iterate", demo_config(method="tspin", output_dir=str(out / "tspin"), **sp)),
+        ("spin", "iterate", demo_config(method="spin", output_dir=str(out / "spin"),
+                                        proto_path=str(out / "tspin" / "proto.jsonl"), **sp)),
+        ("sft25_cont", "iterate", demo_config(method="sft", output_dir=str(out / "sft25_cont"),
+                                              **{**sp, "learning_rate": lr_sft / 4})),
+        ("sft100", "train", demo_config(method="sft", model_name_or_path=str(base), num_train_epochs=s["sft_epochs"],
+                                        learning_rate=lr_sft, output_dir=str(out / "sft100"), **common)),
+    ]
+
+
+def _table(summary: dict) -> str:
+    head = f"{'run':<11} {'policy':<8} {'exact_match':>11} {'logp(real)':>11} {'margin real-greedy':>19}"
+    lines = [head, "-" * len(head)]
+    for run, evals in summary["runs"].items():
+        for e in evals:
+            label = "pi_0" if e["iteration"] == -1 else f"iter{e['iteration']}"
+            if run in ("sft25", "sft100"):
+                label = "final"
+            lines.append(f"{run:<11} {label:<8} {e['eval/exact_match']:>11.3f} {e['eval/logps/real']:>11.3f} "
+                         f"{e['eval/margins/real_vs_greedy']:>19.3f}")
+    return "\n".join(lines)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "eval/exact_match", "held-out exact match"),
+                           (axes[1], "eval/logps/real", "held-out log p(reference answer)")):
+        for run, evals in summary["runs"].items():
+            if run in ("sft25", "sft100"):
+                continue
+            xs = [e["iteration"] + 1 for e in evals]
+            ax.plot(xs, [e[key] for e in evals], marker="o", label=run)
+        ref = summary["runs"].get("sft100")
+        if ref:
+            ax.axhline(ref[-1][key], color="k", ls="--", label="SFT 100%")
+        ax.set_xlabel("self-play iteration (0 = pi_0, SFT on 25%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    from .selfplay import iterate, train
+
+    out = Path(out)
+    s = dict(DEMO_SETTINGS)
+    if quick:  # a smoke-sized run for tests
+        s.update(n_train=160, n_eval=40, model=dict(hidden=32, layers=1, heads=2), sft_epochs=2.0, iterations=2)
+    if (out / "summary.json").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
+    t0 = time.time()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    if not (out / "data" / "eval.jsonl").exists():
+        atomic_write_jsonl(out / "data" / "train.jsonl", make_task(s["n_train"], seed=1))
+        atomic_write_jsonl(out / "data" / "eval.jsonl", make_task(s["n_eval"], seed=2))
+    if not (out / "base" / "config.json").exists():
+        from .io import atomic_path
+
+        tok = build_tokenizer()
+        model = build_model(tok, **s["model"])
+        with atomic_path(out / "base") as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+    summary = {"settings": s, "runs": {}, "seconds": {}}
+    for name, kind, cfg in _runs(out, s, lr_sft=2e-3, lr_sp=2e-4, progress=progress):
+        t1 = time.time()
+        print(f"[demo] {name}: {kind} {cfg.method} -> {cfg.output_dir}", flush=True)
+        done = (Path(cfg.output_dir) / "summary.json").exists()
+        if kind == "train":
+            r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else train(cfg, resume=True)
+            summary["runs"][name] = [{"iteration": -1, **{k: v for k, v in r.items() if k.startswith("eval/")}}]
+        else:
+            r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else iterate(cfg, resume=True)
+            summary["runs"][name] = r["evals"]
+        summary["seconds"][name] = round(time.time() - t1, 1)
+    summary["seconds"]["total"] = round(time.time() - t0, 1)
+
+    rows = []
+    for name, *_ in _runs(out, s, 0.1, 0.1, False):
+        rows += [{"run": name, **r} for r in read_jsonl(out / name / "metrics.jsonl")]
+    atomic_write_jsonl(out / "metrics.jsonl", rows)
+    atomic_write_json(out / "summary.json", summary)
+    table = _table(summary)
+    atomic_write_text(out / "table.txt", table + "\n")
+    _plot(summary, out / "curves.png")
+    print(table)
+    print(f"[demo] wrote {out}/summary.json, metrics.jsonl, curves.png in {summary['seconds']['total']:.0f}s")
+    return summary
