@@ -397,6 +397,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     embeddings under LoRA). Call before :func:`wrap_model`. Returns the model."""
     target = hf_model_of(model)
     # transformers >= 5.2x renamed it (the old name warns); the GPU image's 5.17 has only the old one
-    enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target, "activation_checkpointing_enable"):
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -1,0 +1,117 @@
+"""torchrun worker for tests/test_distributed.py: `torchrun --nproc_per_node 2 -m tests._dist_worker OUT_DIR REF_CKPT`.
+
+Runs every scenario in one process group (one launch keeps the suite fast) and writes rank 0's results to
+OUT_DIR/results.pt; the test compares them with the same computation in one process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests._hf_tiny import packed, tiny_llama, triplet_batch, triplet_rows, tspin_step_loss
+from tspin.distributed import (
+    all_reduce_mean,
+    apply_lora,
+    cleanup_distributed,
+    enable_gradient_checkpointing,
+    full_state_dict,
+    init_distributed,
+    load_checkpoint,
+    policy_of,
+    save_checkpoint,
+    sharded_generate,
+    wrap_model,
+)
+
+NUM_TRIPLETS = 4
+LR = 0.5
+
+
+def _full_grads(policy) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in policy_of(policy).model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out[name] = g.detach().cpu().clone()
+    return out
+
+
+def _gather_logps(logps: torch.Tensor, world: int) -> torch.Tensor:
+    parts = [torch.empty_like(logps) for _ in range(world)]
+    dist.all_gather(parts, logps.detach().contiguous())
+    return torch.stack(parts)  # (world, rows of a rank)
+
+
+def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, checkpointing: bool = False):
+    """One T-SPIN SGD step on this rank's share of the global batch; returns what the test compares."""
+    model = tiny_llama(0)
+    if lora:
+        model = apply_lora(model, r=4, alpha=8)
+        with torch.no_grad():  # B=0 at init would make the adapters a no-op for the gradient check
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    policy = wrap_model(model, strategy, info=info)
+    policy.train()
+    per_rank = NUM_TRIPLETS // info.world_size
+    rows = triplet_rows(triplet_batch(NUM_TRIPLETS), list(range(info.rank * per_rank, (info.rank + 1) * per_rank)))
+    if layout == "packed":
+        rows = packed(rows)
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
+    loss, logps = tspin_step_loss(policy, rows)
+    loss.backward()
+    grads = _full_grads(policy)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": all_reduce_mean(loss), "logps": _gather_logps(logps, info.world_size), "grads": grads,
+            "params": full_state_dict(policy)}, policy
+
+
+def main(out_dir: str, ref_ckpt: str) -> None:
+    info = init_distributed()
+    out = Path(out_dir)
+    results: dict = {"world_size": info.world_size}
+    results["ddp"], _ = step(info, "ddp")
+    results["fsdp2"], policy = step(info, "fsdp2")
+    save_checkpoint(policy, out / "ckpt_fsdp2")
+
+    # Generation sharded over ranks, under FSDP2 (each forward is a collective): 5 prompts over 2 ranks.
+    prompts = [[1, 5 + i, 7 + 2 * i, 9][: 2 + i % 3] for i in range(5)]
+    hf = policy_of(policy)
+
+    def gen(batch):
+        outs = []
+        for p in batch:
+            ids = torch.tensor([p])
+            g = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4 + len(p),
+                            do_sample=False, pad_token_id=0)
+            outs.append(g[0, ids.shape[1]:].tolist())
+        return outs
+
+    policy.eval()
+    with torch.no_grad():
+        results["generated"] = sharded_generate(prompts, gen, info=info)
+    results["prompts"] = prompts
+    results["rank_tags"] = sharded_generate(list(range(7)), lambda xs: [(x, info.rank) for x in xs], info=info)
+
+    results["fsdp2_lora_gc_packed"], _ = step(info, "fsdp2", layout="packed", lora=True, checkpointing=True)
+
+    # A checkpoint written by one process, loaded into a 2-rank FSDP2 model.
+    fresh = wrap_model(tiny_llama(123), "fsdp2", info=info)
+    load_checkpoint(fresh, ref_ckpt)
+    results["loaded"] = full_state_dict(fresh)
+
+    if info.is_main:
+        torch.save(results, out / "results.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,17 @@
+"""Model-facing integrations of the fused log-prob kernel (Hugging Face causal LMs)."""
+
+from .hf import (
+    CausalLMLogps,
+    backbone_and_head,
+    causal_lm_sequence_logps,
+    install_fused_head,
+    pack_padded,
+    packed_position_ids,
+    packing_attn_implementation,
+    unwrap_causal_lm,
+)
+
+__all__ = [
+    "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
+    "packed_position_ids", "pack_padded", "packing_attn_implementation",
+]

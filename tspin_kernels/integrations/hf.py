@@ -1,0 +1,276 @@
+"""Hugging Face causal LMs -> per-sequence log-probs through the fused kernel, padded or packed, on 1..N ranks.
+
+The backbone runs for the last hidden states; the LM head is never applied to the whole sequence. The head's
+weight (and bias) go to :func:`tspin_kernels.sequence_logps` instead.
+
+Under FSDP2 the head weight is a sharded DTensor outside its unit's forward. The fused log-probs therefore run
+*inside* the head's ``forward``: :func:`install_fused_head` gives the head module (an ``nn.Linear``) a forward that
+takes ``labels=``; without them it is the plain linear layer, so ``generate`` and ``model(...)`` are unchanged.
+FSDP's hooks around that forward all-gather the weight and reduce-scatter its gradient, exactly as for any
+layer. :class:`CausalLMLogps` is the module to wrap with DDP / ``fully_shard``: its ``forward`` is the whole path.
+
+Packed, padding-free batches are one row of concatenated sequences with ``position_ids`` restarting at 0 per
+sequence and no attention mask. transformers (>= 4.53, 5.x) detects that layout from ``position_ids``: sdpa/eager/flex
+get a block-diagonal causal mask, ``flash_attention_2`` the varlen kernel. That detection is skipped when a KV cache
+exists, hence ``use_cache=False`` on every backbone call here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..functional import sequence_logps
+
+__all__ = [
+    "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
+    "packed_position_ids", "pack_padded", "packing_attn_implementation",
+]
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The underlying ``*ForCausalLM`` through DDP, torch.compile, :class:`CausalLMLogps` and PEFT wrappers.
+
+    FSDP2 modifies modules in place, so a ``fully_shard``-ed model needs no unwrapping. For a PEFT model this is
+    the base model with the adapters injected (calling it runs the adapters).
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, CausalLMLogps):
+            model = model.model
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP / DataParallel
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+    return model
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)`` of a causal LM; raises for heads that are not a plain linear layer on the logits."""
+    lm = unwrap_causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):  # these transform the logits after the head
+        value = getattr(cfg, attr, None) if cfg is not None else None
+        if value not in (None, 1.0):
+            raise NotImplementedError(
+                f"model: {type(lm).__name__} has {attr}={value}; the fused log-prob path supports a plain linear "
+                "LM head only"
+            )
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    if head is None or decoder is None or decoder is lm or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(
+            f"model: expected a Hugging Face causal LM with a decoder backbone and a linear output embedding, "
+            f"got {type(lm).__name__}"
+        )
+    return decoder, head
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The head's fused forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _head_logps(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, average, impl):
+    if weight.dtype != hidden.dtype:  # autocast / mixed precision hand back hidden states in the compute dtype
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    return sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                          shift=shift, average=average, impl=impl)
+
+
+class _FusedLogpsHead:
+    """Mixin placed before ``nn.Linear`` in the head's class: ``forward(h, labels=...)`` returns log-probs."""
+
+    def forward(self, input, labels=None, *, cu_seqlens=None, ignore_index: int = -100, shift: bool = True,
+                average: bool = False, impl: str = "auto"):
+        if labels is None:
+            return super().forward(input)
+        return _head_logps(input, self.weight, self.bias, labels, cu_seqlens, ignore_index, shift, average, impl)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def install_fused_head(model: nn.Module) -> nn.Module:
+    """Give the LM head a ``forward(hidden, labels=..., ...)`` that returns fused per-sequence log-probs.
+
+    The module keeps its parameters, state-dict keys and plain ``forward(hidden)`` (so ``generate`` and
+    ``save_pretrained`` see no difference); only its class gains the ``labels=`` branch, the same class swap that
+    FSDP2 itself uses. Idempotent. Returns the head.
+    """
+    _, head = backbone_and_head(model)
+    if isinstance(head, _FusedLogpsHead):
+        return head
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"model: the fused head needs the output embedding to be an nn.Linear, got {type(head).__name__} "
+            "(is the LM head wrapped by an adapter? keep it out of LoRA target_modules / modules_to_save)"
+        )
+    cls = type(head)
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"FusedLogps{cls.__name__}", (_FusedLogpsHead, cls), {})
+    head.__class__ = _FUSED_CLASSES[cls]
+    return head
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` int64 positions restarting at 0 at every offset of ``cu_seqlens``."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    n = int(cu[-1])
+    return torch.arange(n, device=cu.device) - torch.repeat_interleave(cu[:-1], lengths, output_size=n)
+
+
+def pack_padded(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    """Right-padded ``(R, T)`` rows -> one packed row: ``(input_ids (1,N), labels (1,N), position_ids (1,N),
+    cu_seqlens (R+1,) int32)``. Padding (``attention_mask == 0``) is dropped; rows must be right-padded."""
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids, labels, attention_mask: expected the same (R, T) shape, got {tuple(input_ids.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask.bool()
+    lengths = keep.sum(1)
+    right_padded = (keep == (torch.arange(keep.shape[1], device=keep.device) < lengths[:, None])).all()
+    if not bool(right_padded):
+        raise ValueError("attention_mask: pack_padded expects right-padded rows (ones first, then zeros)")
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = lengths.cumsum(0)
+    return input_ids[keep][None], labels[keep][None], packed_position_ids(cu)[None], cu
+
+
+def packing_attn_implementation(device: torch.device | str | None = None) -> str:
+    """``"flash_attention_2"`` where flash-attn varlen can run (CUDA + package installed), else ``"sdpa"``.
+
+    Pass it as ``attn_implementation=`` to ``from_pretrained`` / ``from_config`` for padding-free batches.
+    """
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        try:
+            import flash_attn  # noqa: F401
+        except Exception:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-facing entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens):
+    for name, t in (("input_ids", input_ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name}: expected an integer torch.Tensor, got {got}")
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    if cu_seqlens is None:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids: expected (R, T) rows (or a packed (1, N) / (N,) row with cu_seqlens), "
+                f"got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return
+    if input_ids.dim() == 2 and input_ids.shape[0] != 1 or input_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"input_ids: with cu_seqlens expected one packed row (1, N) or (N,), got {tuple(input_ids.shape)}"
+        )
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("attention_mask: packed batches carry no padding; pass attention_mask=None with cu_seqlens")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(
+            f"cu_seqlens: expected an integer torch.Tensor of shape (S+1,), got {type(cu_seqlens).__name__}"
+        )
+    if position_ids is not None:
+        n = input_ids.shape[-1]
+        if position_ids.numel() != n:
+            raise ValueError(f"position_ids: expected {n} positions like input_ids, got {tuple(position_ids.shape)}")
+        if cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and int(cu_seqlens[-1]) == n:
+            expected = packed_position_ids(cu_seqlens.to(position_ids.device))
+            if not torch.equal(position_ids.reshape(-1).long(), expected):
+                raise ValueError(
+                    "position_ids: a packed row needs positions restarting at 0 at every cu_seqlens offset "
+                    "(otherwise attention crosses sequence boundaries); pass position_ids=None to derive them"
+                )
+
+
+def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                             cu_seqlens: torch.Tensor | None = None, shift: bool = True, average: bool = False,
+                             ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+    """Per-sequence sum (or mean) of label-token log-probs of a Hugging Face causal LM, float32 ``(S,)``.
+
+    Args:
+        model: a ``*ForCausalLM`` (or a PEFT / DDP / compiled wrapper of one). Under FSDP2 call the wrapped
+            :class:`CausalLMLogps` instead, so that FSDP sees the head's forward.
+        input_ids: padded ``(R, T)``, or one packed row ``(1, N)`` / ``(N,)`` together with ``cu_seqlens``.
+        labels: same shape as ``input_ids``; Hugging Face style with ``shift=True`` (the default: position t is
+            predicted from position t-1), aligned with ``shift=False``. ``ignore_index`` marks prompt and padding.
+        attention_mask: padded rows only; positions where it is 0 never count, whatever ``labels`` holds.
+        position_ids: optional; for packed rows they default to positions restarting per sequence.
+        cu_seqlens: ``(S+1,)`` offsets of the packed sequences; the shift stays inside each sequence.
+        average / impl: as in :func:`tspin_kernels.sequence_logps`.
+    """
+    _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens)
+    decoder, head = backbone_and_head(model)
+    if cu_seqlens is not None:
+        input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
+        if position_ids is None:
+            position_ids = packed_position_ids(cu_seqlens.to(input_ids.device))
+        position_ids = position_ids.reshape(1, -1).long()
+        attention_mask = None  # an explicit mask would switch off transformers' packed-sequence detection
+    elif attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if cu_seqlens is not None:
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        cu_seqlens = cu_seqlens.to(hidden.device)
+    opts = dict(cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift, average=average, impl=impl)
+    if isinstance(head, _FusedLogpsHead):
+        return head(hidden, labels, **opts)  # through the module call, so FSDP2's hooks run around it
+    return _head_logps(hidden, head.weight, getattr(head, "bias", None), labels, **opts)
+
+
+class CausalLMLogps(nn.Module):
+    """The module to train and to wrap (DDP, ``fully_shard``): ``forward`` = :func:`causal_lm_sequence_logps`.
+
+    ``self.model`` is the Hugging Face model (PEFT-wrapped or not); its head gets the fused forward. ``generate``
+    delegates to the model (under FSDP2, :func:`tspin.distributed.wrap_model` registers it as a forward method so
+    the root's parameters are gathered).
+    """
+
+    def __init__(self, model: nn.Module, *, impl: str = "auto", ignore_index: int = -100):
+        super().__init__()
+        self.model = model
+        self.impl = impl
+        self.ignore_index = ignore_index
+        self.synced_generation = False  # set under FSDP2 with several ranks: each forward is a collective
+        install_fused_head(model)
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None, *,
+                shift: bool = True, average: bool = False):
+        return causal_lm_sequence_logps(self.model, input_ids, labels, attention_mask=attention_mask,
+                                        position_ids=position_ids, cu_seqlens=cu_seqlens, shift=shift,
+                                        average=average, ignore_index=self.ignore_index, impl=self.impl)
+
+    def generate(self, *args, **kwargs):
+        if self.synced_generation:  # ranks finish at different steps; keep running forwards until all are done
+            kwargs.setdefault("synced_gpus", True)
+        return self.model.generate(*args, **kwargs)
