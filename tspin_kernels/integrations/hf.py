@@ -197,17 +197,22 @@ def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seql
         raise TypeError(
             f"cu_seqlens: expected an integer torch.Tensor of shape (S+1,), got {type(cu_seqlens).__name__}"
         )
+    n = input_ids.shape[-1]
+    cu_ok = not cu_seqlens.dtype.is_floating_point and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+    if not cu_ok or int(cu_seqlens[-1]) != n:
+        raise ValueError(
+            f"cu_seqlens: expected integer offsets (S+1,) ending at the packed length {n}, "
+            f"got {cu_seqlens.dtype} {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}"
+        )  # checked before the backbone runs: positions are derived from it
     if position_ids is not None:
-        n = input_ids.shape[-1]
         if position_ids.numel() != n:
             raise ValueError(f"position_ids: expected {n} positions like input_ids, got {tuple(position_ids.shape)}")
-        if cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and int(cu_seqlens[-1]) == n:
-            expected = packed_position_ids(cu_seqlens.to(position_ids.device))
-            if not torch.equal(position_ids.reshape(-1).long(), expected):
-                raise ValueError(
-                    "position_ids: a packed row needs positions restarting at 0 at every cu_seqlens offset "
-                    "(otherwise attention crosses sequence boundaries); pass position_ids=None to derive them"
-                )
+        expected = packed_position_ids(cu_seqlens.to(position_ids.device))
+        if not torch.equal(position_ids.reshape(-1).long(), expected):
+            raise ValueError(
+                "position_ids: a packed row needs positions restarting at 0 at every cu_seqlens offset "
+                "(otherwise attention crosses sequence boundaries); pass position_ids=None to derive them"
+            )
 
 
 def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
