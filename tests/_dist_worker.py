@@ -18,7 +18,9 @@ from tspin.distributed import (
     apply_lora,
     cleanup_distributed,
     enable_gradient_checkpointing,
+    full_optimizer_state_dict,
     full_state_dict,
+    grad_sync,
     init_distributed,
     load_checkpoint,
     policy_of,
@@ -29,6 +31,7 @@ from tspin.distributed import (
 
 NUM_TRIPLETS = 4
 LR = 0.5
+MOMENTUM = 0.9
 
 
 def _full_grads(policy) -> dict[str, torch.Tensor]:
@@ -64,14 +67,26 @@ def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, che
     rows = triplet_rows(triplet_batch(NUM_TRIPLETS), list(range(info.rank * per_rank, (info.rank + 1) * per_rank)))
     if layout == "packed":
         rows = packed(rows)
-    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
-    loss, logps = tspin_step_loss(policy, rows)
-    loss.backward()
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    if layout == "packed":
+        loss, logps = tspin_step_loss(policy, rows)
+        loss.backward()
+    else:  # two micro-batches of one triplet each, the first without gradient sync
+        half = per_rank // 2
+        parts = [triplet_rows(rows, list(range(half))), triplet_rows(rows, list(range(half, per_rank)))]
+        losses, logps_parts = [], []
+        for i, part in enumerate(parts):
+            with grad_sync(policy, enabled=i == len(parts) - 1):
+                loss_i, logps_i = tspin_step_loss(policy, part)
+                (loss_i * half / per_rank).backward()
+            losses.append(loss_i.detach() * half / per_rank)
+            logps_parts.append(logps_i.detach().reshape(3, -1))
+        loss, logps = sum(losses), torch.cat(logps_parts, dim=1).reshape(-1)  # back to [real; gen; proto]
     grads = _full_grads(policy)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"loss": all_reduce_mean(loss), "logps": _gather_logps(logps, info.world_size), "grads": grads,
-            "params": full_state_dict(policy)}, policy
+            "params": full_state_dict(policy), "optim": full_optimizer_state_dict(policy, opt)}, policy
 
 
 def main(out_dir: str, ref_ckpt: str) -> None:

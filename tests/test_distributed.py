@@ -20,6 +20,7 @@ from tests._hf_tiny import packed, tiny_llama, triplet_batch, tspin_step_loss
 from tspin.distributed import (
     apply_lora,
     enable_gradient_checkpointing,
+    load_optimizer_state_dict,
     sharded_generate,
     wrap_model,
 )
@@ -54,13 +55,17 @@ def _single_process(*, layout="padded", lora=False, checkpointing=False):
     policy = wrap_model(model, "none")
     policy.train()
     rows = triplet_batch(worker.NUM_TRIPLETS)
-    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=worker.LR)
-    loss, logps = tspin_step_loss(policy, rows)  # the whole batch, padded (the distributed runs may pack)
+    opt = _sgd(policy)
+    loss, logps = tspin_step_loss(policy, rows)  # the whole batch, padded, in one go
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.model.named_parameters() if p.grad is not None}
     opt.step()
     params = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
     return {"loss": loss.item(), "logps": logps.detach(), "grads": grads, "params": params}
+
+
+def _sgd(policy):
+    return torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=worker.LR, momentum=worker.MOMENTUM)
 
 
 def _per_rank_rows(logps: torch.Tensor, world: int) -> torch.Tensor:
@@ -106,6 +111,18 @@ def test_checkpoint_saved_by_two_ranks_loads_in_one_process(dist_results):
     sd = loaded.state_dict()
     for name, p in res["fsdp2"]["params"].items():
         torch.testing.assert_close(sd[name], p, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_optimizer_state_saved_by_two_ranks_loads_in_one_process(dist_results):
+    _, res = dist_results
+    ref = _single_process()
+    policy = wrap_model(tiny_llama(0), "none")
+    opt = _sgd(policy)
+    load_optimizer_state_dict(policy, opt, res["fsdp2"]["optim"])
+    names = {p: n for n, p in policy.model.named_parameters()}
+    assert len(opt.state) == len(names)
+    for p, st in opt.state.items():  # after one SGD step the momentum buffer is the (global) gradient
+        torch.testing.assert_close(st["momentum_buffer"], ref["grads"][names[p]], rtol=1e-4, atol=1e-6)
 
 
 def test_checkpoint_saved_by_one_process_loads_into_two_ranks(dist_results):

@@ -16,9 +16,10 @@ around the kernel. Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,8 +34,9 @@ STRATEGIES = ("none", "ddp", "fsdp2")
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "dist_info", "wrap_model", "policy_of", "hf_model_of",
-    "sharded_generate", "full_state_dict", "save_checkpoint", "load_checkpoint", "apply_lora",
-    "enable_gradient_checkpointing", "all_reduce_mean", "STRATEGIES",
+    "sharded_generate", "full_state_dict", "save_checkpoint", "load_checkpoint", "full_optimizer_state_dict",
+    "load_optimizer_state_dict", "grad_sync", "apply_lora", "enable_gradient_checkpointing", "all_reduce_mean",
+    "STRATEGIES",
 ]
 
 
@@ -210,6 +212,26 @@ def wrap_model(model: nn.Module, strategy: str = "fsdp2", *, info: DistInfo | No
     return policy
 
 
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient accumulation: ``with grad_sync(wrapped, enabled=is_last_micro_batch):`` around forward+backward.
+
+    Non-final micro-batches skip the all-reduce (DDP ``no_sync``) / reduce-scatter (FSDP2) and accumulate locally;
+    the final one communicates the sum. Results are the same either way; this only saves communication.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with contextlib.nullcontext() if enabled else model.no_sync():
+            yield
+    elif _is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation sharded over ranks
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,6 +382,37 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         set_model_state_dict(policy, sd, options=opts)
     else:
         policy.load_state_dict(sd)
+
+
+def _optim_target(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter names, unsharded, on CPU: loadable at any rank count with
+    :func:`load_optimizer_state_dict`. A collective under FSDP2; complete on rank 0 (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    target = _optim_target(model)
+    if _is_fsdp(target):
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(target, optimizer, options=opts)
+    return get_optimizer_state_dict(target, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a :func:`full_optimizer_state_dict` (saved at any rank count) into this run's optimizer.
+
+    Under a process group only rank 0 needs ``state`` (others may pass ``{}``): it is broadcast and re-sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected the dict from full_optimizer_state_dict, got {type(state).__name__}")
+    info = dist_info()
+    broadcast = info.distributed and info.world_size > 1
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_optimizer_state_dict(_optim_target(model), optimizer, state, options=opts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
