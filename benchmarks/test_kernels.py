@@ -70,7 +70,8 @@ def run_case(benchmark, shape: common.Shape, impl: str, mode: str, head: str, de
     hidden, weight, labels = common.make_inputs(shape, device, dtype, trainable)
     fn = peers.PEERS[impl]
     prepare, run = _steps(fn, hidden, weight, labels, trainable, mode, device)
-    run(prepare())  # warm-up outside the measurement (compiles, autotunes)
+    if not benchmark.disabled:
+        run(prepare())  # warm-up outside the measurement (compiles, autotunes); CI (disabled) runs once only
     peak = common.cuda_peak_rise(prepare, run, device)
     rounds, warmup = ROUNDS[torch.device(device).type]
     benchmark.pedantic(run, setup=lambda: ((prepare(),), {}), rounds=rounds, warmup_rounds=warmup)
