@@ -50,9 +50,10 @@ def _gather_logps(logps: torch.Tensor, world: int) -> torch.Tensor:
     return torch.stack(parts)  # (world, rows of a rank)
 
 
-def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, checkpointing: bool = False):
+def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, checkpointing: bool = False,
+         tied: bool = False):
     """One T-SPIN SGD step on this rank's share of the global batch; returns what the test compares."""
-    model = tiny_llama(0)
+    model = tiny_llama(0, tie_word_embeddings=tied)
     if lora:
         model = apply_lora(model, r=4, alpha=8)
         with torch.no_grad():  # B=0 at init would make the adapters a no-op for the gradient check
@@ -117,6 +118,7 @@ def main(out_dir: str, ref_ckpt: str) -> None:
     results["rank_tags"] = sharded_generate(list(range(7)), lambda xs: [(x, info.rank) for x in xs], info=info)
 
     results["fsdp2_lora_gc_packed"], _ = step(info, "fsdp2", layout="packed", lora=True, checkpointing=True)
+    results["fsdp2_tied"], _ = step(info, "fsdp2", tied=True)
 
     # A checkpoint written by one process, loaded into a 2-rank FSDP2 model.
     fresh = wrap_model(tiny_llama(123), "fsdp2", info=info)

@@ -42,8 +42,8 @@ def dist_results(tmp_path_factory):
     return tmp, torch.load(tmp / "results.pt", weights_only=False)
 
 
-def _single_process(*, layout="padded", lora=False, checkpointing=False):
-    model = tiny_llama(0)
+def _single_process(*, lora=False, checkpointing=False, tied=False):
+    model = tiny_llama(0, tie_word_embeddings=tied)
     if lora:
         model = apply_lora(model, r=4, alpha=8)
         with torch.no_grad():
@@ -103,6 +103,15 @@ def test_fsdp2_lora_checkpointing_packed_matches_single_process_padded(dist_resu
     ref = _single_process(lora=True, checkpointing=True)
     _assert_step_matches(res["fsdp2_lora_gc_packed"], ref, res["world_size"])
     assert all("lora_" in n for n in ref["grads"])  # base weights, head included, stay frozen
+
+
+def test_fsdp2_tied_head_matches_single_process(dist_results):
+    """A head tied to the input embeddings stays in the root unit; the fused loss still sees the full weight."""
+    _, res = dist_results
+    ref = _single_process(tied=True)
+    _assert_step_matches(res["fsdp2_tied"], ref, res["world_size"])
+    torch.testing.assert_close(res["fsdp2_tied"]["params"]["lm_head.weight"],
+                               res["fsdp2_tied"]["params"]["model.embed_tokens.weight"])
 
 
 def test_checkpoint_saved_by_two_ranks_loads_in_one_process(dist_results):
