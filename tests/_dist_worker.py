@@ -17,12 +17,14 @@ from tspin.distributed import (
     all_reduce_mean,
     apply_lora,
     cleanup_distributed,
+    clip_grad_norm,
     enable_gradient_checkpointing,
     full_optimizer_state_dict,
     full_state_dict,
     grad_sync,
     init_distributed,
     load_checkpoint,
+    load_for_training,
     policy_of,
     save_checkpoint,
     sharded_generate,
@@ -84,10 +86,12 @@ def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, che
             logps_parts.append(logps_i.detach().reshape(3, -1))
         loss, logps = sum(losses), torch.cat(logps_parts, dim=1).reshape(-1)  # back to [real; gen; proto]
     grads = _full_grads(policy)
+    grad_norm = clip_grad_norm(policy, None)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"loss": all_reduce_mean(loss), "logps": _gather_logps(logps, info.world_size), "grads": grads,
-            "params": full_state_dict(policy), "optim": full_optimizer_state_dict(policy, opt)}, policy
+            "params": full_state_dict(policy), "optim": full_optimizer_state_dict(policy, opt),
+            "grad_norm": grad_norm}, policy
 
 
 def main(out_dir: str, ref_ckpt: str) -> None:
@@ -124,6 +128,14 @@ def main(out_dir: str, ref_ckpt: str) -> None:
     fresh = wrap_model(tiny_llama(123), "fsdp2", info=info)
     load_checkpoint(fresh, ref_ckpt)
     results["loaded"] = full_state_dict(fresh)
+
+    # Rank 0 reads a checkpoint, the other ranks start on the meta device.
+    probe = triplet_rows(triplet_batch(NUM_TRIPLETS), list(range(NUM_TRIPLETS)))
+    for strategy in ("fsdp2", "ddp"):
+        wrapped = load_for_training(ref_ckpt, strategy, info=info)
+        with torch.no_grad():
+            results[f"rank0_load_{strategy}_logps"] = _gather_logps(wrapped(**probe), info.world_size)
+        results[f"rank0_load_{strategy}_params"] = full_state_dict(wrapped)
 
     if info.is_main:
         torch.save(results, out / "results.pt")

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tests import _dist_worker as worker
-from tests._hf_tiny import packed, tiny_llama, triplet_batch, tspin_step_loss
+from tests._hf_tiny import packed, tiny_llama, triplet_batch, triplet_rows, tspin_step_loss
 from tspin.distributed import (
     apply_lora,
     enable_gradient_checkpointing,
@@ -81,6 +81,8 @@ def _assert_step_matches(dist, ref, world):
     for name, g in ref["grads"].items():
         assert g.abs().max() > 0, name  # every trainable tensor is exercised
         torch.testing.assert_close(dist["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    total = torch.cat([g.reshape(-1) for g in ref["grads"].values()]).norm()
+    assert dist["grad_norm"] == pytest.approx(float(total), rel=1e-5)
     assert set(dist["params"]) == set(ref["params"])
     for name, p in ref["params"].items():
         torch.testing.assert_close(dist["params"][name], p, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
@@ -140,6 +142,20 @@ def test_checkpoint_saved_by_one_process_loads_into_two_ranks(dist_results):
     assert set(res["loaded"]) == set(ref)
     for name, p in ref.items():
         torch.testing.assert_close(res["loaded"][name], p, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_rank0_reads_checkpoint_other_ranks_start_on_meta(dist_results, strategy):
+    """Weights and non-persistent buffers (rotary inv_freq) reach every rank: same log-probs as one process."""
+    _, res = dist_results
+    ref_model = tiny_llama(7)
+    for name, p in ref_model.state_dict().items():
+        torch.testing.assert_close(res[f"rank0_load_{strategy}_params"][name], p, rtol=0, atol=0)
+    probe = triplet_rows(triplet_batch(worker.NUM_TRIPLETS), list(range(worker.NUM_TRIPLETS)))
+    with torch.no_grad():
+        expected = wrap_model(ref_model, "none")(**probe)
+    for rank_logps in res[f"rank0_load_{strategy}_logps"]:  # every rank ran the full probe batch
+        torch.testing.assert_close(rank_logps, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_generation_is_gathered_in_order(dist_results):

@@ -33,7 +33,8 @@ from tspin_kernels.integrations import CausalLMLogps, backbone_and_head, unwrap_
 STRATEGIES = ("none", "ddp", "fsdp2")
 
 __all__ = [
-    "DistInfo", "init_distributed", "cleanup_distributed", "dist_info", "wrap_model", "policy_of", "hf_model_of",
+    "DistInfo", "init_distributed", "cleanup_distributed", "dist_info", "wrap_model", "load_for_training",
+    "policy_of", "hf_model_of", "clip_grad_norm",
     "sharded_generate", "full_state_dict", "save_checkpoint", "load_checkpoint", "full_optimizer_state_dict",
     "load_optimizer_state_dict", "grad_sync", "apply_lora", "enable_gradient_checkpointing", "all_reduce_mean",
     "STRATEGIES",
@@ -181,7 +182,8 @@ def wrap_model(model: nn.Module, strategy: str = "fsdp2", *, info: DistInfo | No
     policy = model if isinstance(model, CausalLMLogps) else CausalLMLogps(model, impl=impl)
     if strategy != "none" and not info.distributed:
         raise ValueError(f"strategy: {strategy!r} needs a process group; call init_distributed() under torchrun first")
-    policy.to(info.device)
+    if strategy != "fsdp2":  # fully_shard moves one unit at a time: never the whole model on one GPU
+        policy.to(info.device)
     if strategy == "none":
         return policy
     if strategy == "ddp":
@@ -230,6 +232,69 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistInfo | None = None,
+                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                      prepare: Callable[[nn.Module], nn.Module] | None = None, **wrap_kwargs) -> nn.Module:
+    """``from_pretrained`` + :func:`wrap_model` where only rank 0 reads the checkpoint into CPU memory.
+
+    The other ranks build the model on the meta device (no memory); after wrapping, rank 0's weights and buffers
+    are broadcast (FSDP2: and sharded). Host memory is one copy per node instead of one per rank (8 x 28 GB for
+    a 7B model in fp32). ``prepare(model) -> model`` runs on every rank before wrapping, e.g. :func:`apply_lora`
+    (rank 0's adapter init is the one broadcast) or :func:`enable_gradient_checkpointing`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    info = info or dist_info()
+    kw: dict = {"dtype": dtype}
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    rank0_reads = strategy != "none" and info.distributed and info.world_size > 1
+    if not rank0_reads or info.is_main:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), **kw)
+    if prepare is not None:
+        model = prepare(model)
+    if not rank0_reads:
+        return wrap_model(model, strategy, info=info, **wrap_kwargs)
+    policy = model if isinstance(model, CausalLMLogps) else CausalLMLogps(model, impl=wrap_kwargs.pop("impl", "auto"))
+    if strategy == "ddp":  # DDP broadcasts rank 0's parameters and buffers when it is built
+        if not info.is_main:
+            policy.to_empty(device=info.device)
+        return wrap_model(policy, "ddp", info=info, **wrap_kwargs)
+    # Keep rank 0's values (the detached tensors still point at the CPU storage fully_shard moves away from).
+    full = {k: v.detach() for k, v in policy.state_dict().items()} if info.is_main else {}
+    buffers = {k: v.detach().clone() for k, v in policy.named_buffers()} if info.is_main else {}
+    wrapped = wrap_model(policy, "fsdp2", info=info, **wrap_kwargs)
+    wrapped.to_empty(device=info.device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(wrapped, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are in no state dict: broadcast them all
+        for name, buf in sorted(wrapped.named_buffers()):
+            if info.is_main:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf, src=0)
+    return wrapped
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    """Global gradient norm over every rank's shards (clipped to ``max_norm`` unless None), as a float.
+
+    Works for plain, DDP and FSDP2 models (FSDP2 gradients are DTensors: the norm is reduced across ranks).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
