@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import FIELDS, coerce, load_config
+from .config import FIELDS, load_config
 
 
 def _config_help() -> str:
@@ -44,11 +44,6 @@ def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict:
             else:
                 i += 1
                 value = rest[i]
-        if key not in FIELDS:
-            try:
-                coerce(key, value)
-            except ValueError as e:
-                parser.error(str(e))
         out[key] = value
         i += 1
     return out
@@ -87,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"demo: unrecognized arguments: {' '.join(rest)}")
         from .demo import run_demo
 
-        run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress)
+        try:
+            run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress)
+        except FileExistsError as e:
+            print(f"tspin demo: error: {e}", file=sys.stderr)
+            return 2
         return 0
     overrides = _split_overrides(rest, parser)
     try:

@@ -150,7 +150,7 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     out = Path(out)
     s = dict(DEMO_SETTINGS)
     if quick:  # a smoke-sized run for tests
-        s.update(n_train=160, n_eval=40, model=dict(hidden=32, layers=1, heads=2), sft_epochs=2.0, iterations=2)
+        s.update(n_train=64, n_eval=16, model=dict(hidden=32, layers=1, heads=2), sft_epochs=1.0, iterations=2)
     if (out / "summary.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
     t0 = time.time()

@@ -1,0 +1,111 @@
+"""The `tspin` console script: config loading/overrides/validation errors, data errors, refusal to overwrite,
+and the embedded demo (smoke size)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _trainer_helpers import task_file, tiny_model_dir, write_jsonl
+
+from tspin.cli import main
+from tspin.config import load_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m"))
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: spin\nlearning_rate: 1.0e-6\nbf16: false\ndata_fraction: 0.25\n")
+    cfg = load_config(p, {"learning_rate": "2e-5", "num_iterations": "3", "max_grad_norm": "null",
+                          "gradient_checkpointing": "true"})
+    assert (cfg.method, cfg.learning_rate, cfg.num_iterations, cfg.bf16) == ("spin", 2e-5, 3, False)
+    assert cfg.max_grad_norm is None and cfg.gradient_checkpointing is True and cfg.data_fraction == 0.25
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+    (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
+    (["--learning_rate=fast"], "learning_rate='fast': expected float"),
+    (["--method=dpo"], "method='dpo': expected one of tspin, spin, sft"),
+    (["--data_fraction=1.5"], "data_fraction=1.5: must be in (0, 1]"),
+    (["--max_prompt_length=4096"], "max_prompt_length=4096: must be < max_length"),
+    (["--bf16=maybe"], "bf16='maybe': expected a boolean"),
+    (["--data_fraction=0.5", "--data_count=3"], "give data_fraction or data_count, not both"),
+])
+def test_config_errors_name_the_key(args, message, capsys):
+    rc, _, err = run(["train", *args], capsys)
+    assert rc == 2 and message in err
+
+
+def test_bad_yaml_and_unknown_yaml_key(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("method: [tspin\n")
+    rc, _, err = run(["iterate", "--config", str(p)], capsys)
+    assert rc == 2 and "bad.yaml: invalid YAML" in err
+    p.write_text("methd: tspin\n")
+    rc, _, err = run(["iterate", "--config", str(p)], capsys)
+    assert rc == 2 and "bad.yaml: unknown config key 'methd'" in err
+
+
+def test_data_errors_reach_the_user_with_file_and_line(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort ab", "response": "ab"}, {"prompt": "x"}])
+    rc, _, err = run(["train", f"--model_name_or_path={model_dir}", f"--data_path={data}", "--method=sft",
+                      f"--output_dir={tmp_path / 'o'}", "--progress=false"], capsys)
+    assert rc == 2 and "d.jsonl: line 2: missing field 'response (or real)'" in err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+    rc, _, err = run(["train", f"--model_name_or_path={model_dir}", "--method=sft"], capsys)
+    assert rc == 2 and "data_path is required" in err
+
+
+def test_train_refuses_to_overwrite_without_resume(tmp_path, model_dir, capsys):
+    data = task_file(tmp_path / "d.jsonl", 8)
+    argv = ["train", f"--model_name_or_path={model_dir}", f"--data_path={data}", "--method", "sft",
+            f"--output_dir={tmp_path / 'o'}", "--progress=false", "--max_length=40", "--max_prompt_length=24"]
+    rc, out, _ = run(argv, capsys)
+    assert rc == 0 and (tmp_path / "o" / "model" / "model.safetensors").exists()
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "pass --resume" in err
+    rc, _, _ = run([*argv, "--resume"], capsys)
+    assert rc == 0
+
+
+def test_generate_command_writes_the_field(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "sort cab"}, {"prompt": "reverse abc"}])
+    rc, out, _ = run(["generate", f"--model_name_or_path={model_dir}", f"--data_path={data}", "--max_new_tokens=4",
+                      "--max_length=40", "--max_prompt_length=24", "--progress=false", "--out",
+                      str(tmp_path / "g.jsonl"), "--field=proto"], capsys)
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["sort cab", "reverse abc"] and all("proto" in r for r in rows)
+
+
+def test_console_script_help_lists_config_keys():
+    exe = shutil.which("tspin") or f"{sys.prefix}/bin/tspin"
+    out = subprocess.run([exe, "iterate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--resume" in out and "--spin_mix_previous" in out and "--max_new_tokens" in out
+
+
+def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
+    rc, out, _ = run(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"], capsys)
+    assert rc == 0
+    d = tmp_path / "demo"
+    summary = json.loads((d / "summary.json").read_text())
+    assert set(summary["runs"]) == {"sft25", "tspin", "spin", "sft25_cont", "sft100"}
+    assert [e["iteration"] for e in summary["runs"]["tspin"]] == [-1, 0, 1]
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == set(summary["runs"]) and any("logps/proto" in r for r in rows)
+    assert (d / "curves.png").stat().st_size > 1000
+    assert "exact_match" in out and "tspin" in out
+    rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
+    assert rc == 2 and "pass --resume" in err
