@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def dist_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     tiny_llama(7).save_pretrained(tmp / "ref_ckpt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TSPIN_IMPL": "torch", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TSPIN_IMPL": "torch", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests._dist_worker", str(tmp), str(tmp / "ref_ckpt")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
