@@ -49,6 +49,11 @@ def test_jsonl_json_parquet_and_dataset_dir_agree(tmp_path):
     assert _expect(load_records(pq)) == want
     assert _expect(load_records(dd, split="train_sft")) == want
     assert _expect(load_records(single)) == want
+    for i in range(2):  # sharded parquet, as UltraChat-200k ships it
+        datasets.Dataset.from_list(PAIRS[3 * i:3 * i + 3]).to_parquet(str(tmp_path / f"train-{i}.parquet"))
+    assert _expect(load_records(tmp_path / "train-*.parquet")) == want
+    with pytest.raises(DataError, match="save_to_disk"):
+        load_records(tmp_path)
     with pytest.raises(DataError, match="split 'train' not found"):
         load_records(dd, split="train")
 

@@ -28,6 +28,9 @@ def _load_dataset(path: Path, split: str):
     import datasets
 
     datasets.disable_progress_bars()
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise DataError(f"{path}: a directory must be a dataset saved with save_to_disk (no dataset_info.json or "
+                        "dataset_dict.json found); for data files use a file path or a glob like dir/*.parquet")
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -40,6 +43,11 @@ def _load_dataset(path: Path, split: str):
     if builder is None:
         raise DataError(f"{path}: unsupported data file type {suffix!r} (expected .jsonl, .json, .parquet or a "
                         "saved dataset directory)")
+    if any(c in path.name for c in "*?["):  # sharded files: every match, in name order
+        files = sorted(str(p) for p in path.parent.glob(path.name))
+        if not files:
+            raise FileNotFoundError(f"data files not found: no match for {path}")
+        return datasets.load_dataset(builder, data_files=files, split="train")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets' own errors rarely name the line: find it ourselves
@@ -136,7 +144,7 @@ def normalize_record(rec: dict, where: str, index: int, require_response: bool =
 def load_records(path: str | Path, split: str = "train", require_response: bool = True) -> list[dict]:
     """Load any SPEC section 4 format into normalized records; malformed ones raise a DataError naming the spot."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not any(c in path.name for c in "*?["):
         raise FileNotFoundError(f"data file not found: {path}")
     ds = _load_dataset(path, split)
     where = _locator(path)

@@ -160,6 +160,10 @@ def _start(cfg: Config, resume: bool):
     """Common start of `train` and `iterate`: refuse to overwrite a run, record the config, load everything."""
     out = Path(cfg.output_dir)
     check_fresh(out, resume, "config.yaml")
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     records, held = prepare_records(cfg)  # data errors surface before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
