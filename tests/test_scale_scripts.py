@@ -76,3 +76,15 @@ def test_memory_estimate_arithmetic():
         estimate_bytes(s, "zero3")
     with pytest.raises(ValueError, match="gpus"):
         estimate_bytes(s, "full-fsdp2", gpus=0)
+
+
+@pytest.mark.gpu
+def test_gpu_check_script_fsdp2_on_one_gpu(tmp_path):
+    """The one-GPU FSDP2 step (0.6B Llama, fp32) against the unwrapped model, through the real script."""
+    out = tmp_path / "check.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_fsdp_lora_check.py"), "--only", "fsdp2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["fsdp2"]["match"], res["fsdp2"]
