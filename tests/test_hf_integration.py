@@ -133,6 +133,10 @@ def test_peft_wrapped_model_and_module_wrapper():
     torch.testing.assert_close(through_peft, ref)  # LoRA B starts at zero
     policy = CausalLMLogps(tiny_llama(0))
     torch.testing.assert_close(policy(batch["input_ids"], batch["labels"], batch["attention_mask"]), ref)
+    by_reference = policy(batch["input_ids"], batch["labels"], batch["attention_mask"], impl="reference")
+    torch.testing.assert_close(by_reference, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="impl"):
+        policy(batch["input_ids"], batch["labels"], batch["attention_mask"], impl="fast")
 
 
 def test_fused_head_keeps_plain_forward_and_state_dict():

@@ -270,10 +270,10 @@ class CausalLMLogps(nn.Module):
         install_fused_head(model)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None, *,
-                shift: bool = True, average: bool = False):
+                shift: bool = True, average: bool = False, impl: str | None = None):
         return causal_lm_sequence_logps(self.model, input_ids, labels, attention_mask=attention_mask,
                                         position_ids=position_ids, cu_seqlens=cu_seqlens, shift=shift,
-                                        average=average, ignore_index=self.ignore_index, impl=self.impl)
+                                        average=average, ignore_index=self.ignore_index, impl=impl or self.impl)
 
     def generate(self, *args, **kwargs):
         if self.synced_generation:  # ranks finish at different steps; keep running forwards until all are done
