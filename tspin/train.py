@@ -110,7 +110,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                                       and r.get("method") == method and r.get("step", 0) > start))
 
     model.train()
-    epoch_avg, steps_per_epoch = Averager(), math.ceil(total / max(cfg.num_train_epochs, 1e-9))
+    steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps))
+    epoch_avg = Averager()
     bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
     for step in range(start, total):
         t0 = time.perf_counter()
