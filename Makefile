@@ -30,6 +30,19 @@ test: install
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
+# Benchmarks (README "Benchmarks"). bench-cpu: tiny shapes + the host-memory benchmark, timed (one thread, for
+# stable numbers on shared CPUs), results JSON under benchmarks/results/ and PNG plots next to it.
+bench-cpu: install
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 TRITON_INTERPRET=1 $(PY) -m pytest -q benchmarks -m "not gpu" -p no:cacheprovider $(BENCH_ARGS)
+	$(PY) benchmarks/plot.py --markdown
+
+# On a GPU machine, like test-gpu (CUDA torch already there). PART=all|kernels-1|kernels-2|e2e-llama|e2e-mistral.
+bench-gpu:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh $(or $(PART),all)
+
+plots:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/plot.py --markdown
+
 lint: install
 	$(VENV)/bin/ruff check .
 

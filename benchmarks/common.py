@@ -120,6 +120,11 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+# settings that change what the kernels do; recorded with every result
+_ENV_KNOBS = ("TSPIN_IMPL", "TSPIN_GRAD_FILTER", "TSPIN_CHUNK_ELEMENTS", "TSPIN_AUTOTUNE", "TRITON_INTERPRET",
+              "OMP_NUM_THREADS")
+
+
 @functools.cache
 def provenance() -> dict:
     return {
@@ -127,6 +132,7 @@ def provenance() -> dict:
         "torch": torch.__version__,
         "triton": triton_version(),
         "commit": commit(),
+        "env": {k: os.environ[k] for k in _ENV_KNOBS if os.environ.get(k)},
     }
 
 

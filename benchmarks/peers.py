@@ -100,6 +100,7 @@ PEERS: dict[str, Callable] = {
 }
 # pip distribution (for messages) and import name of the optional peers
 _OPTIONAL = {"cce": ("cut-cross-entropy", "cut_cross_entropy"), "liger": ("liger-kernel", "liger_kernel")}
+_ENTRY = {"cce": "cut_cross_entropy", "liger": "liger_kernel.transformers.functional"}  # what the peers import
 
 
 def unavailable(name: str, device) -> str | None:
@@ -113,6 +114,10 @@ def unavailable(name: str, device) -> str | None:
             return f"{dist} runs Triton kernels on CUDA only"
         if importlib.util.find_spec(mod) is None:
             return f"{dist} is not installed (GPU machine: carry it as a wheel, see benchmarks/gpu_wheels.sh)"
+        try:
+            importlib.import_module(_ENTRY[name])
+        except Exception as e:  # a wheel built for other torch/triton versions: skip with the reason, never crash
+            return f"{dist} is installed but does not import here: {type(e).__name__}: {e}"
     if name == "triton":
         probe = torch.empty(0, device=device)
         if not _device.triton_can_run(probe):

@@ -1,0 +1,199 @@
+"""Draw PNG plots (and print Markdown tables) from the suite's results files.
+
+    python benchmarks/plot.py [benchmarks/results/*.json] [--out DIR] [--markdown]
+
+Per results file ``<device>-<yyyymmdd>.json`` it writes, next to it (or into ``--out``):
+- ``<stem>-kernel-<shape>-<head>.png``: median time and peak memory rise per implementation, per mode;
+- ``<stem>-e2e.png``: tokens/s and peak memory per path for each end-to-end config (and the largest batch);
+- ``<stem>-rss.png``: the CPU host-memory benchmark (peak RSS rise per impl).
+``--markdown`` prints the tables the README shows (time, memory, TFLOP/s, speed-up vs the fastest peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OURS = ("triton", "torch")
+PEERS = ("naive", "compile", "cce", "liger")
+IMPL_ORDER = OURS + PEERS
+MODES = ("forward", "backward", "fwd_bwd")
+
+
+def load(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info") or {})
+        stats = b.get("stats") or {}
+        info["median_s"] = stats.get("median")
+        info["name"] = b.get("name")
+        rows.append(info)
+    return rows
+
+
+def _mib(x):
+    return None if x is None else x / 2**20
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def kernel_rows(rows):
+    return [r for r in rows if r.get("mode") in MODES and r.get("impl") in IMPL_ORDER
+            and not str(r.get("shape", "")).startswith("rss-")]
+
+
+def _bars(ax, groups, impls, values, ylabel, title):
+    import numpy as np
+
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        ys = [values.get((g, impl)) for g in groups]
+        ax.bar(x + i * width - 0.4 + width / 2, [y if y is not None else 0 for y in ys], width, label=impl)
+    ax.set_xticks(x, groups)
+    if any(v for v in values.values()):
+        ax.set_yscale("log")  # peers differ by orders of magnitude
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_file(path: Path, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load(path)
+    written = []
+    by = defaultdict(list)
+    for r in kernel_rows(rows):
+        by[(r["shape"], r["head"])].append(r)
+    for (shape, head), rs in sorted(by.items()):
+        impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in rs)]
+        t = {(r["mode"], r["impl"]): (r["median_s"] or 0) * 1e3 for r in rs if r.get("median_s")}
+        m = {(r["mode"], r["impl"]): _mib(r.get("peak_mem_bytes")) for r in rs if r.get("peak_mem_bytes") is not None}
+        ncols = 2 if m else 1
+        fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 3.8), squeeze=False)
+        dev = rs[0].get("device")
+        _bars(axes[0][0], MODES, impls, t, "median time (ms)", f"{shape}, head {head}: time ({dev})")
+        if m:
+            _bars(axes[0][1], MODES, impls, m, "peak memory rise (MiB)", f"{shape}, head {head}: memory")
+        axes[0][0].legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{path.stem}-kernel-{shape}-{head}.png"))
+
+    e2e = [r for r in rows if r.get("mode") in ("train_step", "max_batch")]
+    if e2e:
+        labels = [f"{r['shape'].removesuffix('-e2e')} B={r.get('B')}" + (" (max)" if r["mode"] == "max_batch" else "")
+                  for r in e2e]
+        groups = sorted(set(labels), key=labels.index)
+        paths = sorted({r["impl"] for r in e2e})
+        tps = {(lab, r["impl"]): r.get("tokens_per_s") for lab, r in zip(labels, e2e)}
+        mem = {(lab, r["impl"]): _mib(r.get("peak_mem_bytes")) for lab, r in zip(labels, e2e)}
+        has_mem = any(v is not None for v in mem.values())
+        fig, axes = plt.subplots(1, 1 + has_mem, figsize=(6 * (1 + has_mem), 3.8), squeeze=False)
+        _bars(axes[0][0], groups, paths, tps, "tokens/s", f"end-to-end T-SPIN step ({e2e[0].get('device')})")
+        if has_mem:
+            _bars(axes[0][1], groups, paths, mem, "peak memory (MiB)", "end-to-end peak memory")
+        for ax in axes[0]:
+            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+        axes[0][0].legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{path.stem}-e2e.png"))
+
+    rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
+    if rss:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([r["impl"] for r in rss], [_mib(r["peak_mem_bytes"]) for r in rss])
+        ax.set_ylabel("peak RSS rise (MiB)")
+        ax.set_title(f"{rss[0]['shape']} fwd+bwd, host memory", fontsize=9)
+        written.append(_save(fig, out_dir / f"{path.stem}-rss.png"))
+    return written
+
+
+def markdown(path: Path) -> str:
+    rows = load(path)
+    out = [f"### {path.name}", ""]
+    runs = json.loads(path.read_text()).get("tspin_runs") or []
+    prov = runs[-1] if runs else (rows[0] if rows else {})
+    out.append(f"device `{prov.get('device')}`, torch `{prov.get('torch')}`, triton `{prov.get('triton')}`, "
+               f"commit `{prov.get('commit')}`")
+    out.append("")
+    peak = [r for r in rows if r.get("impl") == "matmul_peak"]
+    if peak:
+        out += [f"dense matmul peak in this run: {_fmt(peak[0].get('tflops'))} TFLOP/s ({peak[0].get('shape')})", ""]
+    kr = kernel_rows(rows)
+    if kr:
+        out += ["| shape | head | mode | impl | median ms | peak mem rise MiB | TFLOP/s | fastest peer / this |",
+                "|---|---|---|---|---|---|---|---|"]
+        idx = {(r["shape"], r["head"], r["mode"], r["impl"]): r for r in kr}
+        for shape, head, mode in sorted({k[:3] for k in idx}, key=lambda k: (k[0], k[1], MODES.index(k[2]))):
+            peer_t = [idx[(shape, head, mode, p)]["median_s"] for p in PEERS
+                      if (shape, head, mode, p) in idx and idx[(shape, head, mode, p)]["median_s"]]
+            best = min(peer_t) if peer_t else None
+            for impl in IMPL_ORDER:
+                r = idx.get((shape, head, mode, impl))
+                if r is None:
+                    continue
+                t = r["median_s"]
+                speed = best / t if (best and t and impl in OURS) else None
+                out.append(f"| {shape} | {head} | {mode} | {impl} | {_fmt(t and t * 1e3)} | "
+                           f"{_fmt(_mib(r.get('peak_mem_bytes')), '.1f')} | {_fmt(r.get('tflops'))} | "
+                           f"{_fmt(speed, '.2f')} |")
+        out.append("")
+    e2e = [r for r in rows if r.get("mode") in ("train_step", "max_batch")]
+    if e2e:
+        out += ["| config | path | mode | B | tokens/s | step s | peak mem GiB | largest batch |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            pk = r.get("peak_mem_bytes")
+            out.append(f"| {r['shape']} | {r['impl']} | {r['mode']} | {r.get('B')} | {_fmt(r.get('tokens_per_s'))} | "
+                       f"{_fmt(r.get('step_seconds'))} | {_fmt(pk and pk / 2**30)} | "
+                       f"{r.get('max_batch_triplets', '-')} |")
+        out.append("")
+    rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
+    if rss:
+        out += ["| host-memory benchmark | impl | peak RSS rise MiB | ratio to reference |", "|---|---|---|---|"]
+        for r in rss:
+            out.append(f"| {r['shape']} | {r['impl']} | {_fmt(_mib(r['peak_mem_bytes']), '.0f')} | "
+                       f"{_fmt(r.get('rise_ratio_vs_reference'), '.3f')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="PNG plots and Markdown tables from benchmarks/results/*.json")
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to each file)")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown tables too")
+    a = p.parse_args(argv)
+    files = a.files or sorted(RESULTS.glob("*.json"))
+    if not files:
+        print(f"no results files under {RESULTS}", file=sys.stderr)
+        return 1
+    for f in files:
+        out_dir = a.out or f.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for png in plot_file(f, out_dir):
+            print(png)
+        if a.markdown:
+            print(markdown(f))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
