@@ -36,7 +36,7 @@ bench-cpu: install
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 TRITON_INTERPRET=1 $(PY) -m pytest -q benchmarks -m "not gpu" -p no:cacheprovider $(BENCH_ARGS)
 	$(PY) benchmarks/plot.py --markdown
 
-# On a GPU machine, like test-gpu (CUDA torch already there). PART=all|kernels-1|kernels-2|e2e-llama|e2e-mistral.
+# On a GPU machine, like test-gpu (CUDA torch already there). PART=all, or one part (benchmarks/gpu_suite.sh).
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh $(or $(PART),all)
 

@@ -52,12 +52,13 @@ class E2EConfig:
     checkpointing: bool
     tie: bool
     max_batch_cap: int  # upper bound of the largest-batch search (triplets)
+    max_batch_start: int = 1  # first size tried (doubling from there saves the small, certain steps)
 
 
 CONFIGS = {
-    "llama-1b": E2EConfig("llama-1b", "llama", 2048, 16, 32, 8, 8192, 128256, 1024, False, False, True, 64),
+    "llama-1b": E2EConfig("llama-1b", "llama", 2048, 16, 32, 8, 8192, 128256, 1024, False, False, True, 64, 2),
     "mistral-7b-lora": E2EConfig("mistral-7b-lora", "mistral", 4096, 32, 32, 8, 14336, 32000, 1024, True, True,
-                                 False, 256),
+                                 False, 256, 8),
     "toy": E2EConfig("toy", "llama", 64, 2, 4, 2, 128, 1000, 32, False, False, True, 2),
     "toy-lora": E2EConfig("toy-lora", "mistral", 64, 2, 4, 2, 128, 1000, 32, True, True, False, 2),
 }
@@ -259,9 +260,10 @@ def cached_model(cfg: E2EConfig, device, dtype):
     return _CACHE["model"], _CACHE["opt"]
 
 
-def max_batch(cfg: E2EConfig, path: str, device, dtype, impl: str = "auto", start: int = 1) -> int:
+def max_batch(cfg: E2EConfig, path: str, device, dtype, impl: str = "auto") -> int:
     model, opt = cached_model(cfg, device, dtype)
-    return largest_fitting(lambda b: fits(model, opt, cfg, path, b, device, impl), cfg.max_batch_cap, start)
+    return largest_fitting(lambda b: fits(model, opt, cfg, path, b, device, impl), cfg.max_batch_cap,
+                           cfg.max_batch_start)
 
 
 def main(argv=None) -> int:

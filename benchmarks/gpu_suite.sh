@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
-#   bash benchmarks/gpu_suite.sh [all|kernels-1|kernels-2|e2e-llama|e2e-mistral]   (`make bench-gpu PART=...`)
+#   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
+# PART: all | kernels-1 | kernels-2 | e2e-llama | e2e-mistral-tspin | e2e-mistral-naive, or any pytest -k expression
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it;
-# when $OUT is set (the device tool), results, plots and the log are copied there. CCE and Liger wheels found
+# when $OUT is set (the device tool), the results JSON and the log are copied there. CCE and Liger wheels found
 # in .whl/ (benchmarks/gpu_wheels.sh) are installed first; without them those peers are skipped with the reason.
 # Set TSPIN_COMMIT=<sha> where the tree travels without .git. Each part fits in the device tool's 10 minutes.
 set -uo pipefail
@@ -18,18 +19,18 @@ case "$PART" in
   kernels-1) SEL="matmul_peak_gpu or (kernel_gpu and (mistral or qwen))" ;;
   kernels-2) SEL="kernel_gpu and llama3" ;;
   e2e-llama) SEL="e2e_gpu_throughput or (e2e_gpu_max_batch and llama)" ;;
-  e2e-mistral) SEL="e2e_gpu_max_batch and mistral" ;;
-  *) echo "unknown part $PART (all|kernels-1|kernels-2|e2e-llama|e2e-mistral)" >&2; exit 2 ;;
+  e2e-mistral-tspin) SEL="e2e_gpu_max_batch and mistral and tspin" ;;
+  e2e-mistral-naive) SEL="e2e_gpu_max_batch and mistral and naive_hf" ;;
+  *) SEL="$PART" ;;
 esac
 export TSPIN_BENCH=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-LOG="benchmarks/results/gpu-${PART}.log"
+LOG="/tmp/gpu-$(echo "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
 mkdir -p benchmarks/results
 "$PY" -m pytest -q benchmarks -m gpu -k "$SEL" -p no:cacheprovider --benchmark-columns=median,rounds \
   ${BENCH_ARGS:-} 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 "$PY" benchmarks/plot.py --markdown | tee -a "$LOG"
-if [ -n "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ]; then  # the tool brings back at most 8 files: JSON and log only (`make plots` redraws here)
   cp benchmarks/results/*.json "$LOG" "$OUT"/ 2>/dev/null
-  mkdir -p "$OUT/png" && cp benchmarks/results/*.png "$OUT/png/" 2>/dev/null
 fi
 exit "$rc"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OURS = ("triton", "torch")
-PEERS = ("naive", "compile", "cce", "liger")
-IMPL_ORDER = OURS + PEERS
+PEERS = ("naive", "compile", "cce", "liger")  # exact gradients: "fastest peer" is taken over these
+APPROX = ("cce_filter",)  # CCE's default gradient filtering (approximate gradients), shown but not the baseline
+IMPL_ORDER = OURS + PEERS + APPROX
 MODES = ("forward", "backward", "fwd_bwd")
 
 
@@ -138,8 +139,8 @@ def markdown(path: Path) -> str:
         out += [f"dense matmul peak in this run: {_fmt(peak[0].get('tflops'))} TFLOP/s ({peak[0].get('shape')})", ""]
     kr = kernel_rows(rows)
     if kr:
-        out += ["| shape | head | mode | impl | median ms | peak mem rise MiB | TFLOP/s | fastest peer / this |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["| shape | head | mode | impl | median ms | peak mem rise MiB | TFLOP/s "
+                "| speed-up vs fastest exact peer | naive mem / this |", "|---|---|---|---|---|---|---|---|---|"]
         idx = {(r["shape"], r["head"], r["mode"], r["impl"]): r for r in kr}
         for shape, head, mode in sorted({k[:3] for k in idx}, key=lambda k: (k[0], k[1], MODES.index(k[2]))):
             peer_t = [idx[(shape, head, mode, p)]["median_s"] for p in PEERS
@@ -149,11 +150,13 @@ def markdown(path: Path) -> str:
                 r = idx.get((shape, head, mode, impl))
                 if r is None:
                     continue
-                t = r["median_s"]
+                t, mem = r["median_s"], r.get("peak_mem_bytes")
                 speed = best / t if (best and t and impl in OURS) else None
+                naive_mem = idx.get((shape, head, mode, "naive"), {}).get("peak_mem_bytes")
+                mem_ratio = naive_mem / mem if (naive_mem and mem and impl in OURS) else None
                 out.append(f"| {shape} | {head} | {mode} | {impl} | {_fmt(t and t * 1e3)} | "
-                           f"{_fmt(_mib(r.get('peak_mem_bytes')), '.1f')} | {_fmt(r.get('tflops'))} | "
-                           f"{_fmt(speed, '.2f')} |")
+                           f"{_fmt(_mib(mem), '.1f')} | {_fmt(r.get('tflops'))} | "
+                           f"{_fmt(speed, '.2f')} | {_fmt(mem_ratio, '.1f')} |")
         out.append("")
     e2e = [r for r in rows if r.get("mode") in ("train_step", "max_batch")]
     if e2e:
