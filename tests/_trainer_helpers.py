@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from tspin.demo import build_model, build_tokenizer, make_task
 
 
@@ -34,3 +37,13 @@ def tiny_cfg(**kw):
                 per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress=False)
     base.update(kw)
     return demo_config(**base)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box spinning OpenMP workers cost
+    seconds per generate() call; restore the setting for the other suites."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

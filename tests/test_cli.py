@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from _trainer_helpers import task_file, tiny_model_dir, write_jsonl
+from _trainer_helpers import one_thread, task_file, tiny_model_dir, write_jsonl  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.cli import main
 from tspin.config import load_config

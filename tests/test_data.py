@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 import torch
-from _trainer_helpers import write_jsonl
+from _trainer_helpers import one_thread, write_jsonl  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.data import (
     IGNORE_INDEX,

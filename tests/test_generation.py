@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _trainer_helpers import tiny_cfg, tiny_model_dir
+from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.data import load_records
 from tspin.demo import make_task

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _trainer_helpers import tiny_model_dir
+from _trainer_helpers import one_thread, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.data import build_features, collate
 from tspin.demo import build_tokenizer, make_task

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _trainer_helpers import task_file, tiny_cfg, tiny_model_dir
+from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.data import build_features, load_records
 from tspin.io import read_jsonl
