@@ -50,7 +50,7 @@ def kernel_rows(rows):
             and not str(r.get("shape", "")).startswith("rss-")]
 
 
-def _bars(ax, groups, impls, values, ylabel, title):
+def _bars(ax, groups, impls, values, ylabel, title, log=True):
     import numpy as np
 
     x = np.arange(len(groups))
@@ -59,8 +59,8 @@ def _bars(ax, groups, impls, values, ylabel, title):
         ys = [values.get((g, impl)) for g in groups]
         ax.bar(x + i * width - 0.4 + width / 2, [y if y is not None else 0 for y in ys], width, label=impl)
     ax.set_xticks(x, groups)
-    if any(v for v in values.values()):
-        ax.set_yscale("log")  # peers differ by orders of magnitude
+    if log and any(v for v in values.values()):
+        ax.set_yscale("log")  # kernel peers differ by orders of magnitude
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
 
@@ -108,9 +108,10 @@ def plot_file(path: Path, out_dir: Path) -> list[Path]:
         mem = {(lab, r["impl"]): _mib(r.get("peak_mem_bytes")) for lab, r in zip(labels, e2e)}
         has_mem = any(v is not None for v in mem.values())
         fig, axes = plt.subplots(1, 1 + has_mem, figsize=(6 * (1 + has_mem), 3.8), squeeze=False)
-        _bars(axes[0][0], groups, paths, tps, "tokens/s", f"end-to-end T-SPIN step ({e2e[0].get('device')})")
+        _bars(axes[0][0], groups, paths, tps, "tokens/s", f"end-to-end T-SPIN step ({e2e[0].get('device')})",
+              log=False)
         if has_mem:
-            _bars(axes[0][1], groups, paths, mem, "peak memory (MiB)", "end-to-end peak memory")
+            _bars(axes[0][1], groups, paths, mem, "peak memory (MiB)", "end-to-end peak memory", log=False)
         for ax in axes[0]:
             ax.tick_params(axis="x", labelrotation=20, labelsize=7)
         axes[0][0].legend(fontsize=8)
