@@ -53,10 +53,11 @@ CPU_SHAPES = (Shape("tiny-cpu", 64, 1000, 1, 64),)
 
 def make_inputs(shape: Shape, device, dtype, head_trainable: bool, seed: int = 0):
     """hidden (3B, T, D) and weight (V, D) leaf tensors and aligned labels with the first half of each row ignored."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(shape.rows, shape.T, shape.D, generator=g).to(device=device, dtype=dtype)
-    weight = (torch.randn(shape.V, shape.D, generator=g) / shape.D**0.5).to(device=device, dtype=dtype)
-    labels = torch.randint(0, shape.V, (shape.rows, shape.T), generator=g).to(device)
+    # generated where they live: at llama3-8b the weight alone is 525M values, slow to draw on the CPU
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(shape.rows, shape.T, shape.D, generator=g, device=device).to(dtype)
+    weight = (torch.randn(shape.V, shape.D, generator=g, device=device) / shape.D**0.5).to(dtype)
+    labels = torch.randint(0, shape.V, (shape.rows, shape.T), generator=g, device=device)
     labels[:, : shape.T // 2] = IGNORE_INDEX
     hidden.requires_grad_(True)
     weight.requires_grad_(head_trainable)

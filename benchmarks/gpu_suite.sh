@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | kernels-1 | kernels-2 | e2e-llama | e2e-mistral-tspin | e2e-mistral-naive, or any pytest -k expression
+# PART: all | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin | e2e-mistral-naive,
+#       or any pytest -k expression. TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it;
 # when $OUT is set (the device tool), the results JSON and the log are copied there. CCE and Liger wheels found
 # in .whl/ (benchmarks/gpu_wheels.sh) are installed first; without them those peers are skipped with the reason.
@@ -16,15 +17,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 case "$PART" in
   all) SEL="gpu" ;;
-  kernels-1) SEL="matmul_peak_gpu or (kernel_gpu and (mistral or qwen))" ;;
-  kernels-2) SEL="kernel_gpu and llama3" ;;
+  kernels-mistral) SEL="matmul_peak_gpu or (kernel_gpu and mistral)" ;;
+  kernels-llama3) SEL="matmul_peak_gpu or (kernel_gpu and llama3)" ;;
+  kernels-qwen) SEL="matmul_peak_gpu or (kernel_gpu and qwen)" ;;
   e2e-llama) SEL="e2e_gpu_throughput or (e2e_gpu_max_batch and llama)" ;;
   e2e-mistral-tspin) SEL="e2e_gpu_max_batch and mistral and tspin" ;;
   e2e-mistral-naive) SEL="e2e_gpu_max_batch and mistral and naive_hf" ;;
   *) SEL="$PART" ;;
 esac
 export TSPIN_BENCH=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-LOG="/tmp/gpu-$(echo "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
+LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
 mkdir -p benchmarks/results
 "$PY" -m pytest -q benchmarks -m gpu -k "$SEL" -p no:cacheprovider --benchmark-columns=median,rounds \
   ${BENCH_ARGS:-} 2>&1 | tee "$LOG"

@@ -17,6 +17,12 @@ from benchmarks import common, e2e
 E2E_B = [int(b) for b in os.environ.get("TSPIN_E2E_B", "2").split(",")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_model():
+    yield
+    e2e.release()  # the 7B model must not stay on the GPU for the next module
+
+
 def _bench_timer(benchmark):
     def timer(step, steps):
         benchmark.pedantic(step, rounds=steps, warmup_rounds=0)

@@ -11,6 +11,7 @@ and ``fwd_bwd``. Heads: ``trainable`` (grad of W) and ``frozen`` (``W.requires_g
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ from benchmarks import common, peers
 IMPLS = tuple(peers.PEERS)
 MODES = ("forward", "backward", "fwd_bwd")
 HEADS = ("trainable", "frozen")
-# pedantic settings: (rounds, warmup_rounds)
-ROUNDS = {"cuda": (10, 2), "cpu": (3, 1)}
+# pedantic settings: (rounds, warmup_rounds); TSPIN_BENCH_ROUNDS overrides the rounds (short GPU sessions)
+_R = int(os.environ.get("TSPIN_BENCH_ROUNDS", "0"))
+ROUNDS = {"cuda": (_R or 10, 2), "cpu": (_R or 3, 1)}
 
 
 @functools.cache
@@ -34,6 +36,29 @@ def _verified(impl: str, shape: common.Shape, device: str, dtype: torch.dtype, h
         del h, w, lab
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+_INPUTS: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_inputs():
+    yield
+    _INPUTS.clear()
+
+
+def _inputs(shape: common.Shape, device: str, dtype: torch.dtype, trainable: bool):
+    """The timed inputs, shared by consecutive cases of one shape (one set alive at a time: they are large)."""
+    key = (shape, device, dtype)
+    if _INPUTS.get("key") != key:
+        _INPUTS.clear()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        _INPUTS.update(key=key, tensors=common.make_inputs(shape, device, dtype, True))
+    hidden, weight, labels = _INPUTS["tensors"]
+    common.clear_grads(hidden, weight)
+    weight.requires_grad_(trainable)
+    return hidden, weight, labels
 
 
 def _steps(fn, hidden, weight, labels, head_trainable, mode, device):
@@ -67,7 +92,7 @@ def run_case(benchmark, shape: common.Shape, impl: str, mode: str, head: str, de
     err, errs = _verified(impl, shape, device, dtype, head)
     assert err is None or impl in peers.APPROXIMATE, err
     trainable = head == "trainable"
-    hidden, weight, labels = common.make_inputs(shape, device, dtype, trainable)
+    hidden, weight, labels = _inputs(shape, device, dtype, trainable)
     fn = peers.PEERS[impl]
     prepare, run = _steps(fn, hidden, weight, labels, trainable, mode, device)
     if not benchmark.disabled:
