@@ -98,6 +98,7 @@ def test_iterate_two_iterations_tspin(model_dir, tmp_path):
     out = tmp_path / "run"
     assert [e["iteration"] for e in summary["evals"]] == [-1, 0, 1]
     assert all(0 <= e["eval/exact_match"] <= 1 for e in summary["evals"])
+    assert all("train/margins/history" in e for e in summary["evals"][1:])
     assert json.loads((out / "summary.json").read_text()) == summary
     proto = load_records(out / "proto.jsonl")
     assert len(proto) == 12
@@ -123,7 +124,8 @@ def test_iterate_spin_with_mixing_stores_reference_logps(model_dir, tmp_path):
     cfg = tiny_cfg(method="spin", model_name_or_path=str(model_dir), data_path=str(data), num_iterations=2,
                    spin_mix_previous=True, output_dir=str(tmp_path / "run"))
     summary = iterate(cfg)
-    assert summary["evals"] == []  # no held-out data given
+    assert [e["iteration"] for e in summary["evals"]] == [0, 1]  # no held-out data: training diagnostics only
+    assert all("train/rewards/margins" in e and not any(k.startswith("eval/") for k in e) for e in summary["evals"])
     d1 = read_jsonl(tmp_path / "run" / "iter1" / "data.jsonl")
     assert all({"ref_real", "ref_generated", "ref_generated_prev", "generated_prev"} <= set(r) for r in d1)
     # the references are the start-of-iteration policy's (iteration 0's final model) log-probs

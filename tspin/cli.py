@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--quick", action="store_true", help="smoke-sized demo (seconds, for tests)")
             sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
             sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+            sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
             continue
         sp.add_argument("--config", help="YAML recipe (see configs/)")
         if name in ("train", "iterate"):
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         try:
-            run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress)
+            run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
+                     threads=args.threads)
         except FileExistsError as e:
             print(f"tspin demo: error: {e}", file=sys.stderr)
             return 2

@@ -99,7 +99,7 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
     if out_path.exists():
         from .data import load_records
 
-        return load_records(out_path)
+        return load_records(out_path, require_response=False)
     partial = out_path.with_name(out_path.name + ".partial")
     texts = generate_texts(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
                            max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,

@@ -214,6 +214,10 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
                 metrics.write(phase="eval", method=cfg.method, **e)
                 atomic_write_json(it_dir / "eval.json", e)
             evals.append(json.loads((it_dir / "eval.json").read_text()))
+        else:
+            evals.append({"iteration": t})
+        if (it_dir / "train_summary.json").exists():  # the iteration's last-epoch training diagnostics
+            evals[-1].update(json.loads((it_dir / "train_summary.json").read_text()))
     summary = {"method": cfg.method, "output_dir": str(out), "num_train_records": len(records),
                "num_eval_records": len(held), "evals": evals}
     atomic_write_json(out / "summary.json", summary)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
 from .config import Config
 from .data import collate, fields_for
+from .io import atomic_write_json
 from .losses import compute_loss
 from .metrics import Averager, MetricsWriter
 
@@ -86,7 +87,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     """Train `model` in place on `features`; checkpoints go to out_dir/checkpoints, the final one to out_dir/model.
 
     Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run.
-    Returns the means of the last epoch's metrics.
+    Returns the means of the last epoch's metrics (also written to out_dir/train_summary.json).
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
@@ -154,7 +155,10 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     bar.close()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    means = epoch_avg.means()
+    # written before the model: a run killed in between redoes the tail of training and rewrites both
+    atomic_write_json(out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
     save_checkpoint(out_dir / "model", model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=total,
                     total_steps=total, extra={"iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
-    return epoch_avg.means()
+    return means
