@@ -134,7 +134,20 @@ def provenance() -> dict:
         "triton": triton_version(),
         "commit": commit(),
         "env": {k: os.environ[k] for k in _ENV_KNOBS if os.environ.get(k)},
+        "packages": {d: _dist_version(d) for d in _DISTS},
     }
+
+
+_DISTS = ("cut-cross-entropy", "liger-kernel", "transformers", "peft", "pytest-benchmark")
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def results_path(now: _dt.datetime | None = None) -> Path:

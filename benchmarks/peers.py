@@ -129,8 +129,10 @@ def unavailable(name: str, device) -> str | None:
         return f"unknown peer {name!r}"
     if name in _OPTIONAL:
         dist, mod = _OPTIONAL[name]
-        if device.type != "cuda":
-            return f"{dist} runs Triton kernels on CUDA only"
+        if device.type != "cuda" and not (name == "liger" and _device.interpreting()):
+            # Liger's kernels also run (slowly) in Triton's CPU interpreter; CCE's fail there
+            return f"{dist} runs its Triton kernels on CUDA only" + ("" if name == "liger" else
+                                                                       " (they fail under TRITON_INTERPRET)")
         if importlib.util.find_spec(mod) is None:
             return f"{dist} is not installed (GPU machine: carry it as a wheel, see benchmarks/gpu_wheels.sh)"
         try:
