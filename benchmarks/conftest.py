@@ -64,6 +64,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     new_keys = {_key(b) for b in output_json.get("benchmarks", [])}
     kept = [b for b in old.get("benchmarks", []) if _key(b) not in new_keys]
     output_json["benchmarks"] = kept + output_json.get("benchmarks", [])
-    runs = old.get("tspin_runs", [old.get("tspin")] if old.get("tspin") else [])
+    first = dict(old["tspin"], datetime=old.get("datetime")) if old.get("tspin") else None
+    runs = old.get("tspin_runs", [first])
     this_run = dict(common.provenance(), datetime=output_json.get("datetime"))
     output_json["tspin_runs"] = [r for r in runs if r] + [this_run]

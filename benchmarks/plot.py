@@ -130,10 +130,13 @@ def plot_file(path: Path, out_dir: Path) -> list[Path]:
 def markdown(path: Path) -> str:
     rows = load(path)
     out = [f"### {path.name}", ""]
-    runs = json.loads(path.read_text()).get("tspin_runs") or []
-    prov = runs[-1] if runs else (rows[0] if rows else {})
-    out.append(f"device `{prov.get('device')}`, torch `{prov.get('torch')}`, triton `{prov.get('triton')}`, "
-               f"commit `{prov.get('commit')}`")
+    data = json.loads(path.read_text())
+    runs = data.get("tspin_runs") or [data.get("tspin") or (rows[0] if rows else {})]
+    for prov in runs:  # a file can accumulate several runs (parts of a suite, a re-measured peer)
+        pk = {k: v for k, v in (prov.get("packages") or {}).items() if v}
+        out.append(f"- run {prov.get('datetime') or ''}: device `{prov.get('device')}`, torch `{prov.get('torch')}`, "
+                   f"triton `{prov.get('triton')}`, commit `{prov.get('commit')}`"
+                   + (f", {pk}" if pk else "") + (f", env {prov['env']}" if prov.get("env") else ""))
     out.append("")
     peak = [r for r in rows if r.get("impl") == "matmul_peak"]
     if peak:
