@@ -7,6 +7,7 @@ largest triplet batch that fits per path for Llama-1B and for Mistral-7B-shaped 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -47,6 +48,20 @@ def test_largest_fitting_search():
     tried = []
     e2e.largest_fitting(lambda b: tried.append(b) or b <= 40, cap=256)
     assert len(tried) <= 12 and len(set(tried)) == len(tried)
+
+
+def test_max_batch_counts_oom(monkeypatch):
+    """The search treats an out-of-memory step as "does not fit" and recovers (simulated OOM above 3 triplets)."""
+    cfg = dataclasses.replace(e2e.CONFIGS["toy"], max_batch_cap=64)
+    real_step = e2e.train_step
+
+    def step(model, opt, path, ids, labels, impl="auto"):
+        if ids.shape[0] > 9:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(model, opt, path, ids, labels, impl)
+
+    monkeypatch.setattr(e2e, "train_step", step)
+    assert e2e.max_batch(cfg, "tspin", "cpu", torch.float32) == 3
 
 
 @pytest.mark.parametrize("config", ["toy", "toy-lora"])
