@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from tspin.losses import backbone_and_head
 from tspin_kernels import tspin_loss, tspin_loss_from_logps
 
 PATHS = ("tspin", "naive_hf")
@@ -111,6 +110,16 @@ def make_batch(cfg: E2EConfig, B: int, device, seed: int = 0):
     labels = ids.clone()
     labels[:, : cfg.T // 2] = -100
     return ids.to(device), labels.to(device)
+
+
+def backbone_and_head(model):
+    """(decoder, lm_head) the way the trainer finds them; the plain HF layout if ``tspin`` cannot be imported."""
+    try:
+        from tspin.losses import backbone_and_head as find
+    except ImportError:  # an optional dependency of the trainer missing on the benchmark machine
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return lm.model, lm.lm_head
+    return find(model)
 
 
 def loss_tspin(model, ids, labels, impl: str = "auto"):
