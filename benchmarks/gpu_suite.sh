@@ -28,8 +28,10 @@ esac
 export TSPIN_BENCH=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
 mkdir -p benchmarks/results
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 "$PY" -m pytest -q benchmarks -m gpu -k "$SEL" -p no:cacheprovider --benchmark-columns=median,rounds \
-  ${BENCH_ARGS:-} 2>&1 | tee "$LOG"
+  ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 "$PY" benchmarks/plot.py --markdown | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then  # the tool brings back at most 8 files: JSON and log only (`make plots` redraws here)
