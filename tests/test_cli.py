@@ -101,7 +101,7 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert rc == 0
     d = tmp_path / "demo"
     summary = json.loads((d / "summary.json").read_text())
-    assert set(summary["runs"]) == {"sft25", "tspin", "spin", "sft25_cont", "sft100"}
+    assert set(summary["runs"]) == {"sft25", "tspin", "tspin_nohist", "spin", "sft25_cont", "sft100"}
     assert [e["iteration"] for e in summary["runs"]["tspin"]] == [-1, 0, 1]
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == set(summary["runs"]) and any("logps/proto" in r for r in rows)

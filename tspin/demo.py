@@ -2,9 +2,10 @@
 
 Task: string transformations with exact-match answers (reverse / sort / rotate a random letter string), generated
 deterministically from a seed. Model: a tiny Llama built from a config, with a character-level tokenizer built here.
-Runs: SFT on 25% of the data gives pi_0; T-SPIN and SPIN then self-play for 4 iterations on the same 25%; SFT on
-100% (same init, same epochs) is the reference, and SFT continued on the 25% for as many rounds as self-play is
-the compute-matched control. Every policy is evaluated on the same held-out prompts.
+Runs: SFT on 25% of the data gives pi_0; T-SPIN, T-SPIN without the history term (the paper's ablation) and SPIN
+then self-play for 4 iterations on the same 25%; SFT on 100% (same init, same epochs) is the reference, and SFT
+continued from pi_0 on the same 25% for as many rounds and epochs as self-play is the control. Every policy is
+evaluated on the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def _runs(out: Path, s: dict, progress: bool) -> list[tuple[str, str, Config]]:
         ("sft25", "train", demo_config(method="sft", model_name_or_path=str(base), num_train_epochs=s["sft_epochs"],
                                        learning_rate=s["sft_lr"], output_dir=str(out / "sft25"), **q)),
         ("tspin", "iterate", demo_config(method="tspin", output_dir=str(out / "tspin"), **sp)),
+        ("tspin_nohist", "iterate", demo_config(method="tspin", no_history=True, output_dir=str(out / "tspin_nohist"),
+                                                proto_path=str(out / "tspin" / "proto.jsonl"), **sp)),
         ("spin", "iterate", demo_config(method="spin", output_dir=str(out / "spin"),
                                         proto_path=str(out / "tspin" / "proto.jsonl"), **sp)),
         ("sft25_cont", "iterate", demo_config(method="sft", output_dir=str(out / "sft25_cont"),
@@ -111,14 +114,14 @@ def _table(summary: dict) -> str:
     cols = [("eval/exact_match", "exact_match", 11), ("eval/logps/real", "logp(real)", 10),
             ("eval/margins/real_vs_greedy", "real-greedy", 11), ("train/rewards/accuracies", "train acc", 9),
             ("train/margins/current", "cur margin", 10), ("train/margins/history", "hist margin", 11)]
-    head = f"{'run':<11} {'policy':<7}" + "".join(f" {name:>{w}}" for _, name, w in cols)
+    head = f"{'run':<12} {'policy':<7}" + "".join(f" {name:>{w}}" for _, name, w in cols)
     lines = [head, "-" * len(head)]
     for run, evals in summary["runs"].items():
         for e in evals:
             label = f"iter{e['iteration']}" if e["iteration"] >= 0 else "pi_0"
             label = "final" if run in ("sft25", "sft100") else label
             cells = "".join(f" {e[k]:>{w}.3f}" if k in e else f" {'-':>{w}}" for k, _, w in cols)
-            lines.append(f"{run:<11} {label:<7}{cells}")
+            lines.append(f"{run:<12} {label:<7}{cells}")
     return "\n".join(lines)
 
 

@@ -102,17 +102,18 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
 
-    start = 0
+    start, epoch_avg = 0, Averager()
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
-        start = load_trainer_state(ckpt, model, optimizer=optimizer, scheduler=scheduler)["step"]
+        state = load_trainer_state(ckpt, model, optimizer=optimizer, scheduler=scheduler)
+        start = state["step"]
+        epoch_avg.sums, epoch_avg.n = state.get("epoch_avg", ({}, 0))
         # lines a killed run logged after this checkpoint are written again below
         metrics.rewind(lambda r: not (r.get("phase") == "train" and r.get("iteration") == iteration
                                       and r.get("method") == method and r.get("step", 0) > start))
 
     model.train()
     steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps))
-    epoch_avg = Averager()
     bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -150,7 +151,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         bar.update(1)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
             save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer, optimizer=optimizer,
-                            scheduler=scheduler, step=step + 1, total_steps=total)
+                            scheduler=scheduler, step=step + 1, total_steps=total,
+                            extra={"epoch_avg": (dict(epoch_avg.sums), epoch_avg.n)})
             prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
     bar.close()
     if cfg.gradient_checkpointing:
