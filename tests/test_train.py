@@ -141,3 +141,36 @@ def test_iterate_spin_with_mixing_stores_reference_logps(model_dir, tmp_path):
     # mixing doubles iteration 1's pairs: 16 pairs / batch 4 = 4 steps, against 2 at iteration 0
     assert max(r["total_steps"] for r in train if r["iteration"] == 1) == 4
     assert max(r["total_steps"] for r in train if r["iteration"] == 0) == 2
+
+
+@pytest.mark.parametrize("option", [{"layout": "packed"}, {"gradient_checkpointing": True}])
+def test_packed_layout_and_checkpointing_train_like_the_plain_path(model_dir, tmp_path, option):
+    tok = load_tokenizer(str(model_dir))
+    feats = _feats(tok, 8)
+    finals = []
+    for name, opts in (("plain", {}), ("opt", option)):
+        model = load_model(str(model_dir), torch.device("cpu"))
+        cfg = tiny_cfg(learning_rate=1e-2, **opts)
+        train_loop(model, tok, feats, cfg, method="tspin", out_dir=tmp_path / name, iteration=1,
+                   metrics=MetricsWriter(tmp_path / f"{name}.jsonl"))
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-3, atol=1e-4)  # Adam amplifies fp noise near 0
+
+
+def test_train_command_tspin_file_and_spin_with_computed_refs(model_dir, tmp_path):
+    from tspin.selfplay import train
+
+    rows = [{"prompt_id": str(i), "prompt": f"sort {s}", "real": "".join(sorted(s)), "generated": s, "proto": s[::-1]}
+            for i, s in enumerate(["dcba", "cab", "fed", "hgfe"])]
+    data = tmp_path / "triplets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = train(tiny_cfg(method="tspin", model_name_or_path=str(model_dir), data_path=str(data),
+                       output_dir=str(tmp_path / "t")))
+    assert r["model"].endswith("model") and (tmp_path / "t" / "model" / "model.safetensors").exists()
+    r = train(tiny_cfg(method="spin", model_name_or_path=str(model_dir), data_path=str(data),
+                       output_dir=str(tmp_path / "s")))
+    refs = read_jsonl(tmp_path / "s" / "data_with_refs.jsonl")
+    assert all(isinstance(x["ref_real"], float) and isinstance(x["ref_generated"], float) for x in refs)
+    train_rows = [x for x in read_jsonl(tmp_path / "s" / "metrics.jsonl") if x["phase"] == "train"]
+    # the first step starts from the reference policy itself: SPIN's rewards are exactly 0 there
+    assert train_rows[0]["rewards/real"] == pytest.approx(0, abs=1e-5)

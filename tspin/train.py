@@ -98,8 +98,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     total = len(windows)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
 
     start, epoch_avg = 0, Averager()
@@ -156,7 +156,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
     bar.close()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     means = epoch_avg.means()
     # written before the model: a run killed in between redoes the tail of training and rewrites both
     atomic_write_json(out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
