@@ -117,6 +117,11 @@ def test_iterate_two_iterations_tspin(model_dir, tmp_path):
         assert not list((out / f"iter{t}" / "checkpoints").glob("step-*"))
     with pytest.raises(FileExistsError, match="--resume"):
         iterate(cfg)
+    with pytest.raises(ValueError, match=r"config differs .* in learning_rate \(0.001 -> 0.002\)"):
+        iterate(tiny_cfg(**{**cfg.to_dict(), "learning_rate": 2e-3}), resume=True)
+    # resuming a finished run with more iterations continues it
+    assert [e["iteration"] for e in iterate(tiny_cfg(**{**cfg.to_dict(), "num_iterations": 3}), resume=True)
+            ["evals"]] == [-1, 0, 1, 2]
 
 
 def test_iterate_spin_with_mixing_stores_reference_logps(model_dir, tmp_path):

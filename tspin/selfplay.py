@@ -156,6 +156,21 @@ def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, i
 
 
 # ----------------------------------------------------------------------------- commands
+RESUME_FREE_KEYS = {"progress", "device", "logging_steps", "save_steps", "save_total_limit", "num_iterations",
+                    "eval_batch_size", "generation_batch_size"}
+
+
+def _check_same_config(cfg: Config, path: Path) -> None:
+    """A resumed run must be the run that was started: refuse silent changes of data, model or method."""
+    import yaml
+
+    saved = yaml.safe_load(path.read_text()) or {}
+    diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and k in saved and saved[k] != v]
+    if diff:
+        raise ValueError(f"--resume: config differs from {path} in " + ", ".join(
+            f"{k} ({saved[k]!r} -> {getattr(cfg, k)!r})" for k in diff) + "; start a new output_dir instead")
+
+
 def _start(cfg: Config, resume: bool):
     """Common start of `train` and `iterate`: refuse to overwrite a run, record the config, load everything."""
     out = Path(cfg.output_dir)
@@ -164,6 +179,8 @@ def _start(cfg: Config, resume: bool):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if resume and (out / "config.yaml").exists():
+        _check_same_config(cfg, out / "config.yaml")
     records, held = prepare_records(cfg)  # data errors surface before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -211,6 +228,8 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
         if held:
             if not (it_dir / "eval.json").exists():
                 e = {"iteration": t, **evaluate(model, tokenizer, held, cfg, it_dir / "eval_generations.jsonl")}
+                # a run killed between this line and eval.json would otherwise log the evaluation twice
+                metrics.rewind(lambda r, t=t: not (r.get("phase") == "eval" and r.get("iteration") == t))
                 metrics.write(phase="eval", method=cfg.method, **e)
                 atomic_write_json(it_dir / "eval.json", e)
             evals.append(json.loads((it_dir / "eval.json").read_text()))
