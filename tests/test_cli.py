@@ -109,3 +109,20 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert "exact_match" in out and "tspin" in out
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
     assert rc == 2 and "pass --resume" in err
+
+
+def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
+    from pathlib import Path
+
+    from tspin.demo import DEMO_SETTINGS, _runs
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = {p.name: load_config(p) for p in sorted(root.glob("*.yaml"))}
+    assert {"zephyr-7b-ultrachat-tspin.yaml", "zephyr-7b-ultrachat-spin.yaml", "demo-tspin.yaml"} <= set(recipes)
+    z = recipes["zephyr-7b-ultrachat-tspin.yaml"]
+    assert (z.optimizer, z.weight_decay, z.warmup_ratio, z.lr_scheduler, z.max_length, z.max_new_tokens,
+            z.per_device_train_batch_size * z.gradient_accumulation_steps, z.num_iterations, z.data_count) == \
+        ("rmsprop", 0.0, 0.1, "linear", 2048, 256, 64, 5, 50000)
+    demo = {n: c for n, _, c in _runs(Path("runs/demo"), DEMO_SETTINGS, True)}["tspin"].to_dict()
+    mine = recipes["demo-tspin.yaml"].to_dict()
+    assert {k for k in demo if demo[k] != mine[k]} == {"output_dir", "proto_path"}
