@@ -72,6 +72,7 @@ class Config:
     # --- generation
     temperature: float = _f(1.0, "Sampling temperature for synthetic/proto responses (0: greedy).")
     top_p: float = _f(1.0, "Nucleus sampling p.")
+    top_k: int = _f(0, "Top-k sampling (0: off; transformers would otherwise apply its default of 50).")
     max_new_tokens: int = _f(256, "New tokens per generated response.")
     generation_batch_size: int = _f(16, "Prompts per generate() call.")
     # --- evaluation
@@ -112,7 +113,7 @@ class Config:
                 bad(name, "must be >= 1")
         if self.max_prompt_length >= self.max_length:
             bad("max_prompt_length", f"must be < max_length ({self.max_length}) to leave room for the response")
-        for name in ("eval_size", "save_steps", "weight_decay", "alpha", "beta", "spin_lambda", "temperature"):
+        for name in ("eval_size", "save_steps", "weight_decay", "alpha", "beta", "spin_lambda", "temperature", "top_k"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.beta_iter0 is not None and self.beta_iter0 < 0:

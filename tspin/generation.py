@@ -33,7 +33,8 @@ def _read_partial(path: Path) -> list[dict]:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], *, template: str, max_prompt_length: int,
-                   max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
+                   max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   batch_size: int = 16,
                    seed: int = 0, partial_path: str | Path | None = None, progress: bool = True,
                    desc: str = "generate") -> list[str]:
     """Responses to `prompts` (raw instructions; the template is applied here), in input order."""
@@ -62,7 +63,7 @@ def generate_texts(model, tokenizer, prompts: list[str], *, template: str, max_p
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad,
                       eos_token_id=tokenizer.eos_token_id, use_cache=True)
     if sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p)
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:  # greedy: silence the model's default sampling settings
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     bar = tqdm(total=len(prompts), initial=sum(len(b) for b in batches[:n_done_batches]), desc=desc,
@@ -103,7 +104,8 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
     partial = out_path.with_name(out_path.name + ".partial")
     texts = generate_texts(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
                            max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           batch_size=cfg.generation_batch_size,
                            seed=seed, partial_path=partial, progress=cfg.progress, desc=desc or f"generate {field}")
     rows = [{**r, field: t} for r, t in zip(records, texts)]
     atomic_write_jsonl(out_path, rows)
