@@ -6,17 +6,14 @@ import torch
 
 from . import _device
 from .kernels.fused_logps import logps_backward, logps_forward
+from .reference import finish_forward
 
 
 class TritonSequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int):
         tok, lse = logps_forward(hidden2d, weight, bias, row_idx, target)
-        out = torch.zeros(num_seqs, dtype=torch.float32, device=hidden2d.device)
-        out.index_add_(0, seq_id, tok * token_scale)
-        ctx.save_for_backward(hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse)
-        ctx.has_bias = bias is not None
-        return out
+        return finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -65,6 +65,15 @@ def _chunk_logits(h, weight, bias):
     return logits.to(acc_dtype(logits.dtype))
 
 
+def finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs):
+    """Shared tail of both Functions' forward: token log-probs -> per-sequence sums; keep only the LSE for backward."""
+    out = torch.zeros(num_seqs, dtype=tok.dtype, device=tok.device)
+    out.index_add_(0, seq_id, tok * token_scale.to(tok.dtype))
+    ctx.save_for_backward(hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse)
+    ctx.has_bias = bias is not None
+    return out
+
+
 class ChunkedSequenceLogps(torch.autograd.Function):
     """Per-sequence log-prob sums over compacted rows, chunked over rows, recomputing logits in backward."""
 
@@ -83,11 +92,7 @@ class ChunkedSequenceLogps(torch.autograd.Function):
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 tok[s:e] = logits.gather(1, target[s:e, None]).squeeze(1) - lse[s:e]
                 del logits
-        out = torch.zeros(num_seqs, dtype=acc, device=hidden2d.device)
-        out.index_add_(0, seq_id, tok * token_scale.to(acc))
-        ctx.save_for_backward(hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse)
-        ctx.has_bias = bias is not None
-        return out
+        return finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs)
 
     @staticmethod
     def backward(ctx, grad_out):
