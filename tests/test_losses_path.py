@@ -101,3 +101,20 @@ def test_spin_without_reference_is_an_error(setup):
     model = load_model(str(d), torch.device("cpu"))
     with pytest.raises(ValueError, match="ref_logps"):
         compute_loss(model, collate(feats, ("real", "generated"), tok.pad_token_id), method="spin")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_wrapped_policy_is_called_and_matches_the_plain_model(setup, layout):
+    """The trainer hands policy_logps the wrapped policy: it must go through the module call (DDP / FSDP2 hooks)
+    and give the plain model's values."""
+    from tspin.distributed import wrap_model
+
+    d, tok, feats = setup
+    batch = collate(feats, FIELDS, tok.pad_token_id, layout)
+    plain = policy_logps(load_model(str(d), torch.device("cpu")), batch, impl="torch")
+    policy = wrap_model(load_model(str(d), torch.device("cpu")), "none")
+    calls = []
+    policy.register_forward_hook(lambda *a: calls.append(1))
+    wrapped = policy_logps(policy, batch, impl="torch")
+    assert calls == [1]
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)

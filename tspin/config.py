@@ -14,6 +14,7 @@ METHODS = ("tspin", "spin", "sft")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed")
+STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.distributed.STRATEGIES (not imported: config stays torch-free)
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the declarations below
@@ -69,6 +70,14 @@ class Config:
     max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; null disables.")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    # --- scale-out (README "Scaling")
+    strategy: str = _f("none", "none | ddp | fsdp2: how each process holds the model. ddp/fsdp2 need a launcher "
+                               "(torchrun / accelerate launch); every rank trains on its share of each step.")
+    lora_rank: int = _f(0, "LoRA adapter rank (0: full fine-tuning). The LM head and every base weight stay frozen; "
+                           "checkpoints then hold the adapter only.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).")
+    lora_target_modules: str = _f("all-linear", "LoRA targets: 'all-linear' (every linear layer but the LM head) or "
+                                                "comma-separated module names such as q_proj,v_proj.")
     # --- generation
     temperature: float = _f(1.0, "Sampling temperature for synthetic/proto responses (0: greedy).")
     top_p: float = _f(1.0, "Nucleus sampling p.")
@@ -93,7 +102,7 @@ class Config:
             raise ValueError(f"config: {name}={getattr(self, name)!r}: {msg}")
 
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
-                   "loss_impl": ("auto", "triton", "torch", "reference")}
+                   "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"expected one of {', '.join(allowed)}")
@@ -116,6 +125,12 @@ class Config:
         for name in ("eval_size", "save_steps", "weight_decay", "alpha", "beta", "spin_lambda", "temperature", "top_k"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.lora_rank < 0:
+            bad("lora_rank", "must be >= 0 (0 disables LoRA)")
+        if self.lora_rank and self.lora_alpha <= 0:
+            bad("lora_alpha", "must be > 0")
+        if self.lora_rank and not self.lora_target_modules_list():
+            bad("lora_target_modules", "expected 'all-linear' or comma-separated module names")
         if self.beta_iter0 is not None and self.beta_iter0 < 0:
             bad("beta_iter0", "must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -129,6 +144,11 @@ class Config:
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             bad("max_grad_norm", "must be > 0 or null")
         return self
+
+    def lora_target_modules_list(self) -> str | list[str]:
+        """peft's target_modules: the string 'all-linear' or a list of module names."""
+        names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
 
     def beta_at(self, iteration: int) -> float:
         if self.no_history:

@@ -1,4 +1,5 @@
-"""The loss path, shared by every trainer: backbone -> last hidden states -> tspin_kernels with the LM-head weight.
+"""The loss path, shared by every trainer: backbone -> last hidden states -> tspin_kernels with the LM-head weight,
+one implementation: tspin_kernels.integrations.hf (backbone_and_head is re-exported from there).
 
 The LM head is never applied to the full sequence: the kernels compute per-sequence log-probs from the hidden
 states and the head weight without materialising [tokens x vocab] logits, forward and backward.
@@ -8,55 +9,31 @@ from __future__ import annotations
 
 import torch
 
-from tspin_kernels import sequence_logps, spin_loss_from_logps, tspin_loss_from_logps
+from tspin_kernels import spin_loss_from_logps, tspin_loss_from_logps
+from tspin_kernels.integrations import CausalLMLogps, backbone_and_head, causal_lm_sequence_logps  # noqa: F401
 
 from .data import Batch
 
 
-def _unwrap(model):
-    """The underlying *ForCausalLM (through PEFT / DDP / torch.compile wrappers)."""
-    for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
-            model = getattr(model, attr)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def backbone_and_head(model):
-    lm = _unwrap(model)
-    cfg = getattr(lm, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
-            raise NotImplementedError(f"{type(lm).__name__}: {attr}={getattr(cfg, attr)} transforms the logits; "
-                                      "the fused log-prob path supports a plain linear LM head only")
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
-    head = lm.get_output_embeddings()
-    if decoder is None or head is None:
-        raise TypeError(f"{type(lm).__name__}: expected a causal LM with a decoder backbone and an output embedding")
-    return decoder, head
+def _is_policy(model) -> bool:
+    """A CausalLMLogps, possibly inside DDP (FSDP2 shards it in place, so it stays one)."""
+    return isinstance(getattr(model, "module", model), CausalLMLogps)
 
 
 def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = False) -> torch.Tensor:
     """Per-row sum (or mean) of response-token log-probs, float32 (R,), differentiable w.r.t. the model.
 
-    Padded rows use the attention mask; a packed row (1, N) uses position_ids restarting at 0 per sequence
-    (transformers builds the block-diagonal mask from them) and cu_seqlens for the kernels.
+    `model` is the wrapped training policy (tspin.distributed.wrap_model: CausalLMLogps, DDP or FSDP2) or a plain
+    HF causal LM. The policy is *called*, so DDP's gradient all-reduce and FSDP2's unshard hooks run; a plain
+    model goes through the same function (tspin_kernels.integrations.causal_lm_sequence_logps). Padded rows use
+    the attention mask; a packed row (1, N) uses position_ids restarting at 0 per sequence and cu_seqlens.
     """
-    decoder, head = backbone_and_head(model)
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if weight.dtype != hidden.dtype:  # autocast hands back bf16 hidden states; the kernels want one dtype
-        weight = weight.to(hidden.dtype)
-        bias = bias.to(hidden.dtype) if bias is not None else None
-    if batch.cu_seqlens is not None:
-        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), batch.labels.reshape(-1)
-    else:
-        labels = batch.labels
-    return sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=batch.cu_seqlens, shift=True,
-                          average=average, impl=impl)
+    if _is_policy(model):
+        return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
+                     average=average, impl=impl)
+    return causal_lm_sequence_logps(model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, average=average,
+                                    impl=impl)
 
 
 def _mean(x: torch.Tensor) -> float:
