@@ -11,7 +11,7 @@ from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # 
 from tspin.data import build_features, load_records
 from tspin.io import read_jsonl
 from tspin.metrics import MetricsWriter
-from tspin.selfplay import iterate, load_model, load_tokenizer
+from tspin.selfplay import iterate, load_model, load_policy, load_tokenizer
 from tspin.train import build_optimizer, build_scheduler, train_loop
 
 TSPIN_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "logps/real", "logps/generated", "logps/proto",
@@ -154,8 +154,10 @@ def test_packed_layout_and_checkpointing_train_like_the_plain_path(model_dir, tm
     feats = _feats(tok, 8)
     finals = []
     for name, opts in (("plain", {}), ("opt", option)):
-        model = load_model(str(model_dir), torch.device("cpu"))
-        cfg = tiny_cfg(learning_rate=1e-2, **opts)
+        cfg = tiny_cfg(learning_rate=1e-2, model_name_or_path=str(model_dir), **opts)
+        model = load_policy(cfg)  # the trainer's policy: checkpointing is switched on before wrapping
+        layer = model.model.model.layers[0]
+        assert layer.gradient_checkpointing == bool(opts.get("gradient_checkpointing"))
         train_loop(model, tok, feats, cfg, method="tspin", out_dir=tmp_path / name, iteration=1,
                    metrics=MetricsWriter(tmp_path / f"{name}.jsonl"))
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))

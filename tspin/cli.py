@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"tspin {args.command}: error: {e}", file=sys.stderr)
         return 2
+    from .distributed import cleanup_distributed
+
+    cleanup_distributed()  # under torchrun: leave the process group together (on errors, torchrun ends the rest)
     return 0
 
 

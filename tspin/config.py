@@ -72,7 +72,8 @@ class Config:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     # --- scale-out (README "Scaling")
     strategy: str = _f("none", "none | ddp | fsdp2: how each process holds the model. ddp/fsdp2 need a launcher "
-                               "(torchrun / accelerate launch); every rank trains on its share of each step.")
+                               "(torchrun / accelerate launch); every rank trains on its share of each step "
+                               "and uses its own device (`device` applies to 'none').")
     lora_rank: int = _f(0, "LoRA adapter rank (0: full fine-tuning). The LM head and every base weight stay frozen; "
                            "checkpoints then hold the adapter only.")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).")

@@ -36,7 +36,8 @@ __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "dist_info", "wrap_model", "load_for_training",
     "policy_of", "hf_model_of", "clip_grad_norm",
     "sharded_generate", "full_state_dict", "save_checkpoint", "load_checkpoint", "full_optimizer_state_dict",
-    "load_optimizer_state_dict", "grad_sync", "apply_lora", "enable_gradient_checkpointing", "all_reduce_mean",
+    "load_optimizer_state_dict", "grad_sync", "reshard", "apply_lora", "enable_gradient_checkpointing",
+    "all_reduce_mean",
     "STRATEGIES",
 ]
 
@@ -266,6 +267,7 @@ def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistIn
     if strategy == "ddp":  # DDP broadcasts rank 0's parameters and buffers when it is built
         if not info.is_main:
             policy.to_empty(device=info.device)
+            _retie(policy)
         return wrap_model(policy, "ddp", info=info, **wrap_kwargs)
     # Keep rank 0's values (the detached tensors still point at the CPU storage fully_shard moves away from).
     full = {k: v.detach() for k, v in policy.state_dict().items()} if info.is_main else {}
@@ -281,6 +283,25 @@ def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistIn
                 buf.copy_(buffers[name])
             dist.broadcast(buf, src=0)
     return wrapped
+
+
+def reshard(model: nn.Module) -> nn.Module:
+    """Put every FSDP2 unit back in its sharded state (a no-op otherwise). Needed before building an optimizer:
+    after a forward outside training (``generate``, no-grad log-probs) the root unit keeps its parameters
+    unsharded, and ``model.parameters()`` would hand the optimizer the temporary full tensors."""
+    if _is_fsdp(model):
+        for m in model.modules():
+            if _is_fsdp(m):
+                m.reshard()
+    return model
+
+
+def _retie(policy: nn.Module) -> None:
+    """to_empty replaces each module's parameter separately, which unties a head tied to the input embeddings:
+    rank 0 would then hold one parameter fewer than the others (DDP refuses to start)."""
+    lm = unwrap_causal_lm(policy)
+    if getattr(getattr(lm, "config", None), "tie_word_embeddings", False) and hasattr(lm, "tie_weights"):
+        lm.tie_weights()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:

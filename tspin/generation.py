@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .data import encode_prompts
 from .io import atomic_write_jsonl
+from .ranks import on_main, world
 
 
 def _read_partial(path: Path) -> list[dict]:
@@ -31,13 +32,33 @@ def _read_partial(path: Path) -> list[dict]:
     return done
 
 
+def generate_texts(model, tokenizer, prompts: list[str], *, seed: int = 0, partial_path: str | Path | None = None,
+                   progress: bool = True, **kwargs) -> list[str]:
+    """Responses to `prompts` (raw instructions; the template is applied here), in input order; kwargs as
+    `_generate_local`. `model`: an HF model or the training policy (CausalLMLogps, DDP, FSDP2).
+
+    Under torchrun every rank must call this: each samples its share of the prompts (its own seed stream) and all
+    get the full list. The partial file (resume inside a generation) is single-process only: ranks would share it.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP has no generate; its module has
+        model = model.module
+    rank, world_size = world()
+    if world_size == 1:
+        return _generate_local(model, tokenizer, prompts, seed=seed, partial_path=partial_path, progress=progress,
+                               **kwargs)
+    from .distributed import sharded_generate
+
+    return sharded_generate(prompts, lambda ps: _generate_local(model, tokenizer, ps, seed=seed + 7919 * rank,
+                                                                progress=progress and rank == 0, **kwargs))
+
+
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], *, template: str, max_prompt_length: int,
+def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_prompt_length: int,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    batch_size: int = 16,
                    seed: int = 0, partial_path: str | Path | None = None, progress: bool = True,
                    desc: str = "generate") -> list[str]:
-    """Responses to `prompts` (raw instructions; the template is applied here), in input order."""
+    """This process's responses to `prompts`, in input order."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = encode_prompts(tokenizer, prompts, template, max_prompt_length)
@@ -108,6 +129,10 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
                            batch_size=cfg.generation_batch_size,
                            seed=seed, partial_path=partial, progress=cfg.progress, desc=desc or f"generate {field}")
     rows = [{**r, field: t} for r, t in zip(records, texts)]
+    on_main(_finish, out_path, rows, partial)
+    return rows
+
+
+def _finish(out_path: Path, rows: list[dict], partial: Path) -> None:
     atomic_write_jsonl(out_path, rows)
     partial.unlink(missing_ok=True)
-    return rows

@@ -10,15 +10,22 @@ from .io import atomic_write_jsonl, read_jsonl
 
 
 class MetricsWriter:
-    """Appends metric lines; `rewind` drops lines a killed run wrote after the checkpoint it resumes from."""
+    """Appends metric lines; `rewind` drops lines a killed run wrote after the checkpoint it resumes from.
+    Under torchrun only rank 0 touches the file (every rank computes the same, already reduced, values)."""
 
     def __init__(self, path: str | Path, static: dict | None = None):
+        from .ranks import is_main
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = is_main()
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.static = static or {}
 
     def write(self, **values) -> dict:
         row = {**self.static, **values}
+        if not self.enabled:
+            return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -27,7 +34,7 @@ class MetricsWriter:
 
     def rewind(self, keep) -> None:
         """Keep only the rows for which keep(row) is true (atomically)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         rows = []
         with open(self.path) as f:

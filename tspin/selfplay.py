@@ -25,6 +25,7 @@ from .generation import generate_field, generate_texts
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .losses import batched_logps
 from .metrics import MetricsWriter
+from .ranks import barrier, on_main
 from .train import autocast, resolve_device, train_loop
 
 
@@ -48,6 +49,43 @@ def load_model(path: str, device: torch.device):
     # fp32 master weights; bf16 comes from autocast on GPU
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device)
+
+
+def load_policy(cfg: Config):
+    """The policy every command trains and samples from: the HF model (+ LoRA adapters, + gradient checkpointing,
+    both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy (tspin.distributed). Its forward is the
+    fused log-prob path, so DDP's all-reduce and FSDP2's unsharding cover the whole loss."""
+    import dataclasses
+
+    from .distributed import (
+        apply_lora,
+        enable_gradient_checkpointing,
+        init_distributed,
+        load_for_training,
+        wrap_model,
+    )
+
+    if not cfg.model_name_or_path:
+        raise ValueError("config: model_name_or_path is required")
+    info = init_distributed()
+    if cfg.strategy != "none" and not info.distributed:
+        raise ValueError(f"config: strategy={cfg.strategy!r} needs a process group: launch with torchrun "
+                         "--nproc_per_node N -m tspin.cli ... (or accelerate launch)")
+
+    def prepare(model):
+        if cfg.lora_rank:
+            model = apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha,
+                               target_modules=cfg.lora_target_modules_list())
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    if cfg.strategy == "none":  # one copy per process, on cfg.device
+        info = dataclasses.replace(info, device=resolve_device(cfg.device))
+        return wrap_model(prepare(load_model(cfg.model_name_or_path, torch.device("cpu"))), "none", info=info)
+    # fp32 master weights; FSDP2 computes in bf16 on GPU (its own mixed precision instead of autocast's casts)
+    bf16 = torch.bfloat16 if cfg.strategy == "fsdp2" and info.device.type == "cuda" and cfg.bf16 else None
+    return load_for_training(cfg.model_name_or_path, cfg.strategy, info=info, param_dtype=bf16, prepare=prepare)
 
 
 def prepare_records(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -93,7 +131,7 @@ def evaluate(model, tokenizer, records: list[dict], cfg: Config, out_path: Path 
     n_tok = sum(sum(1 for x in f["real"][1] if x != -100) for f in feats)
     exact = [_normalize(g) == _normalize(r["real"]) for g, r in zip(greedy, records)]
     if out_path is not None:
-        atomic_write_jsonl(out_path, [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["real"],
+        on_main(atomic_write_jsonl, out_path, [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["real"],
                                        "greedy": g, "exact": e} for r, g, e in zip(records, greedy, exact)])
     n = len(records)
     return {"eval/exact_match": sum(exact) / n, "eval/logps/real": sum(lp["real"]) / n,
@@ -151,7 +189,7 @@ def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, i
                 r["generated_prev"] = p["generated"]
         if cfg.method == "spin":
             rows = _spin_refs(model, tokenizer, rows, cfg)
-    atomic_write_jsonl(path, rows)
+    on_main(atomic_write_jsonl, path, rows)
     return rows
 
 
@@ -182,12 +220,17 @@ def _start(cfg: Config, resume: bool):
     if resume and (out / "config.yaml").exists():
         _check_same_config(cfg, out / "config.yaml")
     records, held = prepare_records(cfg)  # data errors surface before anything is written
+    torch.manual_seed(cfg.seed)
+    model = load_policy(cfg)  # joins the process group under torchrun
+    barrier()  # every rank has checked the directory before rank 0 writes into it
+    on_main(_record_config, cfg, out)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl")
+
+
+def _record_config(cfg: Config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    model = load_model(cfg.model_name_or_path, resolve_device(cfg.device))
-    return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl")
 
 
 def iterate(cfg: Config, resume: bool = False) -> dict:
@@ -199,7 +242,7 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
     if held and not init_eval.exists():
         e = {"iteration": -1, **evaluate(model, tokenizer, held, cfg)}
         metrics.write(phase="eval", method=cfg.method, **e)
-        atomic_write_json(init_eval, e)
+        on_main(atomic_write_json, init_eval, e)
     if init_eval.exists():
         evals.append(json.loads(init_eval.read_text()))
 
@@ -231,7 +274,7 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
                 # a run killed between this line and eval.json would otherwise log the evaluation twice
                 metrics.rewind(lambda r, t=t: not (r.get("phase") == "eval" and r.get("iteration") == t))
                 metrics.write(phase="eval", method=cfg.method, **e)
-                atomic_write_json(it_dir / "eval.json", e)
+                on_main(atomic_write_json, it_dir / "eval.json", e)
             evals.append(json.loads((it_dir / "eval.json").read_text()))
         else:
             evals.append({"iteration": t})
@@ -239,7 +282,7 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
             evals[-1].update(json.loads((it_dir / "train_summary.json").read_text()))
     summary = {"method": cfg.method, "output_dir": str(out), "num_train_records": len(records),
                "num_eval_records": len(held), "evals": evals}
-    atomic_write_json(out / "summary.json", summary)
+    on_main(atomic_write_json, out / "summary.json", summary)
     return summary
 
 
@@ -253,7 +296,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if cfg.method == "spin" and any("ref_real" not in r for r in records):
             path = out / "data_with_refs.jsonl"
             if not path.exists():
-                atomic_write_jsonl(path, _spin_refs(model, tokenizer, records, cfg))
+                on_main(atomic_write_jsonl, path, _spin_refs(model, tokenizer, records, cfg))
             records = read_jsonl(path)
         feats = build_features(expand_spin_mix(records) if cfg.method == "spin" else records, tokenizer,
                                fields_for(cfg.method), template=cfg.prompt_template, max_length=cfg.max_length,
@@ -265,7 +308,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         result.update(evaluate(model, tokenizer, held, cfg, out / "eval_generations.jsonl"))
         metrics.write(phase="eval", method=cfg.method, iteration=0, **{k: v for k, v in result.items()
                                                                        if k.startswith("eval/")})
-    atomic_write_json(out / "summary.json", result)
+    on_main(atomic_write_json, out / "summary.json", result)
     return result
 
 

@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
 from .config import Config
 from .data import collate, fields_for
+from .distributed import clip_grad_norm, grad_sync, reshard
 from .io import atomic_write_json
 from .losses import compute_loss
 from .metrics import Averager, MetricsWriter
+from .ranks import all_sum, on_main, world
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,19 +68,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_windows(n: int, cfg: Config, seed: int) -> list[list[list[int]]]:
-    """For every optimizer step, its micro-batches of example indices. Fixed by (seed, epoch), so the data
-    position of a resumed run is simply the step number."""
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+def step_windows(n: int, cfg: Config, seed: int, world_size: int = 1) -> list[list[list[int]]]:
+    """For every optimizer step, its micro-batches of example indices, over all ranks (a micro-batch holds
+    per_device_train_batch_size examples per rank). Fixed by (seed, epoch), so the data position of a resumed run
+    is simply the step number, and W ranks with batch size b take the steps of one process with batch size W*b."""
+    mb = cfg.per_device_train_batch_size * world_size
+    per_step = mb * cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(n / per_step)
     total = max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
     windows = []
     for s in range(total):
         epoch, k = divmod(s, steps_per_epoch)
         idx = epoch_order(n, seed, epoch)[k * per_step:(k + 1) * per_step]
-        mb = cfg.per_device_train_batch_size
         windows.append([idx[i:i + mb] for i in range(0, len(idx), mb)])
     return windows
+
+
+def rank_share(micro_batch: list[int], rank: int, world_size: int) -> tuple[list[int], float]:
+    """(this rank's examples of a global micro-batch, loss weight). A rank left without examples (a short last
+    batch) still runs one forward/backward, on a borrowed example with weight 0: DDP and FSDP2 need every rank
+    in every collective."""
+    mine = micro_batch[rank::world_size]
+    return (mine, 1.0) if mine else (micro_batch[:1], 0.0)
 
 
 def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: str, out_dir: str | Path,
@@ -86,21 +97,22 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                desc: str = "train") -> dict:
     """Train `model` in place on `features`; checkpoints go to out_dir/checkpoints, the final one to out_dir/model.
 
+    `model` is the wrapped policy (tspin.distributed.wrap_model / load_for_training) or a plain HF model; under
+    torchrun every rank calls this with the same features and trains on its share of each step.
+
     Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run.
     Returns the means of the last epoch's metrics (also written to out_dir/train_summary.json).
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
+    rank, world_size = world()
     fields = fields_for(method)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     beta = cfg.beta_at(iteration) if beta is None else beta
-    windows = step_windows(len(features), cfg, cfg.seed + 1000 * iteration if seed is None else seed)
+    windows = step_windows(len(features), cfg, cfg.seed + 1000 * iteration if seed is None else seed, world_size)
     total = len(windows)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(reshard(model), cfg)  # FSDP2: the sharded parameters, not a generate()'s gathers
     scheduler = build_scheduler(optimizer, cfg, total)
-    if cfg.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        model.config.use_cache = False
 
     start, epoch_avg = 0, Averager()
     ckpt = latest_checkpoint(out_dir / "checkpoints")
@@ -113,28 +125,36 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                                       and r.get("method") == method and r.get("step", 0) > start))
 
     model.train()
-    steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps))
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * world_size
+                                                 * cfg.gradient_accumulation_steps))
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     for step in range(start, total):
         t0 = time.perf_counter()
-        window = [collate([features[i] for i in mb], fields, pad, cfg.layout) for mb in windows[step]]
-        # exact accumulation: every micro-batch loss is a sum, divided by the whole window's count
-        denom = sum(b.num_tokens if method == "sft" else b.num_examples for b in window)
+        shares = [rank_share(mb, rank, world_size) for mb in windows[step]]
+        window = [(collate([features[i] for i in mine], fields, pad, cfg.layout), w) for mine, w in shares]
+        # exact accumulation: every micro-batch loss is a sum, divided by the whole window's count over all ranks;
+        # DDP / FSDP2 average gradients over ranks, hence the factor world_size
+        denom = sum(w * (b.num_tokens if method == "sft" else b.num_examples) for b, w in window)
+        if world_size > 1:
+            denom = all_sum([denom])[0] / world_size
         avg, n_tokens, window_loss = Averager(), 0, 0.0
-        for batch in window:
+        for j, (batch, w) in enumerate(window):
             batch = batch.to(device)
-            with autocast(device, cfg.bf16):
-                loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
-                                       spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps)
-            (loss / denom).backward()
-            window_loss += loss.item() / denom
-            avg.add(m, batch.num_examples)
-            n_tokens += int(batch.input_ids.numel() if batch.attention_mask is None else batch.attention_mask.sum())
-        params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        else:
-            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+            with grad_sync(model, enabled=j == len(window) - 1):  # communicate once per step
+                with autocast(device, cfg.bf16):
+                    loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
+                                           spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps)
+                (loss / denom if w else loss * 0.0).backward()
+            window_loss += w * loss.item() / denom / world_size
+            avg.add(m, int(w) * batch.num_examples)
+            n_tokens += int(w) * int(batch.input_ids.numel() if batch.attention_mask is None
+                                     else batch.attention_mask.sum())
+        if world_size > 1:  # the logged numbers are those of the whole step
+            keys = sorted(avg.sums)
+            sums = all_sum([window_loss, n_tokens, avg.n] + [avg.sums[k] for k in keys])
+            window_loss, n_tokens, avg.n = sums[0], int(sums[1]), int(sums[2])
+            avg.sums = dict(zip(keys, sums[3:]))
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # global norm over ranks / shards
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -142,7 +162,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         dt = time.perf_counter() - t0
         means = {"loss": window_loss, **avg.means()}
         if step // steps_per_epoch == (total - 1) // steps_per_epoch:
-            epoch_avg.add(means, sum(b.num_examples for b in window))
+            epoch_avg.add(means, avg.n)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == total:
             metrics.write(phase="train", method=method, iteration=iteration, step=step + 1, total_steps=total,
                           epoch=round((step + 1) / steps_per_epoch, 4), lr=lr, grad_norm=grad_norm, beta=beta,
@@ -155,11 +175,9 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                             extra={"epoch_avg": (dict(epoch_avg.sums), epoch_avg.n)})
             prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
     bar.close()
-    if cfg.gradient_checkpointing:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     means = epoch_avg.means()
     # written before the model: a run killed in between redoes the tail of training and rewrites both
-    atomic_write_json(out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
+    on_main(atomic_write_json, out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
     save_checkpoint(out_dir / "model", model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=total,
                     total_steps=total, extra={"iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
