@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/tspin demo --out runs/demo
+	$(VENV)/bin/tspin demo --out runs/demo --resume
 
 test: install
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \

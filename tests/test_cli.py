@@ -109,6 +109,12 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert "exact_match" in out and "tspin" in out
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
     assert rc == 2 and "pass --resume" in err
+    # `make demo` passes --resume: a second run on the finished demo skips every stage and prints the table again
+    rc, again, _ = run(["demo", "--out", str(d), "--quick", "--no-progress", "--resume"], capsys)
+    assert rc == 0 and out.splitlines()[-2] == again.splitlines()[-2]  # the table's last row
+    assert json.loads((d / "summary.json").read_text()) == summary  # same numbers and recorded runtimes
+    rc, _, err = run(["demo", "--out", str(d), "--no-progress", "--resume"], capsys)
+    assert rc == 2 and "other settings" in err
 
 
 def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
                      threads=args.threads)
-        except FileExistsError as e:
+        except (FileExistsError, ValueError) as e:
             print(f"tspin demo: error: {e}", file=sys.stderr)
             return 2
         return 0

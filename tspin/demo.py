@@ -158,7 +158,7 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
              threads: int = 1) -> dict:
     import torch
 
-    from .selfplay import iterate, train
+    from .selfplay import _check_same_config, iterate, train
 
     # one intra-op thread: this model's matmuls are too small to split, and on a shared 2-core box spinning
     # OpenMP workers made steps up to 10x slower
@@ -172,8 +172,12 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     s = dict(DEMO_SETTINGS)
     if quick:  # a smoke-sized run for tests
         s.update(n_train=64, n_eval=16, model=dict(hidden=32, layers=1, heads=2), sft_epochs=1.0, iterations=2)
-    if (out / "summary.json").exists() and not resume:
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    if previous is not None and not resume:
         raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
+    if previous is not None and previous.get("settings") != json.loads(json.dumps(s)):
+        raise FileExistsError(f"{out} holds a demo with other settings ({'--quick' if quick else 'full size'} asked, "
+                              "the directory has the other one); choose another --out")
     t0 = time.time()
     (out / "data").mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "eval.jsonl").exists():
@@ -189,18 +193,25 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
             tok.save_pretrained(tmp)
 
     summary = {"settings": s, "threads": threads, "runs": {}, "seconds": {}}
+    skipped = []
     for name, kind, cfg in _runs(out, s, progress=progress):
         t1 = time.time()
         print(f"[demo] {name}: {kind} {cfg.method} -> {cfg.output_dir}", flush=True)
         done = (Path(cfg.output_dir) / "summary.json").exists()
+        if (Path(cfg.output_dir) / "config.yaml").exists():  # a stage is reused only if it ran this very recipe
+            _check_same_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if kind == "train":
             r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else train(cfg, resume=True)
             summary["runs"][name] = [{"iteration": -1, **{k: v for k, v in r.items() if k.startswith("eval/")}}]
         else:
             r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else iterate(cfg, resume=True)
             summary["runs"][name] = r["evals"]
-        summary["seconds"][name] = round(time.time() - t1, 1)
-    summary["seconds"]["total"] = round(time.time() - t0, 1)
+        # a skipped stage keeps the time it took when it ran
+        summary["seconds"][name] = (previous["seconds"][name] if done and previous and name in previous["seconds"]
+                                    else round(time.time() - t1, 1))
+        skipped.append(done)
+    every_stage_skipped = previous is not None and all(skipped)  # a rerun of a finished demo: keep its runtime
+    summary["seconds"]["total"] = previous["seconds"]["total"] if every_stage_skipped else round(time.time() - t0, 1)
 
     rows = []
     for name, *_ in _runs(out, s, False):
