@@ -118,6 +118,9 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
         state = load_trainer_state(ckpt, model, optimizer=optimizer, scheduler=scheduler)
+        if state.get("world_size", 1) != world_size:  # the steps' data split depends on the number of ranks
+            raise ValueError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run has "
+                             f"{world_size}; resume a mid-iteration checkpoint with the same --nproc_per_node")
         start = state["step"]
         epoch_avg.sums, epoch_avg.n = state.get("epoch_avg", ({}, 0))
         # lines a killed run logged after this checkpoint are written again below
@@ -172,7 +175,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
             save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer, optimizer=optimizer,
                             scheduler=scheduler, step=step + 1, total_steps=total,
-                            extra={"epoch_avg": (dict(epoch_avg.sums), epoch_avg.n)})
+                            extra={"epoch_avg": (dict(epoch_avg.sums), epoch_avg.n), "world_size": world_size})
             prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
     bar.close()
     means = epoch_avg.means()
