@@ -25,13 +25,13 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(command: str, cfg, tmp: Path, nproc: int = 2) -> None:
+def torchrun(command: str, cfg, tmp: Path, *extra: str, nproc: int = 2) -> None:
     recipe = tmp / f"{Path(cfg.output_dir).name}.yaml"
     save_config(cfg, recipe)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tspin.cli", command, "--config", str(recipe)]
+           "-m", "tspin.cli", command, "--config", str(recipe), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"torchrun tspin {command} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -92,6 +92,11 @@ def test_iterate_under_torchrun_fsdp2_writes_the_run(model_dir, tmp_path):
     train_steps = [r["step"] for r in rows if r["phase"] == "train"]
     assert train_steps == list(range(1, train_steps[-1] + 1))  # one line per step: rank 0 alone writes
     assert [r["iteration"] for r in rows if r["phase"] == "eval"] == [-1, 0]
+    # --resume on the finished run loads iter0/model into the sharded policy and evaluates it again: same result
+    (out / "iter0" / "eval.json").unlink()
+    torchrun("iterate", cfg, tmp_path, "--resume")
+    again = json.loads((out / "summary.json").read_text())
+    assert again["evals"][1] == pytest.approx(summary["evals"][1])
 
 
 def test_ddp_without_a_launcher_is_a_clear_error(model_dir, tmp_path):

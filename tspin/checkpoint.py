@@ -118,6 +118,10 @@ def load_weights(path: str | Path, model) -> None:
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        from .distributed import reshard
+
+        reshard(target)  # after a generate() the root holds temporary full tensors: load into the shards
+
         missing, unexpected = set_model_state_dict(target, full, options=StateDictOptions(full_state_dict=True,
                                                                                            strict=False))
     else:

@@ -97,16 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tspin {args.command}: error: {e}", file=sys.stderr)
         return 2
     from . import selfplay
+    from .ranks import is_main
 
     try:
         if args.command == "generate":
             path = selfplay.generate(cfg, args.out, args.field)
             print(f"wrote {path}")
         elif args.command == "train":
-            print(selfplay.train(cfg, resume=args.resume))
+            r = selfplay.train(cfg, resume=args.resume)
+            if is_main():  # under torchrun every rank holds the same result
+                print(r)
         else:
             s = selfplay.iterate(cfg, resume=args.resume)
-            for e in s["evals"]:
+            for e in s["evals"] if is_main() else []:
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"tspin {args.command}: error: {e}", file=sys.stderr)
