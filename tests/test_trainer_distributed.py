@@ -49,20 +49,26 @@ def _triplets(path: Path, n: int = 8) -> Path:
                                "generated": s, "proto": s[::-1]} for i, s in enumerate(words)])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy):
-    """2 ranks x 2 triplets per micro-batch take the steps of 1 process x 4 triplets: same weights at the end."""
+@pytest.mark.parametrize("strategy,lora_rank", [("ddp", 0), ("fsdp2", 0), ("ddp", 4)])
+def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank):
+    """2 ranks x 2 triplets per micro-batch take the steps of 1 process x 4 triplets: same weights at the end
+    (with LoRA: rank 0's adapter init is broadcast, and it is the one-process init)."""
     data = _triplets(tmp_path / "triplets.jsonl")
     common = dict(method="tspin", model_name_or_path=str(model_dir), data_path=str(data), learning_rate=1e-2,
-                  loss_impl="torch", gradient_accumulation_steps=1, num_train_epochs=2.0, max_grad_norm=0.5)
+                  loss_impl="torch", gradient_accumulation_steps=1, num_train_epochs=2.0, max_grad_norm=0.5,
+                  lora_rank=lora_rank, lora_alpha=8.0)
     train(tiny_cfg(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common))
     torchrun("train", tiny_cfg(per_device_train_batch_size=2, strategy=strategy, output_dir=str(tmp_path / "two"),
                                **common), tmp_path)
-    one, two = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
+    name = "adapter_model.safetensors" if lora_rank else "model.safetensors"
+    one, two = (load_file(str(tmp_path / d / "model" / name)) for d in ("one", "two"))
     base = load_file(str(model_dir / "model.safetensors"))
     assert one.keys() == two.keys()
     for k in one:
-        assert not torch.equal(one[k], base[k]) or "norm" in k, f"{k} did not train"
+        if "lora_B" in k:  # B starts at 0
+            assert one[k].abs().max() > 0, f"{k} did not train"
+        elif k in base and "norm" not in k:
+            assert not torch.equal(one[k], base[k]), f"{k} did not train"
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-4, msg=k)  # Adam amplifies fp noise near 0
     m1, m2 = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3, 4]  # rank 0 alone writes
