@@ -313,11 +313,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 
 def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
-    """Sample `field` for every (subset) record with the configured model; resumable, atomic."""
-    device = resolve_device(cfg.device)
+    """Sample `field` for every (subset) record with the configured model; resumable, atomic. Under torchrun the
+    prompts are shared out over the ranks (cfg.strategy as for training)."""
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     records = select_subset(load_records(cfg.data_path, cfg.data_split, require_response=False), cfg.data_fraction,
                             cfg.data_count, cfg.data_seed)
-    model = load_model(cfg.model_name_or_path, device)
+    model = load_policy(cfg)
     generate_field(model, tokenizer, records, out_path, field, cfg, seed=cfg.seed)
     return Path(out_path)
