@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from tspin_kernels import tspin_loss, tspin_loss_from_logps
+from tspin_kernels.integrations.hf import backbone_and_head
 
 PATHS = ("tspin", "naive_hf")
 
@@ -112,18 +113,8 @@ def make_batch(cfg: E2EConfig, B: int, device, seed: int = 0):
     return ids.to(device), labels.to(device)
 
 
-def backbone_and_head(model):
-    """(decoder, lm_head) the way the trainer finds them; the plain HF layout if ``tspin`` cannot be imported."""
-    try:
-        from tspin.losses import backbone_and_head as find
-    except ImportError:  # an optional dependency of the trainer missing on the benchmark machine
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return lm.model, lm.lm_head
-    return find(model)
-
-
 def loss_tspin(model, ids, labels, impl: str = "auto"):
-    decoder, head = backbone_and_head(model)
+    decoder, head = backbone_and_head(model)  # the same lookup as the trainer (tspin_kernels.integrations)
     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
     return tspin_loss(hidden, head.weight, labels, shift=True, impl=impl).loss
 
