@@ -6,6 +6,9 @@ import torch
 # Without a GPU the Triton kernels run through the interpreter; it must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import it now: Triton fixes interpret mode for its own @jit library (tl.sum, ...) at import time, and a
+    # test that sets TRITON_INTERPRET=0 must not be the first to import it.
+    import triton  # noqa: F401
 
 
 def pytest_addoption(parser):

@@ -122,7 +122,7 @@ def triton_version() -> str | None:
 
 
 # settings that change what the kernels do; recorded with every result
-_ENV_KNOBS = ("TSPIN_IMPL", "TSPIN_GRAD_FILTER", "TSPIN_CHUNK_ELEMENTS", "TSPIN_AUTOTUNE", "TRITON_INTERPRET",
+_ENV_KNOBS = ("TSPIN_IMPL", "TSPIN_GRAD_FILTER", "TSPIN_CHUNK_ELEMENTS", "TRITON_INTERPRET",
               "OMP_NUM_THREADS")
 
 

@@ -153,6 +153,23 @@ def test_triton_without_gpu_or_interpreter(monkeypatch):
         sequence_logps(h, w, lab, impl="triton")
 
 
+def test_interpreter_probe_passes_here():
+    from tspin_kernels.kernels.interpreter_probe import interpreter_error
+
+    assert interpreter_error() is None  # this suite's Triton/numpy pair interprets a scalar-bounded loop
+
+
+def test_broken_interpreter_is_one_clear_error(monkeypatch):
+    """Triton 3.6 with numpy >= 2.4 cannot interpret any loop; say so before our kernels fail deep inside."""
+    from tspin_kernels.kernels import interpreter_probe
+
+    monkeypatch.setattr(interpreter_probe, "interpreter_error", lambda: "InterpreterError: TypeError('0-d')")
+    h, w, lab = _ok()
+    with pytest.raises(RuntimeError, match=r"CPU interpreter \(TRITON_INTERPRET=1\) cannot run kernels with numpy"):
+        sequence_logps(h, w, lab, impl="triton")
+    assert torch.isfinite(sequence_logps(h, w, lab, impl="torch")).all()  # the suggested fallback works
+
+
 def test_non_finite_alpha():
     h, w, lab = _ok()
     with pytest.raises(TypeError, match="alpha: expected a finite number"):

@@ -50,7 +50,24 @@ def resolve_impl(impl: str, t: torch.Tensor) -> str:
             f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
             f"got tensors on {t.device}. Use impl='torch' or impl='auto'."
         )
+    if impl == "triton" and not t.is_cuda:
+        _check_interpreter()
     return impl
+
+
+def _check_interpreter() -> None:
+    from .kernels.interpreter_probe import interpreter_error
+
+    err = interpreter_error()
+    if err is not None:
+        import numpy
+        import triton
+
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run kernels with numpy "
+            f"{numpy.__version__} ({err}). Use numpy<2.4 with this Triton, a newer Triton (3.9 works), or "
+            f"impl='torch'."
+        )
 
 
 def device_name(device: torch.device | None = None) -> str:
@@ -71,8 +88,19 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def autotune_requested() -> bool:
-    return os.environ.get("TSPIN_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+# Largest shared memory one block may opt into, by compute capability (CUDA programming guide), for torch builds
+# whose device properties lack ``shared_memory_per_block_optin``.
+_SHARED_OPTIN = {(7, 0): 98304, (7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376,
+                 (9, 0): 232448, (10, 0): 232448, (12, 0): 101376}
+
+
+def shared_memory_limit(capability: tuple[int, int], device: torch.device | None = None) -> int:
+    """Bytes of shared memory a kernel block may use on this GPU (the device's own figure when torch has it)."""
+    if device is not None and device.type == "cuda":
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        if optin:
+            return int(optin)
+    return _SHARED_OPTIN.get(tuple(capability), 101376 if capability[0] >= 8 else 65536)
 
 
 def grad_filter_eps() -> float:

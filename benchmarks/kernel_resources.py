@@ -1,0 +1,169 @@
+"""Compile the fused kernels for NVIDIA GPUs on any machine (no GPU needed) and report what they use.
+
+For each architecture, dtype and kernel variant, the tile config the launcher would pick
+(``fused_logps.tile_config``) is compiled through Triton's own specialisation of a launch (``JITFunction.warmup``
+on shape-only tensors), then read back: registers and local memory (spills) from the cubin, shared memory from the
+compiler, and whether the matrix products use Hopper's wgmma. A config that needs more shared memory than the
+architecture offers fails at launch ("out of resources") on that GPU; this finds it here first.
+
+    python -m benchmarks.kernel_resources [--arch 80 86 90] [--json FILE]
+
+Exits 1 when a config exceeds its architecture's shared memory or spills registers. Needs TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+# sm_XX: (compute capability, the GPUs it stands for): one per class of shared-memory size we pick tiles for
+ARCHS = {80: ((8, 0), "A100"), 86: ((8, 6), "RTX 30xx / A10 / L4-class"), 90: ((9, 0), "H100 / H200")}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# (D, V, counted rows): the llama3-8b SPEC shape; only divisibility by 16 and == 1 reach the compiler
+D_, V_, NC_ = 4096, 128256, 8190
+
+
+class _CompileOnlyDriver:
+    """The slice of Triton's active driver that compiling (not launching) asks for, with a chosen target."""
+
+    def __init__(self, capability: tuple[int, int]):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+
+    def get_current_device(self):
+        # Triton caches its compiler per device id: one id per target, so targets never share compiled kernels
+        return self.target.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _variants(dt):
+    """(name, kernel, positional args, constexpr kwargs) for every variant the launchers can launch."""
+    from triton.runtime.jit import MockTensor
+
+    from tspin_kernels.kernels import fused_logps as K
+
+    h, w = MockTensor(dt, [NC_, D_]), MockTensor(dt, [V_, D_])
+    i64, f32 = MockTensor(torch.int64), MockTensor(torch.float32)
+    strides = (D_, 1, D_, 1)  # contiguous hidden and weight
+    fwd = (h, w, w, i64, i64, f32, f32, NC_, V_, D_, 1024, 126, *strides)
+    bwd = (h, w, w, i64, i64, f32, f32, f32, f32, f32, NC_, V_, D_, 0.0, *strides)
+    flags = dict(COMPUTE_GH=True, COMPUTE_GB=False, FILTER=False, GROUP_M=8)
+    return [
+        ("forward", K._fwd_kernel, fwd, dict(HAS_BIAS=False)),
+        ("forward+bias", K._fwd_kernel, fwd, dict(HAS_BIAS=True)),
+        ("backward", K._bwd_kernel, bwd, dict(HAS_BIAS=False, COMPUTE_GW=True, **flags)),
+        ("backward frozen head", K._bwd_kernel, bwd, dict(HAS_BIAS=False, COMPUTE_GW=False, **flags)),
+        ("backward+bias+filter", K._bwd_kernel, bwd,
+         dict(flags, HAS_BIAS=True, COMPUTE_GW=True, COMPUTE_GB=True, FILTER=True)),
+    ]
+
+
+def _cubin_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    found = {k: re.search(rf"\b{k}:(\d+)", out) for k in ("REG", "LOCAL")}
+    if not all(found.values()):
+        raise RuntimeError(f"could not read registers and local memory from cuobjdump's output:\n{out}")
+    return {"registers": int(found["REG"].group(1)), "local_bytes": int(found["LOCAL"].group(1))}
+
+
+def measure(arch: int) -> list[dict]:
+    """Compile every variant for ``arch`` (e.g. 90) in every dtype; one record per compiled kernel."""
+    from triton.runtime import driver
+
+    from tspin_kernels import _device
+    from tspin_kernels.kernels import fused_logps as K
+
+    capability, label = ARCHS[arch]
+    limit = _device.shared_memory_limit(capability)
+    records = []
+    try:
+        previous = driver.active
+    except RuntimeError:  # no GPU driver on this machine: nothing to restore
+        previous = None
+    driver.set_active(_CompileOnlyDriver(capability))
+    try:
+        for dname, dt in DTYPES.items():
+            cfg = K.tile_config(capability, dt, limit)
+            meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False,
+                        DOT_PRECISION="tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            for name, kernel, args, constexprs in _variants(dt):
+                compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
+                ptx = compiled.asm["ptx"]
+                records.append(dict(
+                    arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
+                    config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
+                    shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
+                    wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
+                ))
+    finally:
+        if previous is not None:
+            driver.set_active(previous)
+    return records
+
+
+def problems(records: list[dict]) -> list[str]:
+    out = []
+    for r in records:
+        where = f"{r['arch']} {r['dtype']} {r['kernel']} ({r['config']})"
+        if r["shared_bytes"] > r["shared_limit"]:
+            out.append(f"{where}: {r['shared_bytes']} B of shared memory > the {r['shared_limit']} B limit")
+        if r["local_bytes"]:
+            out.append(f"{where}: spills {r['local_bytes']} B to local memory")
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    rows = ["| arch | dtype | kernel | tiles | regs | spill B | shared KiB / limit | wgmma |", "|" + "---|" * 8]
+    for r in records:
+        rows.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
+                    f"{r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} / {r['shared_limit'] / 1024:.0f} | "
+                    f"{'yes' if r['wgmma'] else 'no'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS))
+    ap.add_argument("--json", type=Path, help="also write the records here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    import triton
+
+    records = [r for arch in args.arch for r in measure(arch)]
+    print(f"Triton {triton.__version__}, torch {torch.__version__}")
+    print(markdown(records))
+    if args.json:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "records": records}, indent=1))
+    bad = problems(records)
+    for p in bad:
+        print("PROBLEM:", p, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
