@@ -28,7 +28,8 @@ test: install
 
 # On a GPU machine, from an environment that already has CUDA torch and this package installed.
 test-gpu:
-	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
+	@$(PYTHON) -m pytest -q tests -m gpu $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
 
 # Benchmarks (README "Benchmarks"). bench-cpu: tiny shapes + the host-memory benchmark, timed (one thread, for
 # stable numbers on shared CPUs), results JSON under benchmarks/results/ and PNG plots next to it.

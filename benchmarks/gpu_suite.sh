@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin | e2e-mistral-naive,
-#       or any pytest -k expression. TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
+# PART: all | checks | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin |
+#       e2e-mistral-naive, or any pytest -k expression. `checks` is not a benchmark: the GPU correctness tests
+#       (`pytest tests -m gpu`: kernels vs float64 on CUDA, int64 addressing, one-GPU FSDP2) and the Mistral-7B LoRA
+#       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too. TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it;
 # when $OUT is set (the device tool), the results JSON and the log are copied there. CCE and Liger wheels found
 # in .whl/ (benchmarks/gpu_wheels.sh) are installed first; without them those peers are skipped with the reason.
@@ -15,6 +17,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+if [ "$PART" = checks ]; then
+  LOG=/tmp/gpu-checks.log
+  mkdir -p benchmarks/results
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
+  "$PY" -m pytest -q tests -m gpu -p no:cacheprovider -rs 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  "$PY" scripts/gpu_fsdp_lora_check.py --only lora7b 2>&1 | tee -a "$LOG"
+  rc2=${PIPESTATUS[0]}
+  [ -n "${OUT:-}" ] && cp benchmarks/results/fsdp-lora-*.json "$LOG" "$OUT"/ 2>/dev/null
+  [ "$rc" -eq 0 ] && exit "$rc2"
+  exit "$rc"
+fi
 case "$PART" in
   all) SEL="gpu" ;;
   kernels-mistral) SEL="matmul_peak_gpu or (kernel_gpu and mistral)" ;;
@@ -25,7 +41,7 @@ case "$PART" in
   e2e-mistral-naive) SEL="e2e_gpu_max_batch and mistral and naive_hf" ;;
   *) SEL="$PART" ;;
 esac
-export TSPIN_BENCH=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export TSPIN_BENCH=1
 LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
 mkdir -p benchmarks/results
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null

@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = a.seq_len or (16 if a.toy else 1024)
     if triplets < 1 or seq_len < 4:
         p.error("--triplets must be >= 1 and --seq-len >= 4")
+    if not a.toy and not torch.cuda.is_available():  # a 7B model on CPU would only exhaust host memory
+        p.error("the full-size check needs a CUDA GPU; use --toy for the tiny CPU version")
     info = _init()
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 FSDP2-vs-plain comparison wants exact fp32

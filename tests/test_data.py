@@ -2,7 +2,6 @@
 
 import json
 
-import datasets
 import pytest
 import torch
 from _trainer_helpers import one_thread, write_jsonl  # noqa: F401 (one_thread: autouse fixture)
@@ -19,6 +18,9 @@ from tspin.data import (
     split_heldout,
 )
 from tspin.demo import build_tokenizer
+
+# a hard dependency (always there in CI); the GPU image lacks it, and `make test-gpu` must still collect this file
+datasets = pytest.importorskip("datasets", reason="tspin.data needs the `datasets` package")
 
 PAIRS = [{"prompt": f"reverse ab{c}", "response": f"{c}ba"} for c in "cdefgh"]
 

@@ -33,6 +33,14 @@ def test_gpu_check_script_toy_run(tmp_path):
     assert lora["losses"][-1] < lora["losses"][0]  # AdamW on the adapters moves the loss
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_script_refuses_full_size_on_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_fsdp_lora_check.py"), "--only", "lora7b",
+           "--out", str(tmp_path / "x.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
 def _count(cfg) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
