@@ -63,7 +63,7 @@ def _variants(dt):
     i64, f32 = MockTensor(torch.int64), MockTensor(torch.float32)
     strides = (D_, 1, D_, 1)  # contiguous hidden and weight
     fwd = (h, w, w, i64, i64, f32, f32, NC_, V_, D_, 1024, 126, *strides)
-    bwd = (h, w, w, i64, i64, f32, f32, f32, f32, f32, NC_, V_, D_, 0.0, *strides)
+    bwd = (h, w, w, i64, i64, f32, f32, f32, f32, f32, NC_, 0, 16384, D_, 0.0, *strides)
     flags = dict(COMPUTE_GH=True, COMPUTE_GB=False, FILTER=False, GROUP_M=8)
     return [
         ("forward", K._fwd_kernel, fwd, dict(HAS_BIAS=False)),

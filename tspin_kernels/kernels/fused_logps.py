@@ -9,7 +9,9 @@ Only the per-row log-sum-exp is kept for backward; the [rows x V] logits never e
 Backward: one program per (row block, vocab tile) recomputes the logit tile, forms
 dlogits = g_row * (onehot(target) - softmax), and adds dlogits @ W into grad_hidden and dlogits^T @ H into
 grad_weight with float32 atomics (into float32 buffers; low-precision atomics are never used). The weight
-gradient work is compiled out when the head is frozen.
+gradient work is compiled out when the head is frozen. For 16-bit weights the float32 weight-gradient buffer
+covers one slice of the vocabulary at a time (one launch per slice, cast into the output as it finishes), so the
+scratch stays at GW_SCRATCH_ELEMENTS instead of a float32 copy of the whole [V, D] head (2 GiB at 128K x 4096).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import triton
 import triton.language as tl
 
 from .. import _device
+
+# float32 elements of weight-gradient scratch held at once for 16-bit heads (2**25 = 128 MiB: 8192 vocab rows at
+# D=4096). Each slice is one launch over (its vocab tiles x every row block), plenty to fill the GPU.
+GW_SCRATCH_ELEMENTS = 2**25
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_sp
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_eps,
+def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V_LO, V_HI, D, filter_eps,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
                 COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
@@ -84,7 +90,7 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
     # grouped ordering: consecutive programs share vocab tiles of W, so they stay in L2
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nc, BLOCK_M)
-    num_n = tl.cdiv(V, BLOCK_N)
+    num_n = tl.cdiv(V_HI - V_LO, BLOCK_N)
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -97,8 +103,8 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
     tgt = tl.load(TGT + rows, mask=rmask, other=-1).to(tl.int64)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     g = tl.load(GROW + rows, mask=rmask, other=0.0)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < V
+    cols = V_LO + pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < V_HI
     logits = _logit_tile(H, W, B, hrow, rmask, cols, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd,
                          HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
     p = tl.exp(logits - lse[:, None])
@@ -109,21 +115,22 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V, D, filter_e
         # opt-in: a tile with no target whose softmax is negligible everywhere adds ~nothing; skip its matmuls
         live = tl.where(rmask[:, None] & cmask[None, :] & ((p >= filter_eps) | onehot), 1, 0)
         if tl.max(tl.max(live, axis=1), axis=0) > 0:
-            _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+            _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
                               stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
                               BLOCK_K, UPCAST, DOT_PRECISION)
     else:
-        _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+        _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
                           stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
                           BLOCK_K, UPCAST, DOT_PRECISION)
 
 
 @triton.jit
-def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
+def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
                       stride_hn, stride_hd, stride_wv, stride_wd,
                       COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr, COMPUTE_GB: tl.constexpr,
                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add one dlogits tile's contributions: GH[rows] += d @ W[cols], GW[cols] += d^T @ H[rows], GB[cols] += sum d."""
+    """Add one dlogits tile's contributions: GH[rows] += d @ W[cols], GW[cols - V_LO] += d^T @ H[rows] (GW holds
+    the launch's vocab slice only), GB[cols] += sum d."""
     if COMPUTE_GB:
         tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask)
     if UPCAST:
@@ -146,7 +153,7 @@ def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, D,
             if UPCAST:
                 h = h.to(tl.float32)
             gw = tl.dot(tl.trans(dl), h, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
-            tl.atomic_add(GW + cols[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
+            tl.atomic_add(GW + (cols - V_LO)[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
 
 
 def tile_config(capability: tuple[int, int], dtype: torch.dtype, shared_limit: int) -> dict:
@@ -208,6 +215,14 @@ def logps_forward(hidden2d, weight, bias, row_idx, target):
     return tok, lse
 
 
+def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dtype) -> list[tuple[int, int]]:
+    """[lo, hi) vocab ranges, one backward launch each: all of V unless a 16-bit head's float32 scratch is sliced."""
+    if not need_w or weight_dtype == torch.float32:  # float32: the scratch is the output itself
+        return [(0, V)]
+    cols = max(BN, GW_SCRATCH_ELEMENTS // D // BN * BN)
+    return [(lo, min(lo + cols, V)) for lo in range(0, V, cols)]
+
+
 def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0):
     """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token.
 
@@ -216,28 +231,32 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
     Nc, (V, D) = row_idx.numel(), weight.shape
     dev = hidden2d.device
     gh = torch.zeros((Nc, D), dtype=torch.float32, device=dev) if need_h else None
-    gw = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_w else None
     gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
+    grad_w = torch.zeros((V, D), dtype=weight.dtype, device=dev) if need_w else None  # contiguous, like GW
     if Nc > 0 and (need_h or need_w or need_b):
         cfg = _config(dev, weight.dtype)
         BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
         dummy = lse
-        grid = (triton.cdiv(Nc, BM) * triton.cdiv(V, BN),)
-        _bwd_kernel[grid](
-            hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse, g_row,
-            gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, V, D, float(filter_eps),
-            hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
-            FILTER=filter_eps > 0, GROUP_M=8,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(),
-            DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
-        )
+        for lo, hi in _vocab_slices(V, D, BN, need_w, weight.dtype):
+            gw = None
+            if need_w:
+                gw = grad_w if grad_w.dtype == torch.float32 else torch.zeros((hi - lo, D), dtype=torch.float32,
+                                                                              device=dev)
+            grid = (triton.cdiv(Nc, BM) * triton.cdiv(hi - lo, BN),)
+            _bwd_kernel[grid](
+                hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse, g_row,
+                gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, lo, hi, D,
+                float(filter_eps), hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
+                HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
+                FILTER=filter_eps > 0, GROUP_M=8,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(),
+                DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
+            )
+            if need_w and gw is not grad_w:
+                grad_w[lo:hi].copy_(gw)  # round once, after the slice's float32 sum is complete
+                del gw
     grad_h = None
     if need_h:
         grad_h = torch.zeros_like(hidden2d)
         grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
-    return (
-        grad_h,
-        gw.to(weight.dtype) if need_w else None,
-        gb.to(bias.dtype) if need_b else None,
-    )
+    return grad_h, grad_w, gb.to(bias.dtype) if need_b else None
