@@ -14,6 +14,7 @@ Exits 1 when a config exceeds its architecture's shared memory or spills registe
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -158,7 +159,15 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__}, torch {torch.__version__}")
     print(markdown(records))
     if args.json:
-        args.json.write_text(json.dumps({"triton": triton.__version__, "records": records}, indent=1))
+        from benchmarks.common import commit
+
+        cmd = " ".join(["python -m benchmarks.kernel_resources", *(argv if argv is not None else sys.argv[1:])])
+        prov = {"triton": triton.__version__, "torch": torch.__version__, "commit": commit(), "command": cmd,
+                "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**prov, "records": records}, indent=1))
+        tmp.replace(args.json)
     bad = problems(records)
     for p in bad:
         print("PROBLEM:", p, file=sys.stderr)

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to each file)")
     p.add_argument("--markdown", action="store_true", help="print the Markdown tables too")
     a = p.parse_args(argv)
-    files = a.files or sorted(RESULTS.glob("*.json"))
+    # other JSON lives there too (kernel_resources, the FSDP/LoRA check): only pytest-benchmark files are plotted
+    files = a.files or [f for f in sorted(RESULTS.glob("*.json")) if "benchmarks" in json.loads(f.read_text())]
     if not files:
         print(f"no results files under {RESULTS}", file=sys.stderr)
         return 1
