@@ -3,12 +3,15 @@
 For each architecture, dtype and kernel variant, the tile config the launcher would pick
 (``fused_logps.tile_config``) is compiled through Triton's own specialisation of a launch (``JITFunction.warmup``
 on shape-only tensors), then read back: registers and local memory (spills) from the cubin, shared memory from the
-compiler, and whether the matrix products use Hopper's wgmma. A config that needs more shared memory than the
-architecture offers fails at launch ("out of resources") on that GPU; this finds it here first.
+compiler, whether the matrix products use Hopper's wgmma, and which atomic instructions the PTX holds. A config
+that needs more shared memory than the architecture offers fails at launch ("out of resources") on that GPU;
+this finds it here first.
 
     python -m benchmarks.kernel_resources [--arch 80 86 90] [--json FILE]
 
-Exits 1 when a config exceeds its architecture's shared memory or spills registers. Needs TRITON_INTERPRET unset.
+Exits 1 when a config exceeds its architecture's shared memory, spills registers, or uses an atomic other than a
+relaxed reduction (``red.*.relaxed``, all that gradient sums need; Triton's default is an ordered acq_rel
+``atom``). Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def measure(arch: int) -> list[dict]:
                     arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
                     config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
                     shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
-                    wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
+                    wgmma="wgmma" in ptx, atomics=sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", ptx))),
+                    **_cubin_usage(compiled.asm["cubin"]),
                 ))
     finally:
         if previous is not None:
@@ -134,6 +138,9 @@ def problems(records: list[dict]) -> list[str]:
             out.append(f"{where}: {r['shared_bytes']} B of shared memory > the {r['shared_limit']} B limit")
         if r["local_bytes"]:
             out.append(f"{where}: spills {r['local_bytes']} B to local memory")
+        ordered = [a for a in r.get("atomics", ()) if not a.startswith("red.") or "relaxed" not in a]
+        if ordered:  # gradient sums need atomicity only; ordered atomics wait for each other and return values
+            out.append(f"{where}: atomics other than relaxed reductions: {ordered}")
     return out
 
 

@@ -38,6 +38,9 @@ def test_every_config_compiles_fits_and_does_not_spill(compiled):
     for r in records:
         assert 0 < r["shared_bytes"] <= r["shared_limit"], r
         assert r["local_bytes"] == 0 and 0 < r["registers"] <= 255, r
+        # the backward sums gradients with fire-and-forget relaxed reductions, never ordered atom.acq_rel
+        assert bool(r["atomics"]) == r["kernel"].startswith("backward"), r
+        assert all(a.startswith("red.") and ".relaxed." in a for a in r["atomics"]), r
 
 
 def test_hopper_uses_wgmma_and_older_gpus_cannot(compiled):
@@ -55,6 +58,8 @@ def test_problems_names_the_kernel_and_the_limit():
     assert "sm_90 float32 backward" in msgs[0] and "245760" in msgs[0] and "232448" in msgs[0]
     assert "spills 16 B" in msgs[1]
     assert kr.problems([dict(rec, shared_bytes=1024, local_bytes=0)]) == []
+    ordered = kr.problems([dict(rec, shared_bytes=1024, local_bytes=0, atomics=["atom.global.gpu.acq_rel.add.f32"])])
+    assert len(ordered) == 1 and "acq_rel" in ordered[0]
 
 
 def test_refuses_to_run_under_the_interpreter():

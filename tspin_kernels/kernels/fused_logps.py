@@ -132,7 +132,9 @@ def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO,
     """Add one dlogits tile's contributions: GH[rows] += d @ W[cols], GW[cols - V_LO] += d^T @ H[rows] (GW holds
     the launch's vocab slice only), GB[cols] += sum d."""
     if COMPUTE_GB:
-        tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask)
+        # every atomic here is a relaxed reduction: the sums need atomicity only, and Triton's default (acq_rel)
+        # makes each one an ordered atom that waits for its old value
+        tl.atomic_add(GB + cols, tl.sum(d, axis=0), mask=cmask, sem="relaxed")
     if UPCAST:
         dl = d
     else:
@@ -146,14 +148,16 @@ def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO,
             if UPCAST:
                 w = w.to(tl.float32)
             gh = tl.dot(dl, w, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
-            tl.atomic_add(GH + rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :])
+            tl.atomic_add(GH + rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :],
+                          sem="relaxed")
         if COMPUTE_GW:
             h = tl.load(H + hrow[:, None] * stride_hn + ks[None, :].to(tl.int64) * stride_hd,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
             gw = tl.dot(tl.trans(dl), h, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
-            tl.atomic_add(GW + (cols - V_LO)[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
+            tl.atomic_add(GW + (cols - V_LO)[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :],
+                          sem="relaxed")
 
 
 def tile_config(capability: tuple[int, int], dtype: torch.dtype, shared_limit: int) -> dict:
