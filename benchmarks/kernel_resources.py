@@ -3,15 +3,16 @@
 For each architecture, dtype and kernel variant, the tile config the launcher would pick
 (``fused_logps.tile_config``) is compiled through Triton's own specialisation of a launch (``JITFunction.warmup``
 on shape-only tensors), then read back: registers and local memory (spills) from the cubin, shared memory from the
-compiler, whether the matrix products use Hopper's wgmma, and which atomic instructions the PTX holds. A config
+compiler, whether the matrix products use Hopper's wgmma, and the atomics and barriers in the SASS. A config
 that needs more shared memory than the architecture offers fails at launch ("out of resources") on that GPU;
 this finds it here first.
 
     python -m benchmarks.kernel_resources [--arch 80 86 90] [--json FILE]
 
-Exits 1 when a config exceeds its architecture's shared memory, spills registers, or uses an atomic other than a
-relaxed reduction (``red.*.relaxed``, all that gradient sums need; Triton's default is an ordered acq_rel
-``atom``). Needs TRITON_INTERPRET unset.
+Exits 1 when a config exceeds its architecture's shared memory, spills registers, or its machine code holds an
+atomic other than a plain reduction (REDG): Triton's default atomic_add (acq_rel) compiles to ATOMG with a
+GPU-wide MEMBAR and an L1 invalidate (CCTL.IVALL) per call, where gradient sums need atomicity only.
+Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -80,18 +81,21 @@ def _variants(dt):
 
 
 def _cubin_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spills), and the machine code's atomics and memory barriers (SASS)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    found = {k: re.search(rf"\b{k}:(\d+)", out) for k in ("REG", "LOCAL")}
+        usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+                       for flag in ("--dump-resource-usage", "--dump-sass"))
+    found = {k: re.search(rf"\b{k}:(\d+)", usage) for k in ("REG", "LOCAL")}
     if not all(found.values()):
-        raise RuntimeError(f"could not read registers and local memory from cuobjdump's output:\n{out}")
-    return {"registers": int(found["REG"].group(1)), "local_bytes": int(found["LOCAL"].group(1))}
+        raise RuntimeError(f"could not read registers and local memory from cuobjdump's output:\n{usage}")
+    return {"registers": int(found["REG"].group(1)), "local_bytes": int(found["LOCAL"].group(1)),
+            "atomics": sorted(set(re.findall(r"\b(?:REDG?|ATOMG?)\.E\.[\w.]+", sass))),
+            "barriers": sorted(set(re.findall(r"\b(?:MEMBAR\.\w+\.(?:GPU|SYS)|CCTL\.IVALL)\b", sass)))}
 
 
 def measure(arch: int) -> list[dict]:
@@ -121,8 +125,7 @@ def measure(arch: int) -> list[dict]:
                     arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
                     config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
                     shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
-                    wgmma="wgmma" in ptx, atomics=sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", ptx))),
-                    **_cubin_usage(compiled.asm["cubin"]),
+                    wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
                 ))
     finally:
         if previous is not None:
@@ -138,9 +141,9 @@ def problems(records: list[dict]) -> list[str]:
             out.append(f"{where}: {r['shared_bytes']} B of shared memory > the {r['shared_limit']} B limit")
         if r["local_bytes"]:
             out.append(f"{where}: spills {r['local_bytes']} B to local memory")
-        ordered = [a for a in r.get("atomics", ()) if not a.startswith("red.") or "relaxed" not in a]
-        if ordered:  # gradient sums need atomicity only; ordered atomics wait for each other and return values
-            out.append(f"{where}: atomics other than relaxed reductions: {ordered}")
+        ordered = [a for a in r.get("atomics", ()) if not a.startswith("RED")] + list(r.get("barriers", ()))
+        if ordered:  # gradient sums need atomicity only: fire-and-forget REDs, no ATOM round trips or barriers
+            out.append(f"{where}: atomics other than plain reductions, or GPU-wide barriers: {ordered}")
     return out
 
 
