@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | checks | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin |
+# PART: all | checks | tile-sweep | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin |
 #       e2e-mistral-naive, or any pytest -k expression. `checks` is not a benchmark: the GPU correctness tests
 #       (`pytest tests -m gpu`: kernels vs float64 on CUDA, int64 addressing, one-GPU FSDP2) and the Mistral-7B LoRA
-#       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too. TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
+#       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too.
+#       `tile-sweep` times the forward and backward kernels under a grid of tile configs at llama3-8b
+#       (benchmarks/tile_sweep.py; TILE_SWEEP_ARGS="--shape mistral-7b ..." for others).
+# TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it;
 # when $OUT is set (the device tool), the results JSON and the log are copied there. CCE and Liger wheels found
 # in .whl/ (benchmarks/gpu_wheels.sh) are installed first; without them those peers are skipped with the reason.
@@ -29,6 +32,12 @@ if [ "$PART" = checks ]; then
   rc2=${PIPESTATUS[0]}
   [ -n "${OUT:-}" ] && cp benchmarks/results/fsdp-lora-*.json "$LOG" "$OUT"/ 2>/dev/null
   [ "$rc" -eq 0 ] && exit "$rc2"
+  exit "$rc"
+fi
+if [ "$PART" = tile-sweep ]; then
+  "$PY" -m benchmarks.tile_sweep ${TILE_SWEEP_ARGS:-} 2>&1 | tee /tmp/gpu-tile-sweep.log
+  rc=${PIPESTATUS[0]}
+  [ -n "${OUT:-}" ] && cp benchmarks/results/tile-sweep-*.json /tmp/gpu-tile-sweep.log "$OUT"/ 2>/dev/null
   exit "$rc"
 fi
 case "$PART" in

@@ -8,6 +8,7 @@ that needs more shared memory than the architecture offers fails at launch ("out
 this finds it here first.
 
     python -m benchmarks.kernel_resources [--arch 80 86 90] [--json FILE]
+    python -m benchmarks.kernel_resources --arch 90 --dtype bfloat16 --tiles 128,256,64,8,3   # candidate tiles
 
 Exits 1 when a config exceeds its architecture's shared memory, spills registers, or its machine code holds an
 atomic other than a plain reduction (REDG): Triton's default atomic_add (acq_rel) compiles to ATOMG with a
@@ -98,8 +99,9 @@ def _cubin_usage(cubin: bytes) -> dict:
             "barriers": sorted(set(re.findall(r"\b(?:MEMBAR\.\w+\.(?:GPU|SYS)|CCTL\.IVALL)\b", sass)))}
 
 
-def measure(arch: int) -> list[dict]:
-    """Compile every variant for ``arch`` (e.g. 90) in every dtype; one record per compiled kernel."""
+def measure(arch: int, tiles: list[dict] | None = None, dtypes=None) -> list[dict]:
+    """Compile every variant for ``arch`` (e.g. 90) in every dtype; one record per compiled kernel.
+    ``tiles``: configs to compile instead of the built-in one (candidates for benchmarks/tile_sweep.py)."""
     from triton.runtime import driver
 
     from tspin_kernels import _device
@@ -115,21 +117,29 @@ def measure(arch: int) -> list[dict]:
     driver.set_active(_CompileOnlyDriver(capability))
     try:
         for dname, dt in DTYPES.items():
-            cfg = K.tile_config(capability, dt, limit)
-            meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False,
-                        DOT_PRECISION="tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            for name, kernel, args, constexprs in _variants(dt):
-                compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
-                ptx = compiled.asm["ptx"]
-                records.append(dict(
-                    arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
-                    config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
-                    shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
-                    wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
-                ))
+            if dtypes and dname not in dtypes:
+                continue
+            for cfg in tiles or [K.tile_config(capability, dt, limit)]:
+                records += _compile_variants(arch, label, limit, dname, dt, cfg)
     finally:
         if previous is not None:
             driver.set_active(previous)
+    return records
+
+
+def _compile_variants(arch, label, limit, dname, dt, cfg) -> list[dict]:
+    meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False,
+                DOT_PRECISION="tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    records = []
+    for name, kernel, args, constexprs in _variants(dt):
+        compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
+        ptx = compiled.asm["ptx"]
+        records.append(dict(
+            arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
+            config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
+            shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
+            wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
+        ))
     return records
 
 
@@ -160,12 +170,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS))
     ap.add_argument("--json", type=Path, help="also write the records here")
+    ap.add_argument("--tiles", nargs="+", default=None,
+                    help="compile these 'BM,BN,BK,warps,stages' configs instead of the built-in ones")
+    ap.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     import triton
 
-    records = [r for arch in args.arch for r in measure(arch)]
+    from tspin_kernels import _device
+
+    try:
+        tiles = [_device.parse_tiles(t, "--tiles") for t in args.tiles] if args.tiles else None
+    except ValueError as e:
+        ap.error(str(e))
+    records = [r for arch in args.arch for r in measure(arch, tiles, args.dtype)]
     print(f"Triton {triton.__version__}, torch {torch.__version__}")
     print(markdown(records))
     if args.json:

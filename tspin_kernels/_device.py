@@ -103,6 +103,31 @@ def shared_memory_limit(capability: tuple[int, int], device: torch.device | None
     return _SHARED_OPTIN.get(tuple(capability), 101376 if capability[0] >= 8 else 65536)
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def parse_tiles(raw: str, what: str) -> dict:
+    """``"BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages"`` (e.g. ``"64,128,64,8,3"``) -> a tile config dict."""
+    try:
+        vals = [int(x) for x in raw.split(",")]
+    except ValueError:
+        vals = []
+    ok = (len(vals) == 5 and all(v >= 16 and v & (v - 1) == 0 for v in vals[:3])
+          and vals[3] in (1, 2, 4, 8, 16) and 1 <= vals[4] <= 8)
+    if not ok:
+        raise ValueError(f"{what} must be 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages' with block sizes powers of "
+                         f"two >= 16, num_warps in 1..16 (a power of two) and num_stages in 1..8, got {raw!r}")
+    return dict(zip(TILE_KEYS, vals))
+
+
+def tile_override(kernel: str) -> dict | None:
+    """``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD``: tiles for the forward / backward kernel instead of the built-in
+    per-GPU choice (for GPUs we have not tuned; ``python -m benchmarks.tile_sweep`` finds them)."""
+    var = f"TSPIN_TILES_{kernel.upper()}"
+    raw = os.environ.get(var, "").strip()
+    return parse_tiles(raw, var) if raw else None
+
+
 def grad_filter_eps() -> float:
     """``TSPIN_GRAD_FILTER``: softmax threshold under which the Triton backward skips a vocab tile (0 = off)."""
     raw = os.environ.get("TSPIN_GRAD_FILTER", "0").strip()

@@ -172,7 +172,11 @@ def tile_config(capability: tuple[int, int], dtype: torch.dtype, shared_limit: i
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16 if wide else 32, num_warps=4, num_stages=3)
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> dict:
+def _config(device: torch.device, dtype: torch.dtype, kernel: str, tiles: dict | None = None) -> dict:
+    """Tiles for ``kernel`` ("fwd"/"bwd"): explicit ``tiles``, else TSPIN_TILES_FWD/BWD, else the built-in choice."""
+    cfg = tiles or _device.tile_override(kernel)
+    if cfg is not None:
+        return dict(cfg)
     if _device.interpreting():  # numpy per program: small tiles keep the CPU tests fast
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     cap = _device.cuda_capability(device)
@@ -190,14 +194,14 @@ def _launch_kw(cfg):
     return {} if _device.interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def logps_forward(hidden2d, weight, bias, row_idx, target):
-    """Per counted row: (token log-prob, log-sum-exp), both float32 of shape (Nc,)."""
+def logps_forward(hidden2d, weight, bias, row_idx, target, tiles=None):
+    """Per counted row: (token log-prob, log-sum-exp), both float32 of shape (Nc,). ``tiles``: see ``_config``."""
     Nc, (V, D) = row_idx.numel(), weight.shape
     dev = hidden2d.device
     if Nc == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
         return z, z.clone()
-    cfg = _config(dev, weight.dtype)
+    cfg = _config(dev, weight.dtype, "fwd", tiles)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(Nc, BM)
     # split the vocabulary until there are ~2 programs per SM, each split at least 8 tiles wide
@@ -227,10 +231,12 @@ def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dty
     return [(lo, min(lo + cols, V)) for lo in range(0, V, cols)]
 
 
-def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0):
+def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0,
+                   tiles=None):
     """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token.
 
     ``filter_eps > 0`` skips vocab tiles whose softmax is below it for every row (and hold no target).
+    ``tiles``: see ``_config``.
     """
     Nc, (V, D) = row_idx.numel(), weight.shape
     dev = hidden2d.device
@@ -238,7 +244,7 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
     gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
     grad_w = torch.zeros((V, D), dtype=weight.dtype, device=dev) if need_w else None  # contiguous, like GW
     if Nc > 0 and (need_h or need_w or need_b):
-        cfg = _config(dev, weight.dtype)
+        cfg = _config(dev, weight.dtype, "bwd", tiles)
         BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
         dummy = lse
         for lo, hi in _vocab_slices(V, D, BN, need_w, weight.dtype):
