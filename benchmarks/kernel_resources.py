@@ -71,6 +71,7 @@ def _variants(dt):
     fwd = (h, w, w, i64, i64, f32, f32, NC_, V_, D_, 1024, 126, *strides)
     bwd = (h, w, w, i64, i64, f32, f32, f32, f32, f32, NC_, 0, 16384, D_, 0.0, *strides)
     flags = dict(COMPUTE_GH=True, COMPUTE_GB=False, FILTER=False, GROUP_M=8)
+    dl = (h, w, w, i64, i64, f32, f32, MockTensor(dt, [NC_, 8192]), NC_, 0, 8192, D_, *strides, 8192)
     return [
         ("forward", K._fwd_kernel, fwd, dict(HAS_BIAS=False)),
         ("forward+bias", K._fwd_kernel, fwd, dict(HAS_BIAS=True)),
@@ -78,6 +79,8 @@ def _variants(dt):
         ("backward frozen head", K._bwd_kernel, bwd, dict(HAS_BIAS=False, COMPUTE_GW=False, **flags)),
         ("backward+bias+filter", K._bwd_kernel, bwd,
          dict(flags, HAS_BIAS=True, COMPUTE_GW=True, COMPUTE_GB=True, FILTER=True)),
+        ("dlogits (matmul backward)", K._dlogits_kernel, dl, dict(HAS_BIAS=False, GROUP_M=8)),
+        ("dlogits+bias", K._dlogits_kernel, dl, dict(HAS_BIAS=True, GROUP_M=8)),
     ]
 
 

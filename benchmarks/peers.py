@@ -12,6 +12,7 @@ CCE and Liger are optional imports: they are carried to the GPU machine as wheel
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,20 @@ def _loss_from_logps(logps: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- ours
 def ours_triton(hidden, weight, labels, head_trainable=True):
     return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton").loss
+
+
+def ours_triton_matmul(hidden, weight, labels, head_trainable=True):
+    """Ours with ``TSPIN_BACKWARD=matmul`` (dlogits blocks + cuBLAS products instead of atomics); the strategy is
+    read at forward time, so setting it around the forward call covers the backward too."""
+    old = os.environ.get("TSPIN_BACKWARD")
+    os.environ["TSPIN_BACKWARD"] = "matmul"
+    try:
+        return ours_triton(hidden, weight, labels, head_trainable)
+    finally:
+        if old is None:
+            del os.environ["TSPIN_BACKWARD"]
+        else:
+            os.environ["TSPIN_BACKWARD"] = old
 
 
 def ours_torch(hidden, weight, labels, head_trainable=True):
@@ -106,6 +121,7 @@ def liger(hidden, weight, labels, head_trainable=True):
 
 PEERS: dict[str, Callable] = {
     "triton": ours_triton,
+    "triton_mm": ours_triton_matmul,
     "torch": ours_torch,
     "naive": naive,
     "compile": compiled,
@@ -139,7 +155,7 @@ def unavailable(name: str, device) -> str | None:
             importlib.import_module(_ENTRY[name])
         except Exception as e:  # a wheel built for other torch/triton versions: skip with the reason, never crash
             return f"{dist} is installed but does not import here: {type(e).__name__}: {e}"
-    if name == "triton":
+    if name in ("triton", "triton_mm"):
         probe = torch.empty(0, device=device)
         if not _device.triton_can_run(probe):
             return "triton cannot run here (needs CUDA, or TRITON_INTERPRET=1 on CPU)"

@@ -1,13 +1,15 @@
 """Time the fused forward and backward kernels under several tile configs at one SPEC shape, on this GPU.
 
-Every candidate is first checked against the built-in config's results (token log-probs and log-sum-exps; the
-gradients, whose float32 atomics may add in another order, to a relative 1e-3), then timed with CUDA events
-(median of --reps launches after one warm-up). A candidate the GPU cannot launch (shared memory, registers) is
-recorded with its error, not fatal. Results go to benchmarks/results/tile-sweep-<device>-<yyyymmdd>.json with
-their provenance; the fastest correct config per kernel is what ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` take,
-or what ``tile_config`` should return for this GPU.
+Kernels: ``fwd``, ``bwd`` (the atomic backward) and ``bwd_mm`` (TSPIN_BACKWARD=matmul, whose tiles are those of its
+dlogits kernel; its cuBLAS products do not change). Every candidate is first checked against the built-in config's
+results (token log-probs and log-sum-exps; the gradients, whose float32 atomics may add in another order, to a
+relative 1e-3), then timed with CUDA events (median of --reps launches after one warm-up). A candidate the GPU
+cannot launch (shared memory, registers) is recorded with its error, not fatal. Results go to
+benchmarks/results/tile-sweep-<device>-<yyyymmdd>.json with their provenance; the fastest correct config per kernel
+is what ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` take, or what ``tile_config`` should return for this GPU, and
+``bwd`` against ``bwd_mm`` says which backward ``TSPIN_BACKWARD`` should default to here.
 
-    python -m benchmarks.tile_sweep [--shape llama3-8b] [--kernels fwd bwd] [--tiles "64,128,64,8,3" ...]
+    python -m benchmarks.tile_sweep [--shape llama3-8b] [--kernels fwd bwd bwd_mm] [--tiles "64,128,64,8,3" ...]
     TRITON_INTERPRET=1 python -m benchmarks.tile_sweep --shape tiny-cpu   # the code path on CPU (times are not GPU's)
 """
 
@@ -78,18 +80,20 @@ def sweep(shape, kernels, candidates, device, dtype, reps: int) -> list[dict]:
     hidden, weight, row_idx, target, g_row = _inputs(shape, device, dtype)
     fwd = lambda tiles: K.logps_forward(hidden, weight, None, row_idx, target, tiles=tiles)  # noqa: E731
     ref_tok, ref_lse = fwd(None)
-    bwd = lambda tiles: K.logps_backward(hidden, weight, None, row_idx, target, ref_lse, g_row,  # noqa: E731
-                                         True, True, False, tiles=tiles)
-    ref_grads = bwd(None) if "bwd" in kernels else None
-    default = {k: K._config(device, dtype, k) for k in kernels}
-    work = {"fwd": 1, "bwd": 2}  # units of 2*N_counted*D*V: forward 1, backward (trainable head) 2
+    args = (hidden, weight, None, row_idx, target, ref_lse, g_row, True, True, False)
+    runs = {"fwd": lambda t: fwd(t), "bwd": lambda t: K.logps_backward(*args, tiles=t),
+            "bwd_mm": lambda t: K.logps_backward_matmul(*args, tiles=t)}
+    ref_grads = runs["bwd"](None) if {"bwd", "bwd_mm"} & set(kernels) else None
+    default = {k: K._config(device, dtype, "fwd" if k == "fwd" else "bwd") for k in kernels}
+    # units of 2*N_counted*D*V: forward 1, backward with a trainable head 2 (the recompute is not counted)
+    work = {"fwd": 1, "bwd": 2, "bwd_mm": 2}
     flops = 2.0 * row_idx.numel() * shape.D * shape.V
     records = []
     for kernel in kernels:
         for raw in tqdm(candidates, desc=f"{shape.name} {kernel}", disable=not sys.stderr.isatty()):
             tiles = _device.parse_tiles(raw, "--tiles")
             rec = dict(kernel=kernel, tiles=raw, default=tiles == default[kernel])
-            fn = (lambda t=tiles: fwd(t)) if kernel == "fwd" else (lambda t=tiles: bwd(t))
+            fn = (lambda t=tiles, k=kernel: runs[k](t))
             try:
                 out = fn()
                 if kernel == "fwd":
@@ -118,7 +122,8 @@ def best(records, kernel) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default llama3-8b on GPU, tiny-cpu on CPU")
-    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd", "bwd_mm"], choices=["fwd", "bwd", "bwd_mm"],
+                    help="bwd: the atomic backward; bwd_mm: TSPIN_BACKWARD=matmul (its dlogits kernel's tiles)")
     ap.add_argument("--tiles", nargs="+", default=None, help="candidates 'BM,BN,BK,warps,stages' (default: a grid)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=5)

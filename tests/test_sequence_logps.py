@@ -131,3 +131,27 @@ def test_triton_weight_grad_in_vocab_slices(monkeypatch, dtype):
         assert len(slices) == 4 and slices[-1] == (192, V)
     check_against_oracle((R, T, D, V, dict(bias=True)), "triton", dtype)
     check_against_oracle((R, T, D, V, {}), "triton", dtype, weight_grad=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_matmul_backward_against_float64_oracle(monkeypatch, case, dtype):
+    """TSPIN_BACKWARD=matmul: dlogits blocks + matmuls instead of atomics; small blocks force several slices and
+    row chunks (one of each partial)."""
+    from tspin_kernels.kernels import fused_logps
+
+    monkeypatch.setenv("TSPIN_BACKWARD", "matmul")
+    monkeypatch.setattr(fused_logps, "GW_SCRATCH_ELEMENTS", 2 * 32 * CASES[case][2])  # 64-column slices
+    monkeypatch.setattr(fused_logps, "DL_BLOCK_ELEMENTS", 64 * 32)  # 32-row chunks
+    check_against_oracle(CASES[case], "triton", dtype)
+
+
+def test_matmul_backward_frozen_head_and_filter_conflict(monkeypatch):
+    monkeypatch.setenv("TSPIN_BACKWARD", "matmul")
+    check_against_oracle(CASES["odd"], "triton", torch.bfloat16, weight_grad=False)
+    monkeypatch.setenv("TSPIN_GRAD_FILTER", "1e-4")
+    with pytest.raises(ValueError, match="TSPIN_GRAD_FILTER skips tiles of the atomic backward only"):
+        check_against_oracle(CASES["odd"], "triton", torch.float32)
+    monkeypatch.setenv("TSPIN_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="TSPIN_BACKWARD must be one of"):
+        check_against_oracle(CASES["odd"], "triton", torch.float32)

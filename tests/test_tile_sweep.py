@@ -29,11 +29,12 @@ def test_bad_override_names_the_variable(monkeypatch, raw):
 def test_sweep_checks_and_times_every_candidate():
     shape = common.Shape("sweep-test", 24, 200, 1, 16)
     cands = ["16,32,32,4,1", "32,64,16,4,1"]
-    records = tile_sweep.sweep(shape, ["fwd", "bwd"], cands, torch.device("cpu"), torch.float32, reps=1)
-    assert [(r["kernel"], r["tiles"]) for r in records] == [(k, c) for k in ("fwd", "bwd") for c in cands]
+    kernels = ["fwd", "bwd", "bwd_mm"]
+    records = tile_sweep.sweep(shape, kernels, cands, torch.device("cpu"), torch.float32, reps=1)
+    assert [(r["kernel"], r["tiles"]) for r in records] == [(k, c) for k in kernels for c in cands]
     for r in records:
         assert r["correct"] and r["seconds"] > 0 and "error" not in r, r
-    assert [r["default"] for r in records] == [True, False, True, False]  # the interpreter's built-in tiles
+    assert [r["default"] for r in records] == [True, False] * 3  # the interpreter's built-in tiles
     assert tile_sweep.best(records, "bwd")["tiles"] in cands
 
 

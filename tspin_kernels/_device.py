@@ -128,6 +128,19 @@ def tile_override(kernel: str) -> dict | None:
     return parse_tiles(raw, var) if raw else None
 
 
+BACKWARDS = ("atomic", "matmul")
+
+
+def backward_strategy() -> str:
+    """``TSPIN_BACKWARD``: how the Triton path computes gradients. ``atomic`` (default): one fused kernel adds
+    every logit tile's contributions with float32 atomics, the leanest in memory. ``matmul``: a kernel writes
+    dlogits per (vocab slice, row chunk) and cuBLAS does the two products, with no atomics (tens of MiB more)."""
+    raw = os.environ.get("TSPIN_BACKWARD", "atomic").strip().lower() or "atomic"
+    if raw not in BACKWARDS:
+        raise ValueError(f"TSPIN_BACKWARD must be one of {BACKWARDS}, got {raw!r}")
+    return raw
+
+
 def grad_filter_eps() -> float:
     """``TSPIN_GRAD_FILTER``: softmax threshold under which the Triton backward skips a vocab tile (0 = off)."""
     raw = os.environ.get("TSPIN_GRAD_FILTER", "0").strip()

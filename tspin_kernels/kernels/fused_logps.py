@@ -12,9 +12,16 @@ grad_weight with float32 atomics (into float32 buffers; low-precision atomics ar
 gradient work is compiled out when the head is frozen. For 16-bit weights the float32 weight-gradient buffer
 covers one slice of the vocabulary at a time (one launch per slice, cast into the output as it finishes), so the
 scratch stays at GW_SCRATCH_ELEMENTS instead of a float32 copy of the whole [V, D] head (2 GiB at 128K x 4096).
+
+Matmul backward (``TSPIN_BACKWARD=matmul``): the same recomputed dlogits, written per (vocab slice, row chunk)
+block in the weight's dtype by ``_dlogits_kernel``; grad_hidden and grad_weight are then plain matmuls with
+float32 results. No atomics, at the cost of a DL_BLOCK_ELEMENTS block. Which one is faster is the GPU's to say
+(benchmarks/tile_sweep.py times both).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -81,12 +88,11 @@ def _fwd_kernel(H, W, B, ROW_IDX, TGT, LSE_PART, TGT_PART, Nc, V, D, cols_per_sp
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V_LO, V_HI, D, filter_eps,
-                stride_hn, stride_hd, stride_wv, stride_wd,
-                HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
-                COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+def _tile_dlogits(H, W, B, ROW_IDX, TGT, LSE, GROW, Nc, V_LO, V_HI, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                  HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """This program's (row block, vocab tile) of the backward grid and its recomputed float32
+    dlogits = g_row * (onehot(target) - softmax), zero outside the valid rows and columns [V_LO, V_HI)."""
     # grouped ordering: consecutive programs share vocab tiles of W, so they stay in L2
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nc, BLOCK_M)
@@ -111,6 +117,19 @@ def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V_LO, V_HI, D,
     onehot = cols[None, :] == tgt[:, None]
     d = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
     d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    return rows, rmask, hrow, cols, cmask, d, p, onehot
+
+
+@triton.jit
+def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V_LO, V_HI, D, filter_eps,
+                stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
+                COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    rows, rmask, hrow, cols, cmask, d, p, onehot = _tile_dlogits(
+        H, W, B, ROW_IDX, TGT, LSE, GROW, Nc, V_LO, V_HI, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
     if FILTER:
         # opt-in: a tile with no target whose softmax is negligible everywhere adds ~nothing; skip its matmuls
         live = tl.where(rmask[:, None] & cmask[None, :] & ((p >= filter_eps) | onehot), 1, 0)
@@ -158,6 +177,20 @@ def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO,
             gw = tl.dot(tl.trans(dl), h, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
             tl.atomic_add(GW + (cols - V_LO)[:, None] * D + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :],
                           sem="relaxed")
+
+
+@triton.jit
+def _dlogits_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, DL, Nc, V_LO, V_HI, D,
+                    stride_hn, stride_hd, stride_wv, stride_wd, stride_dl,
+                    HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """DL[r, c - V_LO] = g_r * (onehot - softmax) for counted rows r < Nc and vocab columns c in [V_LO, V_HI),
+    in DL's dtype: the matmul backward's input, so grad_hidden and grad_weight are plain (cuBLAS) products."""
+    rows, rmask, hrow, cols, cmask, d, p, onehot = _tile_dlogits(
+        H, W, B, ROW_IDX, TGT, LSE, GROW, Nc, V_LO, V_HI, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+    tl.store(DL + rows[:, None] * stride_dl + (cols - V_LO)[None, :], d.to(DL.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 def tile_config(capability: tuple[int, int], dtype: torch.dtype, shared_limit: int) -> dict:
@@ -223,6 +256,23 @@ def logps_forward(hidden2d, weight, bias, row_idx, target, tiles=None):
     return tok, lse
 
 
+def _grad_buffers(Nc, V, D, dtype, dev, need_h, need_w, need_b):
+    """float32 accumulators for grad_hidden's counted rows and the bias, and the (contiguous) weight gradient."""
+    gh = torch.zeros((Nc, D), dtype=torch.float32, device=dev) if need_h else None
+    grad_w = torch.zeros((V, D), dtype=dtype, device=dev) if need_w else None
+    gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
+    return gh, grad_w, gb
+
+
+def _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb):
+    """Scatter the counted rows' grad_hidden into a full (N, D) gradient (zero elsewhere); cast to input dtypes."""
+    grad_h = None
+    if gh is not None:
+        grad_h = torch.zeros_like(hidden2d)
+        grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
+    return grad_h, grad_w, gb.to(bias.dtype) if gb is not None else None
+
+
 def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dtype) -> list[tuple[int, int]]:
     """[lo, hi) vocab ranges, one backward launch each: all of V unless a 16-bit head's float32 scratch is sliced."""
     if not need_w or weight_dtype == torch.float32:  # float32: the scratch is the output itself
@@ -240,9 +290,7 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
     """
     Nc, (V, D) = row_idx.numel(), weight.shape
     dev = hidden2d.device
-    gh = torch.zeros((Nc, D), dtype=torch.float32, device=dev) if need_h else None
-    gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
-    grad_w = torch.zeros((V, D), dtype=weight.dtype, device=dev) if need_w else None  # contiguous, like GW
+    gh, grad_w, gb = _grad_buffers(Nc, V, D, weight.dtype, dev, need_h, need_w, need_b)
     if Nc > 0 and (need_h or need_w or need_b):
         cfg = _config(dev, weight.dtype, "bwd", tiles)
         BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -265,8 +313,70 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
             if need_w and gw is not grad_w:
                 grad_w[lo:hi].copy_(gw)  # round once, after the slice's float32 sum is complete
                 del gw
-    grad_h = None
-    if need_h:
-        grad_h = torch.zeros_like(hidden2d)
-        grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
-    return grad_h, grad_w, gb.to(bias.dtype) if need_b else None
+    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. 16-bit CUDA inputs keep tensor-core speed and skip the rounding of the product
+    to 16 bits (``out_dtype``, torch >= 2.9's cuBLAS path); elsewhere the inputs are upcast."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _mm_out_dtype_works():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+@functools.cache
+def _mm_out_dtype_works() -> bool:
+    try:
+        x = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+# bf16/fp16 elements of the matmul backward's dlogits block (rows x vocab slice) held at once (2**25 = 64 MiB)
+DL_BLOCK_ELEMENTS = 2**25
+
+
+def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b,
+                          tiles=None):
+    """Same contract as ``logps_backward``, without atomics: per (vocab slice, row chunk) a Triton kernel
+    recomputes the logits and writes dlogits in the weight's dtype, then grad_hidden += dl @ W[slice] and
+    grad_weight[slice] += dl^T @ H[rows] are ordinary matmuls, summed in float32 across chunks and slices."""
+    Nc, (V, D) = row_idx.numel(), weight.shape
+    dev, dt = hidden2d.device, weight.dtype
+    gh, grad_w, gb = _grad_buffers(Nc, V, D, dt, dev, need_h, need_w, need_b)
+    if Nc > 0 and (need_h or need_w or need_b):
+        cfg = _config(dev, dt, "bwd", tiles)
+        BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        slices = _vocab_slices(V, D, BN, True, torch.bfloat16)  # slice even a float32 head: bounds dl too
+        width = max(hi - lo for lo, hi in slices)
+        chunk = max(BM, DL_BLOCK_ELEMENTS // width // BM * BM)
+        # the interpreter rounds float32 -> bf16 by truncation (GPUs round to nearest): store float32 there and
+        # let torch round, so the CPU tests see the GPU's numerics
+        dl = torch.empty((min(chunk, Nc), width), dtype=torch.float32 if _device.interpreting() else dt, device=dev)
+        for lo, hi in slices:
+            gw = torch.zeros((hi - lo, D), dtype=torch.float32, device=dev) if need_w else None
+            for r0 in range(0, Nc, chunk):
+                r1 = min(r0 + chunk, Nc)
+                rows = row_idx[r0:r1]
+                grid = (triton.cdiv(r1 - r0, BM) * triton.cdiv(hi - lo, BN),)
+                _dlogits_kernel[grid](
+                    hidden2d, weight, bias if bias is not None else weight, rows, target[r0:r1], lse[r0:r1],
+                    g_row[r0:r1], dl, r1 - r0, lo, hi, D,
+                    hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1), dl.stride(0),
+                    HAS_BIAS=bias is not None, GROUP_M=8, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"],
+                    UPCAST=_device.interpreting(), DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
+                )
+                d = dl[: r1 - r0, : hi - lo].to(dt)
+                if need_h:  # float32 products, summed in float32 over slices and chunks
+                    gh[r0:r1] += _mm_f32(d, weight[lo:hi])
+                if need_w:
+                    gw += _mm_f32(d.t(), hidden2d.index_select(0, rows))
+                if need_b:
+                    gb[lo:hi] += d.float().sum(0)
+            if need_w:
+                grad_w[lo:hi].copy_(gw)
+                del gw
+    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb)
