@@ -26,7 +26,8 @@ test: install
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
 
-# On a GPU machine, from an environment that already has CUDA torch and this package installed.
+# On a GPU machine, with the CUDA torch there (this package need not be installed: the root conftest puts it on
+# the path; `datasets` may be missing). The benchmarks run with `make bench-gpu`.
 test-gpu:
 	@$(PYTHON) -m pytest -q tests -m gpu $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
