@@ -3,11 +3,11 @@
 For each architecture, dtype and kernel variant, the tile config the launcher would pick
 (``fused_logps.tile_config``) is compiled through Triton's own specialisation of a launch (``JITFunction.warmup``
 on shape-only tensors), then read back: registers and local memory (spills) from the cubin, shared memory from the
-compiler, whether the matrix products use Hopper's wgmma, and the atomics and barriers in the SASS. A config
+compiler, which tensor-core instruction the products use, and the atomics and barriers in the SASS. A config
 that needs more shared memory than the architecture offers fails at launch ("out of resources") on that GPU;
 this finds it here first.
 
-    python -m benchmarks.kernel_resources [--arch 80 86 90] [--json FILE]
+    python -m benchmarks.kernel_resources [--arch 80 86 90 100 120] [--json FILE]
     python -m benchmarks.kernel_resources --arch 90 --dtype bfloat16 --tiles 128,256,64,8,3   # candidate tiles
 
 Exits 1 when a config exceeds its architecture's shared memory, spills registers, or its machine code holds an
@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 
 # sm_XX: (compute capability, the GPUs it stands for): one per class of shared-memory size we pick tiles for
-ARCHS = {80: ((8, 0), "A100"), 86: ((8, 6), "RTX 30xx / A10 / L4-class"), 90: ((9, 0), "H100 / H200")}
+ARCHS = {80: ((8, 0), "A100"), 86: ((8, 6), "RTX 30xx/40xx, A10, L4"), 90: ((9, 0), "H100 / H200"),
+         100: ((10, 0), "B200"), 120: ((12, 0), "RTX 50xx")}
+# the tensor-core instruction each generation should use (PTX): anything else is a slow fallback
+MMA = {"wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma", "mma.sync": "mma.sync"}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # (D, V, counted rows): the llama3-8b SPEC shape; only divisibility by 16 and == 1 reach the compiler
 D_, V_, NC_ = 4096, 128256, 8190
@@ -135,13 +138,17 @@ def _compile_variants(arch, label, limit, dname, dt, cfg) -> list[dict]:
                 DOT_PRECISION="tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     records = []
     for name, kernel, args, constexprs in _variants(dt):
-        compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
+        rec = dict(arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name, shared_limit=limit,
+                   config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg))
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
+        except Exception as e:  # a compiler crash for this target is a finding, not the end of the report
+            records.append(dict(rec, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
         ptx = compiled.asm["ptx"]
         records.append(dict(
-            arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name,
-            config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg),
-            shared_bytes=int(compiled.metadata.shared), shared_limit=limit,
-            wgmma="wgmma" in ptx, **_cubin_usage(compiled.asm["cubin"]),
+            rec, shared_bytes=int(compiled.metadata.shared),
+            mma=next((k for k, op in MMA.items() if op in ptx), "none"), **_cubin_usage(compiled.asm["cubin"]),
         ))
     return records
 
@@ -150,6 +157,9 @@ def problems(records: list[dict]) -> list[str]:
     out = []
     for r in records:
         where = f"{r['arch']} {r['dtype']} {r['kernel']} ({r['config']})"
+        if "error" in r:
+            out.append(f"{where}: does not compile: {r['error']}")
+            continue
         if r["shared_bytes"] > r["shared_limit"]:
             out.append(f"{where}: {r['shared_bytes']} B of shared memory > the {r['shared_limit']} B limit")
         if r["local_bytes"]:
@@ -161,11 +171,17 @@ def problems(records: list[dict]) -> list[str]:
 
 
 def markdown(records: list[dict]) -> str:
-    rows = ["| arch | dtype | kernel | tiles | regs | spill B | shared KiB / limit | wgmma |", "|" + "---|" * 8]
+    rows = ["| arch | dtype | kernel | tiles | regs | spill B | shared KiB / limit | MMA | atomics (SASS) |",
+            "|" + "---|" * 9]
     for r in records:
+        if "error" in r:
+            rows.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | does not compile: "
+                        f"{r['error'][:60]} |||||")
+            continue
+        atomics = ", ".join(a.split(".FTZ")[0] for a in r["atomics"]) or "none"
         rows.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
                     f"{r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} / {r['shared_limit'] / 1024:.0f} | "
-                    f"{'yes' if r['wgmma'] else 'no'} |")
+                    f"{r['mma']} | {atomics} |")
     return "\n".join(rows)
 
 

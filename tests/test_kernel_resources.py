@@ -1,4 +1,5 @@
-"""The GPU tile configs, compiled here for sm_80/86/90 without a GPU: each fits its shared memory and never spills.
+"""The GPU tile configs, compiled here for sm_80/86/90/100/120 without a GPU: each fits its shared memory, never
+spills, uses its generation's tensor cores and adds gradients with plain reductions.
 
 A config over the limit fails at launch ("out of resources") on that GPU only; CI has none, so this is where it is
 caught (the float32 backward on H100 once needed 240 KiB of the 227 KiB there).
@@ -45,16 +46,17 @@ def test_every_config_compiles_fits_and_does_not_spill(compiled):
         assert r["barriers"] == [], r
 
 
-def test_hopper_uses_wgmma_and_older_gpus_cannot(compiled):
+def test_every_gpu_generation_uses_its_tensor_cores(compiled):
     _, records = compiled
-    assert records
+    expected = {"sm_80": "mma.sync", "sm_86": "mma.sync", "sm_90": "wgmma", "sm_100": "tcgen05", "sm_120": "mma.sync"}
+    assert {r["arch"] for r in records} == set(expected)
     for r in records:
-        assert r["wgmma"] == (r["arch"] == "sm_90"), r
+        assert r["mma"] == expected[r["arch"]], r
 
 
 def test_problems_names_the_kernel_and_the_limit():
     rec = dict(arch="sm_90", dtype="float32", kernel="backward", config="64x128x64 w8 s3", shared_bytes=245760,
-               shared_limit=232448, local_bytes=16, registers=255, wgmma=True)
+               shared_limit=232448, local_bytes=16, registers=255, mma="wgmma")
     msgs = kr.problems([rec])
     assert len(msgs) == 2
     assert "sm_90 float32 backward" in msgs[0] and "245760" in msgs[0] and "232448" in msgs[0]
