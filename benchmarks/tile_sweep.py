@@ -2,9 +2,10 @@
 
 Kernels: ``fwd``, ``bwd`` (the atomic backward) and ``bwd_mm`` (TSPIN_BACKWARD=matmul, whose tiles are those of its
 dlogits kernel; its cuBLAS products do not change). Every candidate is first checked against the built-in config's
-results (token log-probs and log-sum-exps; the gradients, whose float32 atomics may add in another order, to a
-relative 1e-3), then timed with CUDA events (median of --reps launches after one warm-up). A candidate the GPU
-cannot launch (shared memory, registers) is recorded with its error, not fatal. Results go to
+results (token log-probs and log-sum-exps to 1e-3; the gradients, whose float32 sums may add in another order, to
+a relative 1e-3 in float32, 1e-2 in 16 bits), then timed with CUDA events (median of --reps launches after one
+warm-up). A candidate the GPU cannot launch (shared memory, registers) is recorded with its error, not fatal.
+Results go to
 benchmarks/results/tile-sweep-<device>-<yyyymmdd>.json with their provenance; the fastest correct config per kernel
 is what ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` take, or what ``tile_config`` should return for this GPU, and
 ``bwd`` against ``bwd_mm`` says which backward ``TSPIN_BACKWARD`` should default to here.
@@ -88,6 +89,9 @@ def sweep(shape, kernels, candidates, device, dtype, reps: int) -> list[dict]:
     # units of 2*N_counted*D*V: forward 1, backward with a trainable head 2 (the recompute is not counted)
     work = {"fwd": 1, "bwd": 2, "bwd_mm": 2}
     flops = 2.0 * row_idx.numel() * shape.D * shape.V
+    # gradients: another summation order moves float32 sums by ~1e-6; a 16-bit rounding of a product (matmul
+    # backward without out_dtype) by ~1e-3; a wrong tile or offset by O(1)
+    grad_tol = 1e-3 if dtype == torch.float32 else 1e-2
     records = []
     for kernel in kernels:
         for raw in tqdm(candidates, desc=f"{shape.name} {kernel}", disable=not sys.stderr.isatty()):
@@ -102,7 +106,7 @@ def sweep(shape, kernels, candidates, device, dtype, reps: int) -> list[dict]:
                     rec["correct"] = rec["max_abs_diff"] <= 1e-3
                 else:
                     rec["rel_diff"] = max(_rel(a, b) for a, b in zip(out[:2], ref_grads[:2]))
-                    rec["correct"] = rec["rel_diff"] <= 1e-3
+                    rec["correct"] = rec["rel_diff"] <= grad_tol
                 del out
                 rec["seconds"] = _time(fn, device, reps)
                 rec["tflops"] = work[kernel] * flops / rec["seconds"] / 1e12
