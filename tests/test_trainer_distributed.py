@@ -49,7 +49,7 @@ def _triplets(path: Path, n: int = 8) -> Path:
                                "generated": s, "proto": s[::-1]} for i, s in enumerate(words)])
 
 
-@pytest.mark.parametrize("strategy,lora_rank", [("ddp", 0), ("fsdp2", 0), ("ddp", 4)])
+@pytest.mark.parametrize("strategy,lora_rank", [("ddp", 0), ("fsdp2", 0), ("ddp", 4), ("fsdp2", 4)])
 def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank):
     """2 ranks x 2 triplets per micro-batch take the steps of 1 process x 4 triplets: same weights at the end
     (with LoRA: rank 0's adapter init is broadcast, and it is the one-process init)."""
@@ -111,3 +111,30 @@ def test_ddp_without_a_launcher_is_a_clear_error(model_dir, tmp_path):
                    output_dir=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="strategy='ddp' needs a process group: launch with torchrun"):
         train(cfg)
+
+
+def test_iterate_spin_under_torchrun_stores_the_start_policys_reference_logps(model_dir, tmp_path):
+    """SPIN under DDP: generation and reference log-probs are sharded over the ranks and gathered; every row's
+    references must be the start-of-iteration policy's (iteration 0: the base model) log-probs of its texts."""
+    from tspin.data import build_features
+    from tspin.losses import batched_logps
+    from tspin.selfplay import load_model, load_tokenizer
+
+    data = task_file(tmp_path / "task.jsonl", 9)
+    cfg = tiny_cfg(method="spin", model_name_or_path=str(model_dir), data_path=str(data), num_iterations=1,
+                   loss_impl="torch", strategy="ddp", output_dir=str(tmp_path / "run"), per_device_train_batch_size=2)
+    torchrun("iterate", cfg, tmp_path)
+    out = tmp_path / "run"
+    rows = read_jsonl(out / "iter0" / "data.jsonl")
+    assert len(rows) == 9 and len({r["prompt_id"] for r in rows}) == 9  # every rank's share, each prompt once
+    assert all({"ref_real", "ref_generated"} <= set(r) for r in rows)
+    tok = load_tokenizer(str(model_dir))
+    feats = build_features(rows, tok, ("real", "generated"), template="paper", max_length=cfg.max_length,
+                           max_prompt_length=cfg.max_prompt_length)
+    lp = batched_logps(load_model(str(model_dir), torch.device("cpu")), feats, ("real", "generated"),
+                       tok.pad_token_id, batch_size=4)
+    assert lp["real"] == pytest.approx([r["ref_real"] for r in rows], abs=1e-4)
+    assert lp["generated"] == pytest.approx([r["ref_generated"] for r in rows], abs=1e-4)
+    assert (out / "iter0" / "model" / "model.safetensors").exists()
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["phase"] == "train"]
+    assert steps == list(range(1, steps[-1] + 1))
