@@ -70,3 +70,52 @@ def test_kill_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
         assert ra[k]["loss"] == rb[k]["loss"] and ra[k]["rewards/margins"] == rb[k]["rewards/margins"]
     sa, sb = (json.loads((o / "summary.json").read_text())["evals"] for o in (ref_out, out))
     assert sa == sb
+
+
+def test_killed_torchrun_fsdp2_run_resumes_like_uninterrupted(tmp_path):
+    """The same under torchrun with 2 FSDP2 ranks: SIGKILL the whole job (launcher and ranks, as a preempted node
+    loses them) mid-iteration, relaunch with --resume, and end where an uninterrupted 2-rank run ends."""
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
+    task_file(tmp_path / "train.jsonl", 24)
+    task_file(tmp_path / "eval.jsonl", 4, seed=2)
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+
+    def launch(out_dir, *extra):
+        path = _cfg(tmp_path, model_dir, out_dir)
+        cfg = yaml.safe_load(path.read_text())
+        cfg.update(strategy="fsdp2", loss_impl="torch", per_device_train_batch_size=1)
+        path.write_text(yaml.safe_dump(cfg))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tspin.cli", "iterate", "--config", str(path), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                start_new_session=True)  # its own process group: one killpg takes every rank
+
+    ref = launch(ref_out)
+    assert ref.wait(timeout=400) == 0, ref.stdout.read().decode()[-3000:]
+    proc = launch(out)
+    ckpts = out / "iter0" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts.is_dir() and any(p.name >= "step-000004" for p in ckpts.iterdir() if p.name.startswith("step"))):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "iter0" / "model").exists()  # really killed mid-iteration
+
+    resumed = launch(out, "--resume")
+    assert resumed.wait(timeout=400) == 0, resumed.stdout.read().decode()[-3000:]
+    for t in (0, 1):
+        a = load_file(str(ref_out / f"iter{t}" / "model" / "model.safetensors"))
+        b = load_file(str(out / f"iter{t}" / "model" / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra, rb = _train_rows(ref_out), _train_rows(out)
+    assert sorted(ra) == sorted(rb)  # every step logged exactly once after the rewind
+    for k in ra:
+        assert ra[k]["loss"] == rb[k]["loss"]
+    sa, sb = (json.loads((o / "summary.json").read_text())["evals"] for o in (ref_out, out))
+    assert sa == sb
