@@ -122,8 +122,8 @@ def triton_version() -> str | None:
 
 
 # settings that change what the kernels do; recorded with every result
-_ENV_KNOBS = ("TSPIN_IMPL", "TSPIN_GRAD_FILTER", "TSPIN_CHUNK_ELEMENTS", "TSPIN_TILES_FWD", "TSPIN_TILES_BWD",
-              "TRITON_INTERPRET", "OMP_NUM_THREADS")
+_ENV_KNOBS = ("TSPIN_IMPL", "TSPIN_GRAD_FILTER", "TSPIN_CHUNK_ELEMENTS", "TSPIN_BACKWARD", "TSPIN_TILES_FWD",
+              "TSPIN_TILES_BWD", "TRITON_INTERPRET", "OMP_NUM_THREADS")
 
 
 @functools.cache

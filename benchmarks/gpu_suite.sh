@@ -21,11 +21,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
+mkdir -p benchmarks/results
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 if [ "$PART" = checks ]; then
-  LOG=/tmp/gpu-checks.log
-  mkdir -p benchmarks/results
-  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
   "$PY" -m pytest -q tests -m gpu -p no:cacheprovider -rs 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   "$PY" scripts/gpu_fsdp_lora_check.py --only lora7b 2>&1 | tee -a "$LOG"
@@ -35,9 +35,9 @@ if [ "$PART" = checks ]; then
   exit "$rc"
 fi
 if [ "$PART" = tile-sweep ]; then
-  "$PY" -m benchmarks.tile_sweep ${TILE_SWEEP_ARGS:-} 2>&1 | tee /tmp/gpu-tile-sweep.log
+  "$PY" -m benchmarks.tile_sweep ${TILE_SWEEP_ARGS:-} 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
-  [ -n "${OUT:-}" ] && cp benchmarks/results/tile-sweep-*.json /tmp/gpu-tile-sweep.log "$OUT"/ 2>/dev/null
+  [ -n "${OUT:-}" ] && cp benchmarks/results/tile-sweep-*.json "$LOG" "$OUT"/ 2>/dev/null
   exit "$rc"
 fi
 case "$PART" in
@@ -51,10 +51,6 @@ case "$PART" in
   *) SEL="$PART" ;;
 esac
 export TSPIN_BENCH=1
-LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
-mkdir -p benchmarks/results
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 "$PY" -m pytest -q benchmarks -m gpu -k "$SEL" -p no:cacheprovider --benchmark-columns=median,rounds \
   ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}

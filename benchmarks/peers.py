@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -36,15 +37,8 @@ def ours_triton(hidden, weight, labels, head_trainable=True):
 def ours_triton_matmul(hidden, weight, labels, head_trainable=True):
     """Ours with ``TSPIN_BACKWARD=matmul`` (dlogits blocks + cuBLAS products instead of atomics); the strategy is
     read at forward time, so setting it around the forward call covers the backward too."""
-    old = os.environ.get("TSPIN_BACKWARD")
-    os.environ["TSPIN_BACKWARD"] = "matmul"
-    try:
+    with mock.patch.dict(os.environ, {"TSPIN_BACKWARD": "matmul"}):
         return ours_triton(hidden, weight, labels, head_trainable)
-    finally:
-        if old is None:
-            del os.environ["TSPIN_BACKWARD"]
-        else:
-            os.environ["TSPIN_BACKWARD"] = old
 
 
 def ours_torch(hidden, weight, labels, head_trainable=True):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from tspin_kernels import _device
+from tspin_kernels._inputs import compact
 from tspin_kernels.kernels import fused_logps as K
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-sized tiles around the built-in one; bigger row and
@@ -44,16 +45,12 @@ SHAPES = {s.name: s for s in (*common.GPU_SHAPES, *common.CPU_SHAPES)}
 
 
 def _inputs(shape, device, dtype, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    N = shape.rows * shape.T
-    hidden = torch.randn(N, shape.D, generator=g).to(device, dtype)
-    weight = (torch.randn(shape.V, shape.D, generator=g) / shape.D**0.5).to(device, dtype)
-    # the second half of every row counts (SPEC: the first half is prompt)
-    t = torch.arange(N) % shape.T
-    row_idx = torch.nonzero(t >= shape.T // 2).squeeze(1).to(device)
-    target = torch.randint(0, shape.V, (row_idx.numel(),), generator=g).to(device)
-    g_row = torch.randn(row_idx.numel(), generator=g).to(device)
-    return hidden, weight, row_idx, target, g_row
+    """The benchmark's inputs (drawn on the device), compacted the way the public path compacts them."""
+    hidden, weight, labels = common.make_inputs(shape, device, dtype, head_trainable=False, seed=seed)
+    c = compact(hidden.detach(), labels, None, common.IGNORE_INDEX, shift=False, average=False)
+    g_row = torch.randn(c.row_idx.numel(), generator=torch.Generator(device=device).manual_seed(seed + 1),
+                        device=device)
+    return c.hidden2d, weight.detach(), c.row_idx, c.target, g_row
 
 
 def _time(fn, device, reps: int) -> float:

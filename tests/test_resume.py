@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from tspin.io import read_jsonl
 
 
-def _cfg(tmp_path, model_dir, out):
+def _cfg(tmp_path, model_dir, out, **overrides):
     cfg = dict(method="tspin", model_name_or_path=str(model_dir), data_path=str(tmp_path / "train.jsonl"),
                eval_data_path=str(tmp_path / "eval.jsonl"), num_iterations=2, per_device_train_batch_size=2,
                gradient_accumulation_steps=2, learning_rate=1e-3, optimizer="adamw", max_length=40,
                max_prompt_length=24, max_new_tokens=6, generation_batch_size=16, eval_batch_size=16, save_steps=2,
                logging_steps=1, device="cpu", progress=False, output_dir=str(out), seed=3)
+    cfg.update(overrides)
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -37,77 +38,19 @@ def _train_rows(out):
     return {(r["iteration"], r["step"]): r for r in read_jsonl(out / "metrics.jsonl") if r["phase"] == "train"}
 
 
-def test_kill_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
-    task_file(tmp_path / "train.jsonl", 48)
-    task_file(tmp_path / "eval.jsonl", 8, seed=2)
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    ref = _run(_cfg(tmp_path, model_dir, ref_out))
-
-    proc = _run(_cfg(tmp_path, model_dir, out))
+def _wait_for_checkpoint(proc, out, tail: int) -> None:
+    """Until iteration 0 has a checkpoint at step 4 or later (the run still going)."""
     ckpts = out / "iter0" / "checkpoints"
     deadline = time.time() + 240
     while not (ckpts.is_dir() and any(p.name >= "step-000004" for p in ckpts.iterdir() if p.name.startswith("step"))):
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert proc.poll() is None, proc.stdout.read().decode()[-tail:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (out / "iter0" / "model").exists()  # really killed mid-iteration (12 steps per iteration)
-
-    resumed = _run(_cfg(tmp_path, model_dir, out), "--resume")
-    assert resumed.wait() == 0, resumed.stdout.read().decode()[-2000:]
-    assert ref.wait() == 0, ref.stdout.read().decode()[-2000:]
-
-    for t in (0, 1):
-        a = load_file(str(ref_out / f"iter{t}" / "model" / "model.safetensors"))
-        b = load_file(str(out / f"iter{t}" / "model" / "model.safetensors"))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    ra, rb = _train_rows(ref_out), _train_rows(out)
-    assert sorted(ra) == sorted(rb) and len(rb) == 24  # every step logged exactly once after the rewind
-    for k in ra:
-        assert ra[k]["loss"] == rb[k]["loss"] and ra[k]["rewards/margins"] == rb[k]["rewards/margins"]
-    sa, sb = (json.loads((o / "summary.json").read_text())["evals"] for o in (ref_out, out))
-    assert sa == sb
 
 
-def test_killed_torchrun_fsdp2_run_resumes_like_uninterrupted(tmp_path):
-    """The same under torchrun with 2 FSDP2 ranks: SIGKILL the whole job (launcher and ranks, as a preempted node
-    loses them) mid-iteration, relaunch with --resume, and end where an uninterrupted 2-rank run ends."""
-    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
-    task_file(tmp_path / "train.jsonl", 24)
-    task_file(tmp_path / "eval.jsonl", 4, seed=2)
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-
-    def launch(out_dir, *extra):
-        path = _cfg(tmp_path, model_dir, out_dir)
-        cfg = yaml.safe_load(path.read_text())
-        cfg.update(strategy="fsdp2", loss_impl="torch", per_device_train_batch_size=1)
-        path.write_text(yaml.safe_dump(cfg))
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tspin.cli", "iterate", "--config", str(path), *extra]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)  # its own process group: one killpg takes every rank
-
-    ref = launch(ref_out)
-    assert ref.wait(timeout=400) == 0, ref.stdout.read().decode()[-3000:]
-    proc = launch(out)
-    ckpts = out / "iter0" / "checkpoints"
-    deadline = time.time() + 240
-    while not (ckpts.is_dir() and any(p.name >= "step-000004" for p in ckpts.iterdir() if p.name.startswith("step"))):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "iter0" / "model").exists()  # really killed mid-iteration
-
-    resumed = launch(out, "--resume")
-    assert resumed.wait(timeout=400) == 0, resumed.stdout.read().decode()[-3000:]
+def _assert_same_run(ref_out, out):
+    """Both iterations' weights bit-identical, the same logged steps and losses, the same evaluations; returns
+    the train metric rows of each for further checks."""
     for t in (0, 1):
         a = load_file(str(ref_out / f"iter{t}" / "model" / "model.safetensors"))
         b = load_file(str(out / f"iter{t}" / "model" / "model.safetensors"))
@@ -119,3 +62,58 @@ def test_killed_torchrun_fsdp2_run_resumes_like_uninterrupted(tmp_path):
         assert ra[k]["loss"] == rb[k]["loss"]
     sa, sb = (json.loads((o / "summary.json").read_text())["evals"] for o in (ref_out, out))
     assert sa == sb
+    return ra, rb
+
+
+def test_kill_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
+    task_file(tmp_path / "train.jsonl", 48)
+    task_file(tmp_path / "eval.jsonl", 8, seed=2)
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    ref = _run(_cfg(tmp_path, model_dir, ref_out))
+
+    proc = _run(_cfg(tmp_path, model_dir, out))
+    _wait_for_checkpoint(proc, out, tail=2000)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "iter0" / "model").exists()  # really killed mid-iteration (12 steps per iteration)
+
+    resumed = _run(_cfg(tmp_path, model_dir, out), "--resume")
+    assert resumed.wait() == 0, resumed.stdout.read().decode()[-2000:]
+    assert ref.wait() == 0, ref.stdout.read().decode()[-2000:]
+
+    ra, rb = _assert_same_run(ref_out, out)
+    assert len(rb) == 24
+    for k in ra:
+        assert ra[k]["rewards/margins"] == rb[k]["rewards/margins"]
+
+
+def test_killed_torchrun_fsdp2_run_resumes_like_uninterrupted(tmp_path):
+    """The same under torchrun with 2 FSDP2 ranks: SIGKILL the whole job (launcher and ranks, as a preempted node
+    loses them) mid-iteration, relaunch with --resume, and end where an uninterrupted 2-rank run ends."""
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
+    task_file(tmp_path / "train.jsonl", 24)
+    task_file(tmp_path / "eval.jsonl", 4, seed=2)
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+
+    def launch(out_dir, *extra):
+        path = _cfg(tmp_path, model_dir, out_dir, strategy="fsdp2", loss_impl="torch", per_device_train_batch_size=1)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tspin.cli", "iterate", "--config", str(path), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                start_new_session=True)  # its own process group: one killpg takes every rank
+
+    ref = launch(ref_out)
+    assert ref.wait(timeout=400) == 0, ref.stdout.read().decode()[-3000:]
+    proc = launch(out)
+    _wait_for_checkpoint(proc, out, tail=3000)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "iter0" / "model").exists()  # really killed mid-iteration
+
+    resumed = launch(out, "--resume")
+    assert resumed.wait(timeout=400) == 0, resumed.stdout.read().decode()[-3000:]
+    _assert_same_run(ref_out, out)

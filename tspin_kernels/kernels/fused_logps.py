@@ -273,12 +273,17 @@ def _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb):
     return grad_h, grad_w, gb.to(bias.dtype) if gb is not None else None
 
 
-def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dtype) -> list[tuple[int, int]]:
-    """[lo, hi) vocab ranges, one backward launch each: all of V unless a 16-bit head's float32 scratch is sliced."""
-    if not need_w or weight_dtype == torch.float32:  # float32: the scratch is the output itself
-        return [(0, V)]
+def _slice_ranges(V: int, D: int, BN: int) -> list[tuple[int, int]]:
+    """[lo, hi) vocab ranges whose float32 [width, D] weight-gradient scratch holds GW_SCRATCH_ELEMENTS."""
     cols = max(BN, GW_SCRATCH_ELEMENTS // D // BN * BN)
     return [(lo, min(lo + cols, V)) for lo in range(0, V, cols)]
+
+
+def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The atomic backward's launches: all of V unless a 16-bit head's float32 scratch is sliced."""
+    if not need_w or weight_dtype == torch.float32:  # float32: the scratch is the output itself
+        return [(0, V)]
+    return _slice_ranges(V, D, BN)
 
 
 def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0,
@@ -355,7 +360,7 @@ def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, n
     if Nc > 0 and (need_h or need_w or need_b):
         cfg = _config(dev, dt, "bwd", tiles)
         BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        slices = _vocab_slices(V, D, BN, True, torch.bfloat16)  # slice even a float32 head: bounds dl too
+        slices = _slice_ranges(V, D, BN)  # sliced for every dtype: the width bounds the dlogits block too
         width = max(hi - lo for lo, hi in slices)
         chunk = max(BM, DL_BLOCK_ELEMENTS // width // BM * BM)
         # the interpreter rounds float32 -> bf16 by truncation (GPUs round to nearest): store float32 there and
