@@ -113,10 +113,11 @@ def make_batch(cfg: E2EConfig, B: int, device, seed: int = 0):
     return ids.to(device), labels.to(device)
 
 
-def loss_tspin(model, ids, labels, impl: str = "auto"):
+def loss_tspin(model, ids, labels, kernel: dict | None = None):
+    """``kernel``: keyword options of tspin_kernels.tspin_loss (impl, backward, tiles, ...)."""
     decoder, head = backbone_and_head(model)  # the same lookup as the trainer (tspin_kernels.integrations)
     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-    return tspin_loss(hidden, head.weight, labels, shift=True, impl=impl).loss
+    return tspin_loss(hidden, head.weight, labels, shift=True, **(kernel or {})).loss
 
 
 def loss_naive_hf(model, ids, labels):
@@ -134,9 +135,9 @@ def make_optimizer(model):
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=fused)
 
 
-def train_step(model, opt, path: str, ids, labels, impl: str = "auto") -> torch.Tensor:
+def train_step(model, opt, path: str, ids, labels, kernel: dict | None = None) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
-    loss = loss_tspin(model, ids, labels, impl) if path == "tspin" else loss_naive_hf(model, ids, labels)
+    loss = loss_tspin(model, ids, labels, kernel) if path == "tspin" else loss_naive_hf(model, ids, labels)
     loss.backward()
     opt.step()
     return loss.detach()
@@ -148,12 +149,12 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def fits(model, opt, cfg: E2EConfig, path: str, B: int, device, impl: str = "auto") -> bool:
+def fits(model, opt, cfg: E2EConfig, path: str, B: int, device, kernel: dict | None = None) -> bool:
     """Whether one full optimizer step at B triplets runs without running out of device memory."""
     ok = True
     try:
         ids, labels = make_batch(cfg, B, device)
-        train_step(model, opt, path, ids, labels, impl)
+        train_step(model, opt, path, ids, labels, kernel)
         common.sync(device)
     except torch.cuda.OutOfMemoryError:
         ok = False
@@ -216,7 +217,7 @@ def model_flops_per_token(model, cfg: E2EConfig) -> float:
 
 
 def measure(model, opt, cfg: E2EConfig, path: str, B: int, device, *, steps: int = 5, warmup: int = 2,
-            impl: str = "auto", timer=None) -> dict:
+            kernel: dict | None = None, timer=None) -> dict:
     """Median step time, tokens/s and peak memory of ``steps`` optimizer steps at B triplets (after ``warmup``).
 
     ``timer(step, steps) -> median seconds or None`` replaces the built-in timing (the pytest suite passes
@@ -226,7 +227,7 @@ def measure(model, opt, cfg: E2EConfig, path: str, B: int, device, *, steps: int
     ids, labels = make_batch(cfg, B, device)
 
     def step():
-        train_step(model, opt, path, ids, labels, impl)
+        train_step(model, opt, path, ids, labels, kernel)
         common.sync(device)
 
     for _ in range(warmup):
@@ -271,9 +272,9 @@ def release() -> None:
     _free(device)
 
 
-def max_batch(cfg: E2EConfig, path: str, device, dtype, impl: str = "auto") -> int:
+def max_batch(cfg: E2EConfig, path: str, device, dtype, kernel: dict | None = None) -> int:
     model, opt = cached_model(cfg, device, dtype)
-    return largest_fitting(lambda b: fits(model, opt, cfg, path, b, device, impl), cfg.max_batch_cap,
+    return largest_fitting(lambda b: fits(model, opt, cfg, path, b, device, kernel), cfg.max_batch_cap,
                            cfg.max_batch_start)
 
 
@@ -284,16 +285,22 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, default=2, help="triplets per step for the throughput measurement")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--max-batch", action="store_true", help="also search the largest triplet batch that fits")
-    p.add_argument("--impl", default="auto", help="tspin_kernels impl for the tspin path")
+    p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "reference"],
+                   help="tspin_kernels impl for the tspin path")
+    p.add_argument("--backward", default=None, choices=["atomic", "matmul"],
+                   help="the Triton backward for the tspin path (default: TSPIN_BACKWARD or atomic)")
     a = p.parse_args(argv)
     device = common.bench_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = CONFIGS[a.config]
+    kernel = dict(impl=a.impl, backward=a.backward)
     model, opt = cached_model(cfg, device, dtype)
     for path in PATHS if a.path == "both" else (a.path,):
-        res = measure(model, opt, cfg, path, a.B, device, steps=a.steps, impl=a.impl)
+        res = measure(model, opt, cfg, path, a.B, device, steps=a.steps, kernel=kernel)
         if a.max_batch:
-            res["max_batch_triplets"] = max_batch(cfg, path, device, dtype, a.impl)
+            res["max_batch_triplets"] = max_batch(cfg, path, device, dtype, kernel)
+        if path == "tspin":
+            res["kernel_options"] = kernel
         print(json.dumps(dict(res, **common.provenance())), flush=True)
     return 0
 

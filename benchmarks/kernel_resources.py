@@ -197,10 +197,10 @@ def main(argv=None) -> int:
         ap.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     import triton
 
-    from tspin_kernels import _device
+    from tspin_kernels import _options
 
     try:
-        tiles = [_device.parse_tiles(t, "--tiles") for t in args.tiles] if args.tiles else None
+        tiles = [_options.parse_tiles(t, "--tiles") for t in args.tiles] if args.tiles else None
     except ValueError as e:
         ap.error(str(e))
     records = [r for arch in args.arch for r in measure(arch, tiles, args.dtype)]

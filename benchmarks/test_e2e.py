@@ -55,10 +55,10 @@ def test_max_batch_counts_oom(monkeypatch):
     cfg = dataclasses.replace(e2e.CONFIGS["toy"], max_batch_cap=64)
     real_step = e2e.train_step
 
-    def step(model, opt, path, ids, labels, impl="auto"):
+    def step(model, opt, path, ids, labels, kernel=None):
         if ids.shape[0] > 9:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(model, opt, path, ids, labels, impl)
+        return real_step(model, opt, path, ids, labels, kernel)
 
     monkeypatch.setattr(e2e, "train_step", step)
     assert e2e.max_batch(cfg, "tspin", "cpu", torch.float32) == 3

@@ -1,14 +1,15 @@
 """Time the fused forward and backward kernels under several tile configs at one SPEC shape, on this GPU.
 
-Kernels: ``fwd``, ``bwd`` (the atomic backward) and ``bwd_mm`` (TSPIN_BACKWARD=matmul, whose tiles are those of its
+Kernels: ``fwd``, ``bwd`` (the atomic backward) and ``bwd_mm`` (``backward="matmul"``, whose tiles are those of its
 dlogits kernel; its cuBLAS products do not change). Every candidate is first checked against the built-in config's
 results (token log-probs and log-sum-exps to 1e-3; the gradients, whose float32 sums may add in another order, to
 a relative 1e-3 in float32, 1e-2 in 16 bits), then timed with CUDA events (median of --reps launches after one
 warm-up). A candidate the GPU cannot launch (shared memory, registers) is recorded with its error, not fatal.
 Results go to
 benchmarks/results/tile-sweep-<device>-<yyyymmdd>.json with their provenance; the fastest correct config per kernel
-is what ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` take, or what ``tile_config`` should return for this GPU, and
-``bwd`` against ``bwd_mm`` says which backward ``TSPIN_BACKWARD`` should default to here.
+is what the API's ``tiles={"fwd": ..., "bwd": ...}`` takes (or ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` as
+defaults), or what ``tile_config`` should return for this GPU, and ``bwd`` against ``bwd_mm`` says which
+``backward=`` should be the default here.
 
     python -m benchmarks.tile_sweep [--shape llama3-8b] [--kernels fwd bwd bwd_mm] [--tiles "64,128,64,8,3" ...]
     TRITON_INTERPRET=1 python -m benchmarks.tile_sweep --shape tiny-cpu   # the code path on CPU (times are not GPU's)
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import common
-from tspin_kernels import _device
+from tspin_kernels import _device, _options
 from tspin_kernels._inputs import compact
 from tspin_kernels.kernels import fused_logps as K
 
@@ -92,7 +93,7 @@ def sweep(shape, kernels, candidates, device, dtype, reps: int) -> list[dict]:
     records = []
     for kernel in kernels:
         for raw in tqdm(candidates, desc=f"{shape.name} {kernel}", disable=not sys.stderr.isatty()):
-            tiles = _device.parse_tiles(raw, "--tiles")
+            tiles = _options.parse_tiles(raw, "--tiles")
             rec = dict(kernel=kernel, tiles=raw, default=tiles == default[kernel])
             fn = (lambda t=tiles, k=kernel: runs[k](t))
             try:
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default llama3-8b on GPU, tiny-cpu on CPU")
     ap.add_argument("--kernels", nargs="+", default=["fwd", "bwd", "bwd_mm"], choices=["fwd", "bwd", "bwd_mm"],
-                    help="bwd: the atomic backward; bwd_mm: TSPIN_BACKWARD=matmul (its dlogits kernel's tiles)")
+                    help="bwd: the atomic backward; bwd_mm: backward='matmul' (its dlogits kernel's tiles)")
     ap.add_argument("--tiles", nargs="+", default=None, help="candidates 'BM,BN,BK,warps,stages' (default: a grid)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=5)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     candidates = a.tiles or (GPU_CANDIDATES if cuda else CPU_CANDIDATES)
     for raw in candidates:
         try:
-            _device.parse_tiles(raw, "--tiles")
+            _options.parse_tiles(raw, "--tiles")
         except ValueError as e:
             ap.error(str(e))
     dtype = getattr(torch, a.dtype) if cuda else torch.float32

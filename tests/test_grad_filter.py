@@ -1,4 +1,4 @@
-"""The opt-in backward filter (TSPIN_GRAD_FILTER) skips negligible vocab tiles and stays accurate."""
+"""The opt-in backward filter (``grad_filter_eps=``) skips negligible vocab tiles and stays accurate."""
 
 import pytest
 import torch
@@ -17,17 +17,16 @@ def _peaked(R=2, T=8, D=16, V=320):
     return h, w, lab
 
 
-def _grads(h, w, lab):
+def _grads(h, w, lab, **options):
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    sequence_logps(h, w, lab, impl="triton").sum().backward()
+    sequence_logps(h, w, lab, impl="triton", **options).sum().backward()
     return h.grad, w.grad
 
 
-def test_filter_is_accurate_and_really_skips(monkeypatch):
+def test_filter_is_accurate_and_really_skips():
     h, w, lab = _peaked()
     exact = _grads(h, w, lab)
-    monkeypatch.setenv("TSPIN_GRAD_FILTER", "1e-3")
-    filtered = _grads(h, w, lab)
+    filtered = _grads(h, w, lab, grad_filter_eps=1e-3)
     for a, b in zip(filtered, exact):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
     # the skipped tiles' weight rows get exactly zero gradient, which the exact path does not give
@@ -35,12 +34,12 @@ def test_filter_is_accurate_and_really_skips(monkeypatch):
     assert skipped_rows.any() and not (exact[1][32:].abs().sum(1) == 0).any()
 
 
-def test_filter_off_by_default_and_validated(monkeypatch):
+def test_filter_off_by_default_and_validated():
     h, w, lab = _peaked()
-    monkeypatch.setenv("TSPIN_GRAD_FILTER", "0")
-    exact = _grads(h, w, lab)
-    monkeypatch.delenv("TSPIN_GRAD_FILTER")
+    exact = _grads(h, w, lab, grad_filter_eps=0.0)
     torch.testing.assert_close(_grads(h, w, lab), exact, rtol=0, atol=0)
-    monkeypatch.setenv("TSPIN_GRAD_FILTER", "lots")
-    with pytest.raises(ValueError, match="TSPIN_GRAD_FILTER must be a float"):
-        _grads(h, w, lab)
+    for bad in (1.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match=r"grad_filter_eps: expected a float in \[0, 1\)"):
+            _grads(h, w, lab, grad_filter_eps=bad)
+    with pytest.raises(TypeError, match="grad_filter_eps: expected a float"):
+        _grads(h, w, lab, grad_filter_eps="1e-3")

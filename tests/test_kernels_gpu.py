@@ -52,25 +52,22 @@ def test_int64_addressing():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", ["odd", "bias_shift", "packed_avg"])
-def test_matmul_backward_on_gpu_against_float64(monkeypatch, case, dtype):
-    monkeypatch.setenv("TSPIN_BACKWARD", "matmul")
-    check_against_oracle(GPU_CASES[case], "triton", dtype, device="cuda")
+def test_matmul_backward_on_gpu_against_float64(case, dtype):
+    check_against_oracle(GPU_CASES[case], "triton", dtype, device="cuda", backward="matmul")
 
 
 @pytest.mark.parametrize("strategy", ["atomic", "matmul"])
-def test_backward_memory_is_the_gradients_plus_a_bounded_scratch(monkeypatch, strategy):
+def test_backward_memory_is_the_gradients_plus_a_bounded_scratch(strategy):
     """A bf16 llama3-sized head: the backward's peak over the inputs is the gradients themselves plus bounded
     scratch (float32 weight-gradient slice, dlogits block, float32 products), never a float32 copy of the whole
     head (2 GiB here) or [tokens x V] logits."""
     from tspin_kernels.kernels import fused_logps
 
-    monkeypatch.setenv("TSPIN_BACKWARD", strategy)
-
     D, V, R, T = 4096, 128256, 6, 512
     hidden = torch.randn(R, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(V, D, device="cuda") / D**0.5).bfloat16().requires_grad_()
     labels = torch.randint(0, V, (R, T), device="cuda")
-    out = sequence_logps(hidden, weight, labels, impl="triton")
+    out = sequence_logps(hidden, weight, labels, impl="triton", backward=strategy)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

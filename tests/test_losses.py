@@ -90,16 +90,6 @@ def test_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
-def test_tspin_impl_env_override(monkeypatch):
-    inp = make_inputs(3, 6, 8, 20, torch.float32)
-    monkeypatch.setenv("TSPIN_IMPL", "reference")
-    out = sequence_logps(inp["hidden"].requires_grad_(), inp["weight"], inp["labels"])
-    assert out.grad_fn is not None and "Chunked" not in type(out.grad_fn).__name__
-    monkeypatch.setenv("TSPIN_IMPL", "nonsense")
-    with pytest.raises(ValueError, match="TSPIN_IMPL"):
-        sequence_logps(inp["hidden"], inp["weight"], inp["labels"])
-
-
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_autocast_fp32_weight_bf16_activations(impl):
     """Mixed-precision training: fp32 master weight, autocast bf16; gradients reach the fp32 weight."""

@@ -26,7 +26,8 @@ def _max_err(a, b):
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def check_against_oracle(case, impl, dtype, weight_grad=True, device="cpu"):
+def check_against_oracle(case, impl, dtype, weight_grad=True, device="cpu", **kernel_options):
+    """``kernel_options`` (backward=, tiles=, ...) go to the implementation under test only."""
     R, T, D, V, opts = case
     opts = dict(opts)
     mk = {k: opts.pop(k) for k in ("bias", "packed", "empty_row") if k in opts}
@@ -34,7 +35,7 @@ def check_against_oracle(case, impl, dtype, weight_grad=True, device="cpu"):
     kw = dict(weight_grad=weight_grad, device=device, **opts)
     ref_out, ref_g = run(inputs, "naive", **kw)
     base_out, base_g = run(inputs, "naive", dtype=dtype, **kw)
-    out, g = run(inputs, impl, dtype=dtype, **kw)
+    out, g = run(inputs, impl, dtype=dtype, **kw, **kernel_options)
     factor, margin = (1.5, 1e-5) if dtype == torch.float32 else (1.5, 2e-3)
     e, e0 = _max_err(out, ref_out), _max_err(base_out, ref_out)
     assert e <= factor * e0 + margin * max(1.0, ref_out.abs().max().item()), f"logps err {e} vs naive {e0}"
@@ -136,22 +137,27 @@ def test_triton_weight_grad_in_vocab_slices(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_matmul_backward_against_float64_oracle(monkeypatch, case, dtype):
-    """TSPIN_BACKWARD=matmul: dlogits blocks + matmuls instead of atomics; small blocks force several slices and
+    """backward="matmul": dlogits blocks + matmuls instead of atomics; small blocks force several slices and
     row chunks (one of each partial)."""
     from tspin_kernels.kernels import fused_logps
 
-    monkeypatch.setenv("TSPIN_BACKWARD", "matmul")
     monkeypatch.setattr(fused_logps, "GW_SCRATCH_ELEMENTS", 2 * 32 * CASES[case][2])  # 64-column slices
     monkeypatch.setattr(fused_logps, "DL_BLOCK_ELEMENTS", 64 * 32)  # 32-row chunks
-    check_against_oracle(CASES[case], "triton", dtype)
+    check_against_oracle(CASES[case], "triton", dtype, backward="matmul")
 
 
-def test_matmul_backward_frozen_head_and_filter_conflict(monkeypatch):
-    monkeypatch.setenv("TSPIN_BACKWARD", "matmul")
-    check_against_oracle(CASES["odd"], "triton", torch.bfloat16, weight_grad=False)
-    monkeypatch.setenv("TSPIN_GRAD_FILTER", "1e-4")
-    with pytest.raises(ValueError, match="TSPIN_GRAD_FILTER skips tiles of the atomic backward only"):
-        check_against_oracle(CASES["odd"], "triton", torch.float32)
-    monkeypatch.setenv("TSPIN_BACKWARD", "fast")
-    with pytest.raises(ValueError, match="TSPIN_BACKWARD must be one of"):
-        check_against_oracle(CASES["odd"], "triton", torch.float32)
+def test_matmul_backward_frozen_head_and_filter_conflict():
+    check_against_oracle(CASES["odd"], "triton", torch.bfloat16, weight_grad=False, backward="matmul")
+    with pytest.raises(ValueError, match="grad_filter_eps: skips tiles of the atomic backward only"):
+        check_against_oracle(CASES["odd"], "triton", torch.float32, backward="matmul", grad_filter_eps=1e-4)
+    with pytest.raises(ValueError, match="backward: expected one of"):
+        check_against_oracle(CASES["odd"], "triton", torch.float32, backward="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+def test_torch_path_slices_the_float32_weight(dtype):
+    """16-bit heads on the CPU torch path: float32 logits from a weight upcast one vocab slice of chunk_elements at a
+    time. Small budgets make many slices (the last partial) and one- or two-row chunks; checked against float64."""
+    R, T, D, V, _ = CASES["odd"]
+    check_against_oracle(CASES["bias_avg"], "torch", dtype, chunk_elements=5 * CASES["bias_avg"][2])
+    check_against_oracle((R, T, D, V, {}), "torch", dtype, chunk_elements=2 * V)

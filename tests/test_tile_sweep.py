@@ -1,29 +1,37 @@
-"""Tile overrides (TSPIN_TILES_FWD/BWD, the launchers' ``tiles=``) and the sweep that finds them, on CPU."""
+"""Tile overrides (``tiles=`` of the API and the launchers) and the sweep that finds them, on CPU."""
 
 import pytest
 import torch
 
 from benchmarks import common, tile_sweep
+from tests._oracle import spy
 from tests.test_sequence_logps import CASES, check_against_oracle
-from tspin_kernels import _device
+from tspin_kernels import _options
 from tspin_kernels.kernels import fused_logps
 
 
-def test_env_override_reaches_the_launcher_and_stays_exact(monkeypatch):
-    monkeypatch.setenv("TSPIN_TILES_BWD", "32,64,16,4,1")
-    cpu = torch.device("cpu")
-    assert fused_logps._config(cpu, torch.float32, "bwd") == dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4,
-                                                                  num_stages=1)
-    assert fused_logps._config(cpu, torch.float32, "fwd")["BLOCK_M"] == 16  # the forward keeps its own
-    monkeypatch.setenv("TSPIN_TILES_FWD", "64,32,16,4,1")
-    check_against_oracle(CASES["odd"], "triton", torch.bfloat16)
+def test_tiles_reach_the_launchers_and_stay_exact(monkeypatch):
+    seen = []
+    real = fused_logps._config
+    spy(monkeypatch, fused_logps, "_config", lambda dev, dt, kernel, tiles=None: seen.append((kernel, tiles)))
+    check_against_oracle(CASES["odd"], "triton", torch.bfloat16, tiles={"bwd": "32,64,16,4,1"})
+    bwd = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)
+    assert ("fwd", None) in seen and ("bwd", bwd) in seen  # the forward keeps the built-in tiles
+    assert real(torch.device("cpu"), torch.float32, "bwd", bwd) == bwd
+    seen.clear()
+    check_against_oracle(CASES["odd"], "triton", torch.float32, backward="matmul",
+                         tiles={"fwd": [64, 32, 16, 4, 1], "bwd": bwd})
+    assert seen == [("fwd", dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)), ("bwd", bwd)]
 
 
-@pytest.mark.parametrize("raw", ["64,128,64,8", "48,128,64,8,3", "64,128,64,3,3", "64,128,64,8,0", "a,b,c,d,e"])
-def test_bad_override_names_the_variable(monkeypatch, raw):
-    monkeypatch.setenv("TSPIN_TILES_FWD", raw)
-    with pytest.raises(ValueError, match="TSPIN_TILES_FWD must be 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages'"):
-        fused_logps._config(torch.device("cpu"), torch.float32, "fwd")
+@pytest.mark.parametrize("raw", ["64,128,64,8", "48,128,64,8,3", "64,128,64,3,3", "64,128,64,8,0", "a,b,c,d,e",
+                                 (64, 128, 64, 8), dict(BLOCK_M=64, BLOCK_N=128)])
+def test_bad_tiles_name_the_argument(raw):
+    from tspin_kernels import sequence_logps
+
+    h, w, lab = torch.randn(3, 4, 8), torch.randn(40, 8), torch.randint(0, 40, (3, 4))
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\] must be 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages'"):
+        sequence_logps(h, w, lab, impl="triton", tiles={"fwd": raw})
 
 
 def test_sweep_checks_and_times_every_candidate():
@@ -54,5 +62,5 @@ def test_sweep_rejects_a_bad_candidate(capsys):
 
 
 def test_parse_tiles_roundtrip():
-    assert _device.parse_tiles("128,256,64,8,3", "x") == dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8,
+    assert _options.parse_tiles("128,256,64,8,3", "x") == dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8,
                                                               num_stages=3)

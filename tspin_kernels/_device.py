@@ -7,7 +7,8 @@ import os
 
 import torch
 
-IMPLS = ("auto", "triton", "torch", "reference")
+from . import _defaults
+from ._options import check_impl
 
 
 def interpreting() -> bool:
@@ -34,17 +35,10 @@ def triton_can_run(t: torch.Tensor) -> bool:
 
 
 def resolve_impl(impl: str, t: torch.Tensor) -> str:
-    """Turn the user's ``impl`` (and ``TSPIN_IMPL`` for ``"auto"``) into a concrete implementation."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        env = os.environ.get("TSPIN_IMPL", "").strip().lower()
-        if env and env != "auto":
-            if env not in IMPLS:
-                raise ValueError(f"TSPIN_IMPL must be one of {IMPLS}, got {env!r}")
-            impl = env
-        else:
-            impl = "triton" if (t.is_cuda and triton_importable()) else "torch"
+    """Turn the user's ``impl`` into a concrete implementation; ``"auto"`` is ``TSPIN_IMPL`` when that is set
+    (``_defaults``), else triton on CUDA tensors and torch elsewhere."""
+    if check_impl(impl) == "auto":
+        impl = _defaults.impl() or ("triton" if (t.is_cuda and triton_importable()) else "torch")
     if impl == "triton" and not triton_can_run(t):
         raise ValueError(
             f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
@@ -103,55 +97,15 @@ def shared_memory_limit(capability: tuple[int, int], device: torch.device | None
     return _SHARED_OPTIN.get(tuple(capability), 101376 if capability[0] >= 8 else 65536)
 
 
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-
-
-def parse_tiles(raw: str, what: str) -> dict:
-    """``"BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages"`` (e.g. ``"64,128,64,8,3"``) -> a tile config dict."""
-    try:
-        vals = [int(x) for x in raw.split(",")]
-    except ValueError:
-        vals = []
-    ok = (len(vals) == 5 and all(v >= 16 and v & (v - 1) == 0 for v in vals[:3])
-          and vals[3] in (1, 2, 4, 8, 16) and 1 <= vals[4] <= 8)
-    if not ok:
-        raise ValueError(f"{what} must be 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages' with block sizes powers of "
-                         f"two >= 16, num_warps in 1..16 (a power of two) and num_stages in 1..8, got {raw!r}")
-    return dict(zip(TILE_KEYS, vals))
-
-
-def tile_override(kernel: str) -> dict | None:
-    """``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD``: tiles for the forward / backward kernel instead of the built-in
-    per-GPU choice (for GPUs we have not tuned; ``python -m benchmarks.tile_sweep`` finds them)."""
-    var = f"TSPIN_TILES_{kernel.upper()}"
-    raw = os.environ.get(var, "").strip()
-    return parse_tiles(raw, var) if raw else None
-
-
-BACKWARDS = ("atomic", "matmul")
-
-
-def backward_strategy() -> str:
-    """``TSPIN_BACKWARD``: how the Triton path computes gradients. ``atomic`` (default): one fused kernel adds
-    every logit tile's contributions with float32 atomics, the leanest in memory. ``matmul``: a kernel writes
-    dlogits per (vocab slice, row chunk) and cuBLAS does the two products, with no atomics (tens of MiB more)."""
-    raw = os.environ.get("TSPIN_BACKWARD", "atomic").strip().lower() or "atomic"
-    if raw not in BACKWARDS:
-        raise ValueError(f"TSPIN_BACKWARD must be one of {BACKWARDS}, got {raw!r}")
-    return raw
-
-
-def grad_filter_eps() -> float:
-    """``TSPIN_GRAD_FILTER``: softmax threshold under which the Triton backward skips a vocab tile (0 = off)."""
-    raw = os.environ.get("TSPIN_GRAD_FILTER", "0").strip()
-    try:
-        eps = float(raw)
-    except ValueError:
-        raise ValueError(f"TSPIN_GRAD_FILTER must be a float in [0, 1), got {raw!r}") from None
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"TSPIN_GRAD_FILTER must be a float in [0, 1), got {raw!r}")
-    return eps
-
-
 def allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.cache
+def mm_out_dtype_works() -> bool:
+    """Whether this torch multiplies 16-bit CUDA matrices with a float32 result (``torch.mm(..., out_dtype=)``)."""
+    try:
+        x = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _device
-from ._inputs import check_inputs, check_scalar, compact
+from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
+from ._options import check_flag, check_real, resolve_options
 from .reference import ChunkedSequenceLogps, naive_sequence_logps
 
 
@@ -26,7 +27,9 @@ class SPINOutput(NamedTuple):
 
 
 def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index: int = -100,
-                   shift: bool = False, average: bool = False, impl: str = "auto",
+                   shift: bool = False, average: bool = False, impl: str = "auto", backward: str | None = None,
+                   grad_filter_eps: float | None = None, tiles: dict | None = None,
+                   chunk_elements: int | None = None, validate: bool = True,
                    check_finite: bool = False) -> torch.Tensor:
     """Sum (or mean) of target-token log-probs per sequence, from hidden states and the LM-head weight.
 
@@ -39,14 +42,40 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         cu_seqlens: ``(S+1,)`` int offsets of the packed sequences (non-decreasing, 0 to N).
         average: mean instead of sum over counted tokens (0 for a sequence with none).
         impl: ``"triton"``, ``"torch"`` (chunked, bounded memory), ``"reference"`` (full logits) or ``"auto"``
-            (triton on CUDA, torch elsewhere; ``TSPIN_IMPL`` overrides it).
-        check_finite: raise if ``hidden`` holds NaN/Inf (costs one reduction).
+            (``TSPIN_IMPL`` if set, else triton on CUDA and torch elsewhere).
+        backward: Triton path: ``"atomic"`` (one fused kernel adding every logit tile's contributions with float32
+            atomics, the leanest) or ``"matmul"`` (a kernel writes dlogits blocks, cuBLAS does the two products,
+            no atomics). ``None``: ``TSPIN_BACKWARD`` or ``"atomic"``.
+        grad_filter_eps: Triton atomic backward: skip vocab tiles whose softmax is below this for every row and
+            that hold no target (approximate gradients; 0 = exact). ``None``: ``TSPIN_GRAD_FILTER`` or 0.
+        tiles: Triton path: ``{"fwd": ..., "bwd": ...}`` (either key optional), each ``"BLOCK_M,BLOCK_N,BLOCK_K,
+            num_warps,num_stages"``, a sequence of those five ints or a dict with those keys, instead of the
+            built-in per-GPU tiles. ``None`` entries: ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` or built-in.
+        chunk_elements: torch path: float32 logit elements per row chunk (memory bound).
+            ``None``: ``TSPIN_CHUNK_ELEMENTS`` or 2**23 (32 MiB).
+        validate: ``True`` checks everything, including the values of ``labels`` (in ``[0, V)`` or
+            ``ignore_index``) and ``cu_seqlens`` (0, non-decreasing, N), reduced on the device and read back in
+            **one** host sync. ``False`` (the caller vouches for those values, e.g. checked on the CPU when the
+            batch was built) keeps only the free checks (types, shapes, dtypes, devices): the call's only host
+            sync is then the ``nonzero`` that compacts counted positions (CUDA; impl ``"reference"`` also reads
+            ``cu_seqlens``). Out-of-range values under ``False`` give undefined results.
+        check_finite: raise if ``hidden`` holds NaN/Inf (one more reduction, read back with the checks above;
+            runs whatever ``validate`` says).
+
+    Options that do not apply to the implementation that runs (``backward`` on the torch path,
+    ``chunk_elements`` on Triton) are checked and otherwise ignored, so one set of options serves every device.
 
     Returns:
-        float32 tensor of shape ``(S,)``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        float32 tensor of shape ``(S,)``, differentiable (once: double backward raises) w.r.t. ``hidden``,
+        ``weight`` and ``bias``.
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, check_finite)
+    for name, flag in (("shift", shift), ("average", average), ("validate", validate),
+                       ("check_finite", check_finite)):
+        check_flag(name, flag)
+    check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate=validate,
+                 check_finite=check_finite)
+    options = resolve_options(backward, grad_filter_eps, tiles, chunk_elements)
     impl = _device.resolve_impl(impl, hidden)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden: impl='triton' expects bfloat16, float16 or float32, got torch.float64")
@@ -60,7 +89,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         fn = TritonSequenceLogps
     else:
         fn = ChunkedSequenceLogps
-    return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs)
+    return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs, options)
 
 
 def _autocast(hidden, weight, bias):
@@ -75,28 +104,58 @@ def _autocast(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
+def _check_logps(**named) -> None:
+    """Per-sequence log-prob vectors: 1-D floating tensors of one length (>= 1) on one device; no broadcasting."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        check_tensor(name, t, "a 1-D floating torch.Tensor (B,)")
+        if not t.dtype.is_floating_point:
+            raise fail_type(name, "a floating dtype", t.dtype)
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor (B,) of per-sequence log-probs, got {tuple(t.shape)}")
+        if t.shape != first.shape:
+            raise ValueError(f"{name}: expected shape {tuple(first.shape)} like {first_name}, got {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected to be on {first.device} like {first_name}, got {t.device}")
+    if first.numel() == 0:
+        raise ValueError(f"{first_name}: expected at least one sequence, got shape (0,)")
+
+
 def tspin_loss_from_logps(real, generated, proto, *, alpha: float = 1.0, beta: float = 0.1) -> torch.Tensor:
-    """T-SPIN loss from per-sequence log-probs: l(a*(real-gen)) + b*l(a*(gen-proto)), mean over triplets."""
+    """T-SPIN loss from per-sequence log-probs: l(a*(real-gen)) + b*l(a*(gen-proto)), mean over triplets.
+
+    ``real`` / ``generated`` / ``proto``: 1-D floating ``(B,)`` tensors of one length (never broadcast);
+    ``alpha`` / ``beta``: finite numbers. Every check is free (no host sync)."""
+    alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
+    _check_logps(real=real, generated=generated, proto=proto)
     current = alpha * (real - generated)
     history = alpha * (generated - proto)
     return (-F.logsigmoid(current) - beta * F.logsigmoid(history)).mean()
 
 
 def spin_loss_from_logps(real, generated, ref_real, ref_generated, *, beta: float = 0.1) -> torch.Tensor:
-    """SPIN loss: l(beta*[(real - ref_real) - (gen - ref_gen)]), mean over pairs."""
+    """SPIN loss: l(beta*[(real - ref_real) - (gen - ref_gen)]), mean over pairs. Inputs as in
+    :func:`tspin_loss_from_logps` (1-D, one length, floating; ``beta`` finite). Every check is free."""
+    beta = check_real("beta", beta)
+    _check_logps(real=real, generated=generated, ref_real=ref_real, ref_generated=ref_generated)
     return -F.logsigmoid(beta * ((real - ref_real) - (generated - ref_generated))).mean()
 
 
 def _rows(hidden, cu_seqlens) -> int:
-    return hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is None:
+        return hidden.shape[0]
+    check_cu_seqlens_layout(cu_seqlens, None)
+    return cu_seqlens.numel() - 1
 
 
 def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1, **options) -> TSPINOutput:
     """T-SPIN loss over 3B rows ordered ``[real_0..real_{B-1}, generated_0.., proto_0..]``.
 
-    ``options`` are those of :func:`sequence_logps` (bias, cu_seqlens, ignore_index, shift, average, impl).
+    ``options``: the keyword options of :func:`sequence_logps` (bias, cu_seqlens, ignore_index, shift, average,
+    impl, backward, grad_filter_eps, tiles, chunk_elements, validate, check_finite). ``alpha`` / ``beta``: finite
+    numbers. The returned log-probs are those the loss was computed from (differentiable).
     """
-    alpha, beta = check_scalar("alpha", alpha), check_scalar("beta", beta)
+    alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
         rows = _rows(hidden, options.get("cu_seqlens"))
         if rows == 0 or rows % 3:
@@ -107,8 +166,12 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
 
 
 def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, **options) -> SPINOutput:
-    """SPIN loss over 2B rows ``[real; generated]``; ``ref_logps`` (2B,) are the frozen start-of-iteration log-probs."""
-    beta = check_scalar("beta", beta)
+    """SPIN loss over 2B rows ``[real; generated]``; ``ref_logps`` (2B,) are the frozen start-of-iteration log-probs.
+
+    ``options`` as in :func:`tspin_loss`. With ``validate=True`` (default) NaN/Inf in ``ref_logps`` raise (one
+    more host sync when they live on the GPU); ``validate=False`` skips that check.
+    """
+    beta = check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
         rows = _rows(hidden, options.get("cu_seqlens"))
         if rows == 0 or rows % 2:
@@ -116,6 +179,10 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, **options
         if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (rows,):
             got = tuple(ref_logps.shape) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
             raise ValueError(f"ref_logps: expected a tensor of shape ({rows},) in the same row order, got {got}")
+        if not ref_logps.dtype.is_floating_point:
+            raise fail_type("ref_logps", "a floating dtype", ref_logps.dtype)
+        if check_flag("validate", options.get("validate", True)) and not bool(torch.isfinite(ref_logps).all()):
+            raise ValueError("ref_logps: contains NaN or Inf (reference log-probs must be finite)")
     logps = sequence_logps(hidden, weight, labels, **options)
     real, generated = logps.chunk(2)
     ref = ref_logps.detach().float().to(logps.device)

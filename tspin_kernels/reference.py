@@ -5,20 +5,17 @@ would (logits in the input dtype, log-softmax in float32). It is written indepen
 step so tests check the fast paths against something that does not share their index logic.
 
 ``ChunkedSequenceLogps`` walks counted rows in chunks, keeps only the per-row log-sum-exp, and recomputes the
-chunk's logits in backward, so peak memory is O(chunk x V) instead of O(tokens x V). It is the CPU path and
-the fallback wherever Triton cannot run.
+chunk's logits in backward, so peak memory is O(chunk x V) instead of O(tokens x V). Its logits are float32 for
+every input dtype (as the Triton kernels' are), so large 16-bit logits do not overflow. It is the CPU path and the
+fallback wherever Triton cannot run.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-# Logit elements per chunk (float32): 2**23 elements = 32 MiB. Large enough for good matmuls, small enough
-# that the chunk never dominates memory. Override with TSPIN_CHUNK_ELEMENTS.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+from . import _device
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,17 +49,35 @@ def naive_sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, 
     return out
 
 
-def _chunk_rows(V: int) -> int:
-    budget = int(os.environ.get("TSPIN_CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS))
-    return max(1, budget // V)
+def refuse_double_backward() -> None:
+    """Both Functions compute first derivatives only. Autograd runs a backward with grad mode on exactly when the
+    caller asked for ``create_graph=True``; refuse it here rather than return a gradient without a graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "tspin_kernels: double backward is not supported (backward ran with create_graph=True): the fused "
+            "log-prob paths compute first derivatives only. Use impl='reference' (full logits) for higher-order "
+            "gradients, or call backward without create_graph."
+        )
 
 
-def _chunk_logits(h, weight, bias):
-    # matmul in the input dtype (what torch users get), softmax statistics in float32
-    logits = h @ weight.T
+def _chunk_logits(h, weight, bias, chunk_elements: int):
+    """float32 logits (float64 for float64 inputs) of the rows ``h``: 16-bit inputs are multiplied with a float32
+    result, so a logit beyond the 16-bit range stays finite. On CUDA that is one product with a float32 output
+    (tensor-core speed); elsewhere the weight is upcast one vocabulary slice of ``chunk_elements`` at a time,
+    never as a float32 copy of the whole head."""
+    if weight.dtype in (torch.float32, torch.float64):
+        logits = h @ weight.T
+    elif h.is_cuda and _device.mm_out_dtype_works():
+        logits = torch.mm(h, weight.T, out_dtype=torch.float32)
+    else:
+        h32, V, D = h.float(), weight.shape[0], weight.shape[1]
+        cols = max(1, chunk_elements // max(D, 1))
+        logits = torch.empty(h.shape[0], V, dtype=torch.float32, device=h.device)
+        for lo in range(0, V, cols):
+            logits[:, lo:lo + cols] = h32 @ weight[lo:lo + cols].float().T
     if bias is not None:
-        logits = logits + bias
-    return logits.to(acc_dtype(logits.dtype))
+        logits += bias.to(logits.dtype)
+    return logits
 
 
 def finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs):
@@ -78,17 +93,18 @@ class ChunkedSequenceLogps(torch.autograd.Function):
     """Per-sequence log-prob sums over compacted rows, chunked over rows, recomputing logits in backward."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int):
+    def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int, options):
         V = weight.shape[0]
         n = row_idx.numel()
-        step = _chunk_rows(V)
+        ctx.chunk_elements = options.chunk_elements
+        step = max(1, options.chunk_elements // V)
         acc = acc_dtype(hidden2d.dtype)
         lse = torch.empty(n, dtype=acc, device=hidden2d.device)
         tok = torch.empty(n, dtype=acc, device=hidden2d.device)
         with torch.no_grad():
             for s in range(0, n, step):
                 e = min(s + step, n)
-                logits = _chunk_logits(hidden2d.index_select(0, row_idx[s:e]), weight, bias)
+                logits = _chunk_logits(hidden2d.index_select(0, row_idx[s:e]), weight, bias, ctx.chunk_elements)
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 tok[s:e] = logits.gather(1, target[s:e, None]).squeeze(1) - lse[s:e]
                 del logits
@@ -96,12 +112,13 @@ class ChunkedSequenceLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward()
         hidden2d, weight, bias, row_idx, target, seq_id, token_scale, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         V = weight.shape[0]
         n = row_idx.numel()
-        step = _chunk_rows(V)
+        step = max(1, ctx.chunk_elements // V)
         acc = lse.dtype
         g_tok = grad_out.to(acc)[seq_id] * token_scale.to(acc)  # d out / d token logp
         low_precision = weight.dtype not in (torch.float32, torch.float64)
@@ -113,7 +130,7 @@ class ChunkedSequenceLogps(torch.autograd.Function):
             e = min(s + step, n)
             idx = row_idx[s:e]
             h = hidden2d.index_select(0, idx)
-            d = torch.exp(_chunk_logits(h, weight, bias) - lse[s:e, None]).neg_()  # -softmax
+            d = torch.exp(_chunk_logits(h, weight, bias, ctx.chunk_elements) - lse[s:e, None]).neg_()  # -softmax
             d.scatter_add_(1, target[s:e, None], torch.ones_like(lse[s:e, None]))  # + onehot
             d.mul_(g_tok[s:e, None])
             if need_h:
@@ -127,5 +144,5 @@ class ChunkedSequenceLogps(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )

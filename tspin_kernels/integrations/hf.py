@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._inputs import check_cu_seqlens_layout, cu_seqlens_checks, raise_first
+from .._options import check_flag, check_impl, check_options
 from ..functional import sequence_logps
 
 __all__ = [
@@ -74,22 +76,21 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _head_logps(hidden, weight, bias, labels, cu_seqlens, ignore_index, shift, average, impl):
+def _head_logps(hidden, weight, bias, labels, **options):
     if weight.dtype != hidden.dtype:  # autocast / mixed precision hand back hidden states in the compute dtype
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
-    return sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                          shift=shift, average=average, impl=impl)
+    return sequence_logps(hidden, weight, labels, bias=bias, **options)
 
 
 class _FusedLogpsHead:
     """Mixin placed before ``nn.Linear`` in the head's class: ``forward(h, labels=...)`` returns log-probs."""
 
-    def forward(self, input, labels=None, *, cu_seqlens=None, ignore_index: int = -100, shift: bool = True,
-                average: bool = False, impl: str = "auto"):
+    def forward(self, input, labels=None, *, shift: bool = True, **options):
+        """``options``: the keyword options of :func:`tspin_kernels.sequence_logps` (cu_seqlens, impl, ...)."""
         if labels is None:
             return super().forward(input)
-        return _head_logps(input, self.weight, self.bias, labels, cu_seqlens, ignore_index, shift, average, impl)
+        return _head_logps(input, self.weight, self.bias, labels, shift=shift, **options)
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -122,11 +123,12 @@ def install_fused_head(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def packed_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` int64 positions restarting at 0 at every offset of ``cu_seqlens``."""
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``(N,)`` int64 positions restarting at 0 at every offset of ``cu_seqlens``. Pass ``total`` (= N, known from
+    the batch's shape) to skip reading ``cu_seqlens[-1]`` back from the device."""
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    n = int(cu[-1])
+    n = int(cu[-1]) if total is None else total
     return torch.arange(n, device=cu.device) - torch.repeat_interleave(cu[:-1], lengths, output_size=n)
 
 
@@ -168,13 +170,18 @@ def packing_attn_implementation(device: torch.device | str | None = None) -> str
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens):
+def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, validate: bool):
+    """Types and shapes always (free); with ``validate`` also the values: no padding in a packed row,
+    ``cu_seqlens`` offsets (one host sync for both) and positions restarting per sequence (one more)."""
     for name, t in (("input_ids", input_ids), ("labels", labels)):
         if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name}: expected an integer torch.Tensor, got {got}")
     if tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
     if cu_seqlens is None:
         if input_ids.dim() != 2:
             raise ValueError(
@@ -191,23 +198,20 @@ def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seql
         raise ValueError(
             f"input_ids: with cu_seqlens expected one packed row (1, N) or (N,), got {tuple(input_ids.shape)}"
         )
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise ValueError("attention_mask: packed batches carry no padding; pass attention_mask=None with cu_seqlens")
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(
-            f"cu_seqlens: expected an integer torch.Tensor of shape (S+1,), got {type(cu_seqlens).__name__}"
-        )
+    check_cu_seqlens_layout(cu_seqlens, None)
     n = input_ids.shape[-1]
-    cu_ok = not cu_seqlens.dtype.is_floating_point and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
-    if not cu_ok or int(cu_seqlens[-1]) != n:
-        raise ValueError(
-            f"cu_seqlens: expected integer offsets (S+1,) ending at the packed length {n}, "
-            f"got {cu_seqlens.dtype} {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}"
-        )  # checked before the backbone runs: positions are derived from it
+    if position_ids is not None and position_ids.numel() != n:
+        raise ValueError(f"position_ids: expected {n} positions like input_ids, got {tuple(position_ids.shape)}")
+    if not validate:
+        return
+    # checked before the backbone runs: positions are derived from cu_seqlens
+    checks = cu_seqlens_checks(cu_seqlens, n)
+    if attention_mask is not None:
+        checks.append((~attention_mask.bool().all(), lambda: ValueError(
+            "attention_mask: packed batches carry no padding; pass attention_mask=None with cu_seqlens")))
+    raise_first(checks)
     if position_ids is not None:
-        if position_ids.numel() != n:
-            raise ValueError(f"position_ids: expected {n} positions like input_ids, got {tuple(position_ids.shape)}")
-        expected = packed_position_ids(cu_seqlens.to(position_ids.device))
+        expected = packed_position_ids(cu_seqlens.to(position_ids.device), total=n)
         if not torch.equal(position_ids.reshape(-1).long(), expected):
             raise ValueError(
                 "position_ids: a packed row needs positions restarting at 0 at every cu_seqlens offset "
@@ -218,7 +222,9 @@ def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seql
 def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
                              attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                              cu_seqlens: torch.Tensor | None = None, shift: bool = True, average: bool = False,
-                             ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+                             ignore_index: int = -100, impl: str = "auto", backward: str | None = None,
+                             grad_filter_eps: float | None = None, tiles: dict | None = None,
+                             chunk_elements: int | None = None, validate: bool = True) -> torch.Tensor:
     """Per-sequence sum (or mean) of label-token log-probs of a Hugging Face causal LM, float32 ``(S,)``.
 
     Args:
@@ -230,14 +236,19 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
         attention_mask: padded rows only; positions where it is 0 never count, whatever ``labels`` holds.
         position_ids: optional; for packed rows they default to positions restarting per sequence.
         cu_seqlens: ``(S+1,)`` offsets of the packed sequences; the shift stays inside each sequence.
-        average / impl: as in :func:`tspin_kernels.sequence_logps`.
+        average, impl, backward, grad_filter_eps, tiles, chunk_elements: as in
+            :func:`tspin_kernels.sequence_logps`.
+        validate: ``True`` also checks values: labels in range, ``cu_seqlens`` offsets, no padding in a packed row
+            and ``position_ids`` restarting per sequence (host syncs). ``False``: the caller vouches for them (e.g.
+            checked on the CPU at collation); only types and shapes are checked, and this function adds no host
+            sync of its own besides the kernels' one ``nonzero`` (the backbone's own, if any, are transformers').
     """
-    _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens)
+    _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, check_flag("validate", validate))
     decoder, head = backbone_and_head(model)
     if cu_seqlens is not None:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
         if position_ids is None:
-            position_ids = packed_position_ids(cu_seqlens.to(input_ids.device))
+            position_ids = packed_position_ids(cu_seqlens.to(input_ids.device), total=input_ids.shape[1])
         position_ids = position_ids.reshape(1, -1).long()
         attention_mask = None  # an explicit mask would switch off transformers' packed-sequence detection
     elif attention_mask is not None:
@@ -247,7 +258,9 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
     if cu_seqlens is not None:
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         cu_seqlens = cu_seqlens.to(hidden.device)
-    opts = dict(cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift, average=average, impl=impl)
+    opts = dict(cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift, average=average, impl=impl,
+                backward=backward, grad_filter_eps=grad_filter_eps, tiles=tiles, chunk_elements=chunk_elements,
+                validate=validate)
     if isinstance(head, _FusedLogpsHead):
         return head(hidden, labels, **opts)  # through the module call, so FSDP2's hooks run around it
     return _head_logps(hidden, head.weight, getattr(head, "bias", None), labels, **opts)
@@ -261,19 +274,29 @@ class CausalLMLogps(nn.Module):
     the root's parameters are gathered).
     """
 
-    def __init__(self, model: nn.Module, *, impl: str = "auto", ignore_index: int = -100):
+    def __init__(self, model: nn.Module, *, impl: str = "auto", ignore_index: int = -100,
+                 backward: str | None = None, grad_filter_eps: float | None = None, tiles: dict | None = None,
+                 chunk_elements: int | None = None, validate: bool = True):
         super().__init__()
+        check_impl(impl)
+        check_options(backward, grad_filter_eps, tiles, chunk_elements)
         self.model = model
         self.impl = impl
         self.ignore_index = ignore_index
+        self.validate = check_flag("validate", validate)
+        self.kernel_options = dict(backward=backward, grad_filter_eps=grad_filter_eps, tiles=tiles,
+                                   chunk_elements=chunk_elements)
         self.synced_generation = False  # set under FSDP2 with several ranks: each forward is a collective
         install_fused_head(model)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None, *,
-                shift: bool = True, average: bool = False, impl: str | None = None):
-        return causal_lm_sequence_logps(self.model, input_ids, labels, attention_mask=attention_mask,
-                                        position_ids=position_ids, cu_seqlens=cu_seqlens, shift=shift,
-                                        average=average, ignore_index=self.ignore_index, impl=impl or self.impl)
+                shift: bool = True, average: bool = False, impl: str | None = None, validate: bool | None = None):
+        """``impl`` / ``validate``: this call's, instead of the constructor's (``None``: the constructor's)."""
+        return causal_lm_sequence_logps(
+            self.model, input_ids, labels, attention_mask=attention_mask, position_ids=position_ids,
+            cu_seqlens=cu_seqlens, shift=shift, average=average, ignore_index=self.ignore_index,
+            impl=self.impl if impl is None else impl, validate=self.validate if validate is None else validate,
+            **self.kernel_options)
 
     def generate(self, *args, **kwargs):
         if self.synced_generation:  # ranks finish at different steps; keep running forwards until all are done

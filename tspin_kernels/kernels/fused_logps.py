@@ -13,15 +13,13 @@ gradient work is compiled out when the head is frozen. For 16-bit weights the fl
 covers one slice of the vocabulary at a time (one launch per slice, cast into the output as it finishes), so the
 scratch stays at GW_SCRATCH_ELEMENTS instead of a float32 copy of the whole [V, D] head (2 GiB at 128K x 4096).
 
-Matmul backward (``TSPIN_BACKWARD=matmul``): the same recomputed dlogits, written per (vocab slice, row chunk)
+Matmul backward (``backward="matmul"``): the same recomputed dlogits, written per (vocab slice, row chunk)
 block in the weight's dtype by ``_dlogits_kernel``; grad_hidden and grad_weight are then plain matmuls with
 float32 results. No atomics, at the cost of a DL_BLOCK_ELEMENTS block. Which one is faster is the GPU's to say
 (benchmarks/tile_sweep.py times both).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -206,10 +204,10 @@ def tile_config(capability: tuple[int, int], dtype: torch.dtype, shared_limit: i
 
 
 def _config(device: torch.device, dtype: torch.dtype, kernel: str, tiles: dict | None = None) -> dict:
-    """Tiles for ``kernel`` ("fwd"/"bwd"): explicit ``tiles``, else TSPIN_TILES_FWD/BWD, else the built-in choice."""
-    cfg = tiles or _device.tile_override(kernel)
-    if cfg is not None:
-        return dict(cfg)
+    """Tiles for ``kernel`` ("fwd"/"bwd"): ``tiles`` (a checked dict of TILE_KEYS) if given, else the built-in
+    choice for this GPU."""
+    if tiles is not None:
+        return dict(tiles)
     if _device.interpreting():  # numpy per program: small tiles keep the CPU tests fast
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     cap = _device.cuda_capability(device)
@@ -328,21 +326,12 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     if not a.is_cuda:
         return a.float() @ b.float()
-    if _mm_out_dtype_works():
+    if _device.mm_out_dtype_works():
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # a layout this torch's out_dtype path lacks
             pass
     return (a @ b).float()  # the product rounded to 16 bits, as naive torch's own backward rounds it
-
-
-@functools.cache
-def _mm_out_dtype_works() -> bool:
-    try:
-        x = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
-        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
 
 
 # bf16/fp16 elements of the matmul backward's dlogits block (rows x vocab slice) held at once (2**25 = 64 MiB)

@@ -1,0 +1,140 @@
+"""The kernels' keyword options: checked (errors name the argument), then completed from ``_defaults``.
+
+``resolve_options`` turns a call's ``backward`` / ``grad_filter_eps`` / ``tiles`` / ``chunk_elements`` into one
+frozen :class:`KernelOptions` that travels with the autograd Function, so the backward that autograd runs later
+uses the options of the forward that recorded it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import _defaults
+
+IMPLS = ("auto", "triton", "torch", "reference")
+BACKWARDS = ("atomic", "matmul")
+TILE_KERNELS = ("fwd", "bwd")
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    backward: str  # "atomic" | "matmul" (Triton path)
+    grad_filter_eps: float  # Triton atomic backward; 0 = exact
+    tiles_fwd: dict | None  # None: the built-in per-GPU tiles
+    tiles_bwd: dict | None
+    chunk_elements: int  # torch path: float32 logit elements per chunk
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_choice(value, choices: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what}: expected one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{what}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_impl(value, what: str = "impl") -> str:
+    return _check_choice(value, IMPLS, what)
+
+
+def check_backward(value, what: str = "backward") -> str:
+    return _check_choice(value, BACKWARDS, what)
+
+
+def check_grad_filter_eps(value, what: str = "grad_filter_eps") -> float:
+    expected = f"{what}: expected a float in [0, 1) (0 = exact gradients), got {value!r}"
+    if not _is_number(value):
+        raise TypeError(expected)
+    if not 0.0 <= float(value) < 1.0:  # NaN fails this too
+        raise ValueError(expected)
+    return float(value)
+
+
+def check_chunk_elements(value, what: str = "chunk_elements") -> int:
+    expected = f"{what}: expected a positive int (float32 logit elements per chunk), got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(expected)
+    if value < 1:
+        raise ValueError(expected)
+    return int(value)
+
+
+def parse_tiles(value, what: str) -> dict:
+    """One kernel's tiles as a dict of TILE_KEYS, from ``"BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages"`` (e.g.
+    ``"64,128,64,8,3"``), a sequence of those five ints, or a mapping with exactly those keys."""
+    if isinstance(value, str):
+        try:
+            vals = [int(x) for x in value.split(",")]
+        except ValueError:
+            vals = []
+    elif isinstance(value, Mapping):
+        vals = [value[k] for k in TILE_KEYS] if set(value) == set(TILE_KEYS) else []
+    elif isinstance(value, Sequence):
+        vals = list(value)
+    else:
+        raise TypeError(f"{what}: expected 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages', a sequence of those "
+                        f"five ints or a dict with keys {TILE_KEYS}, got {type(value).__name__}")
+    ok = (len(vals) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)
+          and all(v >= 16 and v & (v - 1) == 0 for v in vals[:3]) and vals[3] in (1, 2, 4, 8, 16)
+          and 1 <= vals[4] <= 8)
+    if not ok:
+        raise ValueError(f"{what} must be 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages' with block sizes powers of "
+                         f"two >= 16, num_warps in 1..16 (a power of two) and num_stages in 1..8, got {value!r}")
+    return dict(zip(TILE_KEYS, vals))
+
+
+def check_tiles(tiles) -> dict:
+    """``tiles``: None or a mapping {"fwd": ..., "bwd": ...} (either key optional) -> {kernel: dict}."""
+    if tiles is None:
+        return {}
+    if not isinstance(tiles, Mapping):
+        raise TypeError(f"tiles: expected None or a dict {{'fwd': ..., 'bwd': ...}}, got {type(tiles).__name__}")
+    unknown = set(tiles) - set(TILE_KERNELS)
+    if unknown:
+        raise ValueError(f"tiles: keys must be among {TILE_KERNELS}, got {sorted(map(str, unknown))}")
+    return {k: parse_tiles(v, f"tiles[{k!r}]") for k, v in tiles.items() if v is not None}
+
+
+def check_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> None:
+    """Check the explicit options only (no environment): for constructors that resolve at call time."""
+    if backward is not None:
+        check_backward(backward)
+    if grad_filter_eps is not None:
+        check_grad_filter_eps(grad_filter_eps)
+    check_tiles(tiles)
+    if chunk_elements is not None:
+        check_chunk_elements(chunk_elements)
+
+
+def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> KernelOptions:
+    """Explicit options, checked; ``None`` ones from the environment defaults (``_defaults``)."""
+    backward = _defaults.backward() if backward is None else check_backward(backward)
+    eps = _defaults.grad_filter_eps() if grad_filter_eps is None else check_grad_filter_eps(grad_filter_eps)
+    explicit = check_tiles(tiles)
+    per_kernel = {k: explicit[k] if k in explicit else _defaults.tiles(k) for k in TILE_KERNELS}
+    chunk = _defaults.chunk_elements() if chunk_elements is None else check_chunk_elements(chunk_elements)
+    if backward == "matmul" and eps > 0:
+        raise ValueError(f"grad_filter_eps: skips tiles of the atomic backward only; got {eps} with "
+                         "backward='matmul' (set grad_filter_eps=0 or backward='atomic')")
+    return KernelOptions(backward, eps, per_kernel["fwd"], per_kernel["bwd"], chunk)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_real(name: str, value) -> float:
+    """A finite Python number (bool excluded), e.g. alpha / beta."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise (ValueError if _is_number(value) else TypeError)(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
