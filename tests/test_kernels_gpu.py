@@ -80,3 +80,34 @@ def test_backward_memory_is_the_gradients_plus_a_bounded_scratch(strategy):
         scratch += fused_logps.DL_BLOCK_ELEMENTS * 2 + fused_logps.GW_SCRATCH_ELEMENTS * 4 + R * T * D * 6
     assert rise <= grads + scratch + 64 * 2**20, f"backward peak rise {rise / 2**20:.0f} MiB"
     assert torch.isfinite(weight.grad.float()).all() and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backward", ["atomic", "matmul"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_host_sync_per_call_when_the_caller_vouches(backward, packed):
+    """CUDA's own sync detector over forward + backward of tspin_loss with validate=False: exactly one
+    synchronizing operation (the nonzero that compacts counted positions); validate=True adds one readback."""
+    import warnings
+
+    from tests._oracle import make_inputs
+    from tspin_kernels import tspin_loss
+
+    inp = make_inputs(6, 33, 64, 1000, torch.bfloat16, packed=packed, bias=True)
+    t = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+    h, w, b = (t[k].requires_grad_() for k in ("hidden", "weight", "bias"))
+    opts = dict(bias=b, cu_seqlens=t.get("cu_seqlens"), shift=True, average=True, impl="triton", backward=backward)
+
+    def syncs(**more) -> int:
+        tspin_loss(h, w, t["labels"], **opts, **more).loss.backward()  # warm-up: compile
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tspin_loss(h, w, t["labels"], **opts, **more).loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(c.message) for c in caught)
+
+    assert syncs(validate=False) == 1
+    assert syncs(validate=True) == 2
