@@ -197,3 +197,52 @@ def test_bad_inputs_name_the_argument():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         causal_lm_sequence_logps(model, ids, labels)
+
+
+def test_kernel_options_and_validate_reach_the_kernels(monkeypatch):
+    """CausalLMLogps passes its kernel options to every call; forward's impl/validate override the constructor's."""
+    from tests._oracle import spy
+    from tspin_kernels import functions
+
+    model = tiny_llama(0)
+    b = triplet_batch(1)
+    ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
+    used = []
+    spy(monkeypatch, functions, "logps_backward_matmul", lambda *a, **k: used.append(k["tiles"]))
+    policy = CausalLMLogps(model, impl="triton", backward="matmul", tiles={"bwd": "32,32,16,4,1"})
+    ref = causal_lm_sequence_logps(tiny_llama(0), ids, labels, attention_mask=mask, impl="reference")
+    out = policy(ids, labels, mask)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert used == [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)]
+    p_ids, p_lab, _, cu = pack_padded(ids, labels, mask)
+    wrong_positions = torch.arange(p_ids.shape[1])
+    with pytest.raises(ValueError, match="position_ids"):
+        policy(p_ids, p_lab, position_ids=wrong_positions, cu_seqlens=cu)
+    # the caller vouches: value checks are skipped (and the wrong positions are used as given)
+    unchecked = CausalLMLogps(model, impl="torch", validate=False)
+    assert unchecked(p_ids, p_lab, position_ids=wrong_positions, cu_seqlens=cu).shape == (3,)
+    with pytest.raises(ValueError, match="position_ids"):
+        unchecked(p_ids, p_lab, position_ids=wrong_positions, cu_seqlens=cu, validate=True)
+
+
+def test_bad_options_name_the_argument():
+    model = tiny_llama(0)
+    b = triplet_batch(1)
+    ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
+    for kw, exc, match in [(dict(backward="fast"), ValueError, "backward: expected one of"),
+                           (dict(validate="no"), TypeError, "validate: expected True or False"),
+                           (dict(impl="gpu"), ValueError, "impl: expected one of"),
+                           (dict(tiles={"fwd": "1,2,3,4,5"}), ValueError, r"tiles\['fwd'\] must be"),
+                           (dict(grad_filter_eps=2.0), ValueError, "grad_filter_eps: expected")]:
+        with pytest.raises(exc, match=match):
+            CausalLMLogps(model, **kw)
+        with pytest.raises(exc, match=match):
+            causal_lm_sequence_logps(model, ids, labels, attention_mask=mask, **kw)
+    p_ids, p_lab, _, cu = pack_padded(ids, labels, mask)
+    with pytest.raises(TypeError, match="cu_seqlens: expected an integer torch.Tensor"):
+        causal_lm_sequence_logps(model, p_ids, p_lab, cu_seqlens=cu.tolist())
+    with pytest.raises(ValueError, match="cu_seqlens: must be non-decreasing"):
+        causal_lm_sequence_logps(model, p_ids, p_lab, cu_seqlens=cu[[0, 2, 1, 3]])
+    with pytest.raises(TypeError, match="attention_mask: expected a torch.Tensor or None"):
+        causal_lm_sequence_logps(model, ids, labels, attention_mask=mask.tolist())
