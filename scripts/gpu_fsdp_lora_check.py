@@ -29,15 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tspin.distributed import (  # noqa: E402
-    apply_lora,
-    cleanup_distributed,
-    enable_gradient_checkpointing,
-    full_state_dict,
-    init_distributed,
-    wrap_model,
-)
+from tspin.checkpoint import model_state_dict  # noqa: E402
 from tspin.memory import SHAPES, estimate_bytes  # noqa: E402
+from tspin.models import apply_lora, enable_gradient_checkpointing  # noqa: E402
+from tspin.ranks import cleanup_distributed, init_distributed  # noqa: E402
+from tspin.wrapping import wrap_model  # noqa: E402
 from tspin_kernels import tspin_loss_from_logps  # noqa: E402
 
 
@@ -160,7 +156,7 @@ def check_fsdp2(info, toy: bool, num_triplets: int, seq_len: int) -> dict:
     del ref
     sharded = wrap_model(_llama(toy, dev), "fsdp2", info=info)
     loss, grads = _step(sharded, rows, torch.optim.SGD(sharded.parameters(), lr=lr))
-    params = full_state_dict(sharded)
+    params = model_state_dict(sharded)
     out = {"world_size": info.world_size, "num_triplets": num_triplets, "seq_len": seq_len}
     if info.world_size == 1:  # with more ranks each holds other rows: compare the loss path only on one
         def max_rel(a: dict, b: dict) -> float:

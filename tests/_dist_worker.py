@@ -13,23 +13,11 @@ import torch
 import torch.distributed as dist
 
 from tests._hf_tiny import packed, tiny_llama, triplet_batch, triplet_rows, tspin_step_loss
-from tspin.distributed import (
-    all_reduce_mean,
-    apply_lora,
-    cleanup_distributed,
-    clip_grad_norm,
-    enable_gradient_checkpointing,
-    full_optimizer_state_dict,
-    full_state_dict,
-    grad_sync,
-    init_distributed,
-    load_checkpoint,
-    load_for_training,
-    policy_of,
-    save_checkpoint,
-    sharded_generate,
-    wrap_model,
-)
+from tspin.checkpoint import load_checkpoint, model_state_dict, optimizer_state_dict, save_checkpoint
+from tspin.generation import sharded_generate
+from tspin.models import apply_lora, enable_gradient_checkpointing, load_for_training
+from tspin.ranks import all_sum, cleanup_distributed, init_distributed
+from tspin.wrapping import clip_grad_norm, grad_sync, policy_of, wrap_model
 
 NUM_TRIPLETS = 4
 LR = 0.5
@@ -86,11 +74,12 @@ def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, che
             logps_parts.append(logps_i.detach().reshape(3, -1))
         loss, logps = sum(losses), torch.cat(logps_parts, dim=1).reshape(-1)  # back to [real; gen; proto]
     grads = _full_grads(policy)
-    grad_norm = clip_grad_norm(policy, None)
+    grad_norm = float(clip_grad_norm(policy, None))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {"loss": all_reduce_mean(loss), "logps": _gather_logps(logps, info.world_size), "grads": grads,
-            "params": full_state_dict(policy), "optim": full_optimizer_state_dict(policy, opt),
+    return {"loss": float(all_sum(loss.detach().float()) / info.world_size),
+            "logps": _gather_logps(logps, info.world_size), "grads": grads,
+            "params": model_state_dict(policy), "optim": optimizer_state_dict(policy, opt),
             "grad_norm": grad_norm}, policy
 
 
@@ -100,7 +89,7 @@ def main(out_dir: str, ref_ckpt: str) -> None:
     results: dict = {"world_size": info.world_size}
     results["ddp"], _ = step(info, "ddp")
     results["fsdp2"], policy = step(info, "fsdp2")
-    save_checkpoint(policy, out / "ckpt_fsdp2")
+    save_checkpoint(out / "ckpt_fsdp2", policy)
 
     # Generation sharded over ranks, under FSDP2 (each forward is a collective): 5 prompts over 2 ranks.
     prompts = [[1, 5 + i, 7 + 2 * i, 9][: 2 + i % 3] for i in range(5)]
@@ -117,17 +106,17 @@ def main(out_dir: str, ref_ckpt: str) -> None:
 
     policy.eval()
     with torch.no_grad():
-        results["generated"] = sharded_generate(prompts, gen, info=info)
+        results["generated"] = sharded_generate(prompts, gen)
     results["prompts"] = prompts
-    results["rank_tags"] = sharded_generate(list(range(7)), lambda xs: [(x, info.rank) for x in xs], info=info)
+    results["rank_tags"] = sharded_generate(list(range(7)), lambda xs: [(x, info.rank) for x in xs])
 
     results["fsdp2_lora_gc_packed"], _ = step(info, "fsdp2", layout="packed", lora=True, checkpointing=True)
     results["fsdp2_tied"], _ = step(info, "fsdp2", tied=True)
 
     # A checkpoint written by one process, loaded into a 2-rank FSDP2 model.
     fresh = wrap_model(tiny_llama(123), "fsdp2", info=info)
-    load_checkpoint(fresh, ref_ckpt)
-    results["loaded"] = full_state_dict(fresh)
+    load_checkpoint(ref_ckpt, fresh)
+    results["loaded"] = model_state_dict(fresh)
 
     # Rank 0 reads a checkpoint, the other ranks start on the meta device.
     probe = triplet_rows(triplet_batch(NUM_TRIPLETS), list(range(NUM_TRIPLETS)))
@@ -135,7 +124,7 @@ def main(out_dir: str, ref_ckpt: str) -> None:
         wrapped = load_for_training(ref_ckpt, strategy, info=info)
         with torch.no_grad():
             results[f"rank0_load_{strategy}_logps"] = _gather_logps(wrapped(**probe), info.world_size)
-        results[f"rank0_load_{strategy}_params"] = full_state_dict(wrapped)
+        results[f"rank0_load_{strategy}_params"] = model_state_dict(wrapped)
 
     if info.is_main:
         torch.save(results, out / "results.pt")

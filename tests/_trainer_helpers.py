@@ -30,6 +30,13 @@ def task_file(path: Path, n: int, seed: int = 1) -> Path:
     return write_jsonl(path, make_task(n, seed))
 
 
+def tiny_policy(model_dir: Path):
+    """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`."""
+    from tspin.models import load_policy
+
+    return load_policy(tiny_cfg(model_name_or_path=str(model_dir)))
+
+
 def tiny_cfg(**kw):
     from tspin.demo import demo_config
 

@@ -2,6 +2,7 @@
 and the embedded demo (smoke size)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from _trainer_helpers import one_thread, task_file, tiny_model_dir, write_jsonl  # noqa: F401 (one_thread: autouse fixture)
 
 from tspin.cli import main
-from tspin.config import load_config
+from tspin.config import FIELDS, load_config
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,14 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config", "nope.yaml"], "config file not found: nope.yaml"),
     (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
-    (["--learning_rate=fast"], "learning_rate='fast': expected float"),
+    (["--learning_rate=fast"], "--learning_rate/--learning-rate: invalid float value: 'fast'"),
+    (["--lerning_rate", "1"], "unknown config key 'lerning_rate' (did you mean: learning_rate?)"),
+    (["--learning=1"], "unknown config key 'learning'"),  # no abbreviations: a typo must not hit another key
     (["--method=dpo"], "method='dpo': expected one of tspin, spin, sft"),
     (["--data_fraction=1.5"], "data_fraction=1.5: must be in (0, 1]"),
     (["--max_prompt_length=4096"], "max_prompt_length=4096: must be < max_length"),
-    (["--bf16=maybe"], "bf16='maybe': expected a boolean"),
+    (["--bf16=maybe"], "--bf16: Truthy value expected: got maybe"),
+    (["--num_iterations=2.5"], "--num_iterations/--num-iterations: invalid int value: '2.5'"),
     (["--data_fraction=0.5", "--data_count=3"], "give data_fraction or data_count, not both"),
 ])
 def test_config_errors_name_the_key(args, message, capsys):
@@ -90,10 +94,33 @@ def test_generate_command_writes_the_field(tmp_path, model_dir, capsys):
     assert [r["prompt"] for r in rows] == ["sort cab", "reverse abc"] and all("proto" in r for r in rows)
 
 
-def test_console_script_help_lists_config_keys():
+def test_yaml_values_take_the_command_line_conversions_and_checks(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 5e-7\nnum_train_epochs: 2\nmax_grad_norm: null\nbf16: no\n")  # 5e-7: a YAML string
+    cfg = load_config(p)
+    assert (cfg.learning_rate, cfg.num_train_epochs, cfg.max_grad_norm, cfg.bf16) == (5e-7, 2.0, None, False)
+    assert isinstance(cfg.num_train_epochs, float)
+    assert load_config(p, {"max_grad_norm": "0.5"}).max_grad_norm == 0.5  # the command line wins
+    for text, message in (("learning_rate: fast\n", "--learning_rate/--learning-rate: invalid float value: 'fast'"),
+                          ("learning_rate: null\n", "c.yaml: learning_rate: null is not allowed"),
+                          ("lora_target_modules: [q_proj]\n", "c.yaml: lora_target_modules: expected a single value"),
+                          ("- method\n", "c.yaml: expected a mapping of config keys")):
+        p.write_text(text)
+        rc, _, err = run(["train", "--config", str(p)], capsys)
+        assert rc == 2 and message in err, err
+
+
+def test_console_script_help_lists_every_config_key_with_help_and_default():
     exe = shutil.which("tspin") or f"{sys.prefix}/bin/tspin"
-    out = subprocess.run([exe, "iterate", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--resume" in out and "--spin_mix_previous" in out and "--max_new_tokens" in out
+    out = subprocess.run([exe, "iterate", "--help"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "1000"}).stdout  # no wrapping (argparse breaks at hyphens)
+    flat = " ".join(out.split())
+    assert "--resume" in flat and "--config" in flat
+    for name, f in FIELDS.items():
+        assert f"--{name} " in flat, name
+        help_text = " ".join(f.metadata["help"].split())
+        assert f"{help_text} (default: " in flat, name
+    assert "(default: 5e-07)" in flat and "(default: rmsprop)" in flat
 
 
 def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
@@ -113,6 +140,13 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     rc, again, _ = run(["demo", "--out", str(d), "--quick", "--no-progress", "--resume"], capsys)
     assert rc == 0 and out.splitlines()[-2] == again.splitlines()[-2]  # the table's last row
     assert json.loads((d / "summary.json").read_text()) == summary  # same numbers and recorded runtimes
+    # matplotlib is the optional extra `plot`: without it the demo says so in one line and writes the rest
+    (d / "curves.png").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+        rc, again, _ = run(["demo", "--out", str(d), "--quick", "--no-progress", "--resume"], capsys)
+    assert rc == 0 and not (d / "curves.png").exists() and (d / "table.txt").exists()
+    assert again.splitlines()[-1] == "[demo] no curves.png: matplotlib is not installed (pip install 'tspin[plot]')"
     rc, _, err = run(["demo", "--out", str(d), "--no-progress", "--resume"], capsys)
     assert rc == 2 and "other settings" in err
 

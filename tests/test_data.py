@@ -1,4 +1,4 @@
-"""Data: every SPEC section 4 format through `datasets`, malformed-record errors, subsets, tokenization, collation."""
+"""Data: every accepted format through `datasets`, malformed-record errors, subsets, tokenization, collation."""
 
 import json
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from _trainer_helpers import one_thread, write_jsonl  # noqa: F401 (one_thread: autouse fixture)
 
+from tspin.batch import collate
 from tspin.data import (
     IGNORE_INDEX,
     PAPER_TEMPLATE,
     DataError,
     build_features,
-    collate,
     format_prompt,
     load_records,
     select_subset,
@@ -188,6 +188,7 @@ def test_padded_collation_token_by_token(tok):
         assert (b.input_ids[r, n:] == tok.pad_token_id).all() and (b.labels[r, n:] == IGNORE_INDEX).all()
         assert b.attention_mask[r].tolist() == [1] * n + [0] * (T - n)
     assert b.num_tokens == sum(sum(x != IGNORE_INDEX for x in lab) for _, lab in order)
+    assert b.num_input_tokens == int(b.attention_mask.sum()) == sum(len(ids) for ids, _ in order)
 
 
 def test_packed_collation_token_by_token(tok):
@@ -212,3 +213,26 @@ def test_missing_field_for_features_is_named(tok):
     with pytest.raises(DataError, match="records lack field 'proto'"):
         build_features([{"prompt_id": "a", "prompt": "p", "real": "r"}], tok, ("real", "proto"), template="paper",
                        max_length=40, max_prompt_length=24)
+
+
+def test_collate_checks_token_ids_against_the_vocabulary(tok):
+    """Checked on the CPU lists, so that the kernels need not read device values to do it."""
+    feats = _triplet_feats(tok)
+    fields = ("real", "generated", "proto")
+    V = len(tok)
+    assert collate(feats, fields, tok.pad_token_id, vocab_size=V).num_examples == 2
+    bad = [dict(f) for f in feats]
+    ids, labels = bad[1]["generated"]
+    bad[1]["generated"] = (ids, labels[:-1] + [V])  # a label one past the vocabulary
+    with pytest.raises(ValueError, match=rf"row 3 holds token id {V} outside \[0, {V}\)"):
+        collate(bad, fields, tok.pad_token_id, "packed", vocab_size=V)
+    bad[1]["generated"] = ([-5] + ids[1:], labels)
+    with pytest.raises(ValueError, match="row 3 holds token id -5"):
+        collate(bad, fields, tok.pad_token_id, vocab_size=V)
+    bad[1]["generated"] = (ids, labels[:-1])
+    with pytest.raises(ValueError, match="row 3 has .* input ids and .* labels"):
+        collate(bad, fields, tok.pad_token_id)
+    with pytest.raises(ValueError, match="pad_token_id: 99 is outside"):
+        collate(feats, fields, 99, vocab_size=V)
+    with pytest.raises(ValueError, match="layout='ragged'"):
+        collate(feats, fields, tok.pad_token_id, "ragged")

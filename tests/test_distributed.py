@@ -17,13 +17,10 @@ from transformers import LlamaForCausalLM
 
 from tests import _dist_worker as worker
 from tests._hf_tiny import packed, tiny_llama, triplet_batch, triplet_rows, tspin_step_loss
-from tspin.distributed import (
-    apply_lora,
-    enable_gradient_checkpointing,
-    load_optimizer_state_dict,
-    sharded_generate,
-    wrap_model,
-)
+from tspin.checkpoint import load_optimizer_state_dict
+from tspin.generation import sharded_generate
+from tspin.models import apply_lora, enable_gradient_checkpointing
+from tspin.wrapping import wrap_model
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]

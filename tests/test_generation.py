@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
+from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (one_thread: autouse)
 
 from tspin.data import load_records
 from tspin.demo import make_task
 from tspin.generation import generate_field, generate_texts
-from tspin.selfplay import load_model, load_tokenizer
+from tspin.models import load_tokenizer
 
 PROMPTS = [r["prompt"] for r in make_task(11, seed=5)]  # lengths differ: left padding matters
 
@@ -17,7 +17,7 @@ PROMPTS = [r["prompt"] for r in make_task(11, seed=5)]  # lengths differ: left p
 @pytest.fixture(scope="module")
 def mt(tmp_path_factory):
     d = tiny_model_dir(tmp_path_factory.mktemp("g"), hidden=32, layers=2, heads=2, seed=1)
-    model = load_model(str(d), torch.device("cpu"))
+    model = tiny_policy(d)
     torch.manual_seed(0)
     with torch.no_grad():  # large random weights: answers depend strongly on the prompt
         for p in model.parameters():

@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests._hf_tiny import packed, tiny_llama, triplet_batch, tspin_step_loss
-from tspin.distributed import apply_lora, enable_gradient_checkpointing, wrap_model
+from tspin.models import apply_lora, enable_gradient_checkpointing
+from tspin.wrapping import wrap_model
 from tspin_kernels.integrations import packing_attn_implementation
 
 

@@ -4,12 +4,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _trainer_helpers import one_thread, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
+from _trainer_helpers import one_thread, tiny_model_dir, tiny_policy  # noqa: F401 (one_thread: autouse fixture)
 
-from tspin.data import build_features, collate
+from tspin.batch import collate
+from tspin.data import build_features
 from tspin.demo import build_tokenizer, make_task
-from tspin.losses import backbone_and_head, compute_loss, policy_logps
-from tspin.selfplay import load_model
+from tspin.losses import compute_loss, policy_logps
+from tspin_kernels.integrations import backbone_and_head
 
 FIELDS = ("real", "generated", "proto")
 
@@ -25,9 +26,9 @@ def setup(tmp_path_factory):
     return d, tok, feats
 
 
-def naive_logps(model, feats, fields):
+def naive_logps(policy, feats, fields):
     """Unpadded, one sequence at a time, through the full LM head: the obvious computation."""
-    out = []
+    model, out = policy.model, []
     for f in fields:
         for feat in feats:
             ids, labels = (torch.tensor(x)[None] for x in feat[f])
@@ -41,7 +42,7 @@ def naive_logps(model, feats, fields):
 @pytest.mark.parametrize("impl", ["torch", "reference", "triton"])
 def test_policy_logps_matches_naive_values_and_grads(setup, layout, impl):
     d, tok, feats = setup
-    model = load_model(str(d), torch.device("cpu"))
+    model = tiny_policy(d)
     batch = collate(feats, FIELDS, tok.pad_token_id, layout)
     lp = policy_logps(model, batch, impl=impl)
     (lp * torch.linspace(0.5, 1.5, lp.numel())).sum().backward()
@@ -56,19 +57,22 @@ def test_policy_logps_matches_naive_values_and_grads(setup, layout, impl):
 
 def test_lm_head_never_runs_over_the_sequence(setup):
     d, tok, feats = setup
-    model = load_model(str(d), torch.device("cpu"))
-    _, head = backbone_and_head(model)
-    calls = []
-    head.register_forward_hook(lambda *a: calls.append(1))
-    compute_loss(model, collate(feats, FIELDS, tok.pad_token_id), method="tspin")[0].backward()
-    assert calls == []
-    model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook does see a full forward
-    assert calls == [1]
+    model = tiny_policy(d)
+    _, head = backbone_and_head(model.model)
+    outputs = []
+    head.register_forward_hook(lambda module, args, out: outputs.append(tuple(out.shape)))
+    batch = collate(feats, FIELDS, tok.pad_token_id)
+    compute_loss(model, batch, method="tspin")[0].backward()
+    # the head's module is called (FSDP2 gathers its weight around that call), but its fused forward hands back
+    # one log-prob per row: no [rows x tokens x vocab] logits
+    assert outputs == [(batch.input_ids.shape[0],)]
+    model.model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook does see a plain forward's logits
+    assert outputs[-1] == (1, 3, len(tok))
 
 
 def test_compute_loss_formulas(setup):
     d, tok, feats = setup
-    model = load_model(str(d), torch.device("cpu"))
+    model = tiny_policy(d)
     with torch.no_grad():
         ref = naive_logps(model, feats, FIELDS)
         real, gen, proto = ref.chunk(3)
@@ -98,7 +102,7 @@ def test_compute_loss_formulas(setup):
 
 def test_spin_without_reference_is_an_error(setup):
     d, tok, feats = setup
-    model = load_model(str(d), torch.device("cpu"))
+    model = tiny_policy(d)
     with pytest.raises(ValueError, match="ref_logps"):
         compute_loss(model, collate(feats, ("real", "generated"), tok.pad_token_id), method="spin")
 
@@ -107,14 +111,17 @@ def test_spin_without_reference_is_an_error(setup):
 def test_wrapped_policy_is_called_and_matches_the_plain_model(setup, layout):
     """The trainer hands policy_logps the wrapped policy: it must go through the module call (DDP / FSDP2 hooks)
     and give the plain model's values."""
-    from tspin.distributed import wrap_model
+    from tspin_kernels.integrations import causal_lm_sequence_logps
 
     d, tok, feats = setup
     batch = collate(feats, FIELDS, tok.pad_token_id, layout)
-    plain = policy_logps(load_model(str(d), torch.device("cpu")), batch, impl="torch")
-    policy = wrap_model(load_model(str(d), torch.device("cpu")), "none")
+    policy = tiny_policy(d)
+    plain = causal_lm_sequence_logps(policy.model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, impl="torch")
     calls = []
     policy.register_forward_hook(lambda *a: calls.append(1))
     wrapped = policy_logps(policy, batch, impl="torch")
     assert calls == [1]
     torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="model: expected the training policy"):
+        policy_logps(policy.model, batch)  # a bare HF model would skip DDP's / FSDP2's hooks

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
+from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (autouse)
 
 from tspin.data import build_features, load_records
 from tspin.io import read_jsonl
 from tspin.metrics import MetricsWriter
-from tspin.selfplay import iterate, load_model, load_policy, load_tokenizer
+from tspin.models import load_policy, load_tokenizer
+from tspin.selfplay import iterate
 from tspin.train import build_optimizer, build_scheduler, train_loop
 
 TSPIN_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "logps/real", "logps/generated", "logps/proto",
@@ -39,7 +40,7 @@ def test_gradient_accumulation_is_exact(model_dir, tmp_path, method):
     feats = _feats(tok, 16, fields)  # responses of different lengths: token normalisation must span the window
     finals = []
     for mb, acc in ((8, 1), (2, 4)):
-        model = load_model(str(model_dir), torch.device("cpu"))
+        model = tiny_policy(model_dir)
         cfg = tiny_cfg(per_device_train_batch_size=mb, gradient_accumulation_steps=acc, learning_rate=1e-2,
                        max_grad_norm=None, warmup_ratio=0.0)
         train_loop(model, tok, feats, cfg, method=method, out_dir=tmp_path / f"{mb}", iteration=1,
@@ -52,29 +53,40 @@ def test_gradient_accumulation_is_exact(model_dir, tmp_path, method):
     assert losses == pytest.approx(first, rel=1e-4)
 
 
-def test_schedules():
-    p = [torch.nn.Parameter(torch.zeros(1))]
-    for kind, mid in (("linear", 0.5), ("cosine", 0.5), ("constant", 1.0)):
-        cfg = tiny_cfg(lr_scheduler=kind, warmup_ratio=0.1, learning_rate=1.0, optimizer="rmsprop")
-        opt = build_optimizer(torch.nn.Linear(1, 1), cfg)
-        assert isinstance(opt, torch.optim.RMSprop)
-        sched = build_scheduler(torch.optim.SGD(p, lr=1.0), cfg, total_steps=110)
-        lrs = []
-        for _ in range(110):
-            lrs.append(sched.get_last_lr()[0])
-            sched.optimizer.step()
-            sched.step()
-        assert lrs[0] == pytest.approx(1 / 12) and lrs[10] < 1 and lrs[11] == pytest.approx(1.0)  # 11 warmup steps
-        assert lrs[60] == pytest.approx(mid, abs=0.01)
-        if kind != "constant":
-            assert lrs[-1] < 0.02
-        assert all(math.isfinite(x) for x in lrs)
+def _documented_lr(kind: str, step: int, total: int, warmup: int) -> float:
+    """The schedule the README documents: warmup (step+1)/(w+1), then linear / cosine decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1.0 - progress)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("total, ratio", [(110, 0.1), (7, 0.0), (1, 0.1), (40, 0.5)])
+def test_schedules_follow_the_documented_formula(kind, total, ratio):
+    cfg = tiny_cfg(lr_scheduler=kind, warmup_ratio=ratio, learning_rate=1.0, optimizer="rmsprop")
+    sched = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    warmup = int(ratio * total)
+    assert lrs == pytest.approx([_documented_lr(kind, s, total, warmup) for s in range(total)], rel=1e-12, abs=1e-15)
+    if total == 110:  # 11 warmup steps: the first step already learns, step 11 is the peak
+        assert lrs[0] == pytest.approx(1 / 12) and lrs[10] < 1 and lrs[11] == 1.0
+
+
+def test_optimizers():
+    assert isinstance(build_optimizer(torch.nn.Linear(1, 1), tiny_cfg(optimizer="rmsprop")), torch.optim.RMSprop)
     assert isinstance(build_optimizer(torch.nn.Linear(1, 1), tiny_cfg(optimizer="adamw")), torch.optim.AdamW)
 
 
 def test_sft_loss_goes_down_and_metrics_have_spec_names(model_dir, tmp_path):
     tok = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir), torch.device("cpu"))
+    model = tiny_policy(model_dir)
     cfg = tiny_cfg(num_train_epochs=8, learning_rate=1e-2, per_device_train_batch_size=8)
     train_loop(model, tok, _feats(tok, 16, ("real",)), cfg, method="sft", out_dir=tmp_path / "s",
                metrics=MetricsWriter(tmp_path / "s.jsonl"))
@@ -82,7 +94,7 @@ def test_sft_loss_goes_down_and_metrics_have_spec_names(model_dir, tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     assert (tmp_path / "s" / "model" / "trainer_state.pt").exists()
 
-    model = load_model(str(model_dir), torch.device("cpu"))
+    model = tiny_policy(model_dir)
     train_loop(model, tok, _feats(tok, 8), tiny_cfg(), method="tspin", out_dir=tmp_path / "t", iteration=1,
                metrics=MetricsWriter(tmp_path / "t.jsonl"))
     row = read_jsonl(tmp_path / "t.jsonl")[-1]
@@ -135,7 +147,7 @@ def test_iterate_spin_with_mixing_stores_reference_logps(model_dir, tmp_path):
     assert all({"ref_real", "ref_generated", "ref_generated_prev", "generated_prev"} <= set(r) for r in d1)
     # the references are the start-of-iteration policy's (iteration 0's final model) log-probs
     tok = load_tokenizer(str(model_dir))
-    model = load_model(str(tmp_path / "run" / "iter0" / "model"), torch.device("cpu"))
+    model = tiny_policy(tmp_path / "run" / "iter0" / "model")
     from tspin.losses import batched_logps
 
     feats = build_features(d1, tok, ("real", "generated"), template="paper", max_length=40, max_prompt_length=24)

@@ -51,7 +51,7 @@ def test_lora_train_saves_an_adapter_that_loads_back(model_dir, tmp_path):
 
 
 def test_lora_keeps_the_head_frozen_and_rejects_it_as_a_target(model_dir):
-    from tspin.selfplay import load_policy
+    from tspin.models import load_policy
 
     policy = load_policy(tiny_cfg(model_name_or_path=str(model_dir), lora_rank=2))
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, write_jsonl  # noqa: F401
+from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy, write_jsonl  # noqa: F401
 from safetensors.torch import load_file
 
 from tspin.config import save_config
@@ -118,7 +118,7 @@ def test_iterate_spin_under_torchrun_stores_the_start_policys_reference_logps(mo
     references must be the start-of-iteration policy's (iteration 0: the base model) log-probs of its texts."""
     from tspin.data import build_features
     from tspin.losses import batched_logps
-    from tspin.selfplay import load_model, load_tokenizer
+    from tspin.models import load_tokenizer
 
     data = task_file(tmp_path / "task.jsonl", 9)
     cfg = tiny_cfg(method="spin", model_name_or_path=str(model_dir), data_path=str(data), num_iterations=1,
@@ -131,7 +131,7 @@ def test_iterate_spin_under_torchrun_stores_the_start_policys_reference_logps(mo
     tok = load_tokenizer(str(model_dir))
     feats = build_features(rows, tok, ("real", "generated"), template="paper", max_length=cfg.max_length,
                            max_prompt_length=cfg.max_prompt_length)
-    lp = batched_logps(load_model(str(model_dir), torch.device("cpu")), feats, ("real", "generated"),
+    lp = batched_logps(tiny_policy(model_dir), feats, ("real", "generated"),
                        tok.pad_token_id, batch_size=4)
     assert lp["real"] == pytest.approx([r["ref_real"] for r in rows], abs=1e-4)
     assert lp["generated"] == pytest.approx([r["ref_generated"] for r in rows], abs=1e-4)

@@ -1,6 +1,13 @@
-"""Checkpoints: save_pretrained weights + tokenizer + optimizer, scheduler, RNG states and the data position.
+"""Checkpoints of the training policy: one format for one process, DDP and FSDP2, loadable at any rank count.
 
-A checkpoint directory is complete or absent: it is written under a temp name and renamed into place.
+A checkpoint directory is a plain Hugging Face directory (``save_pretrained``: full weights, or the adapter of a
+LoRA run; + tokenizer) and, for a run to resume, ``trainer_state.pt``: the step, the optimizer state keyed by
+parameter name, the LR scheduler, the RNG states and whatever the loop adds. The state dicts come from
+``torch.distributed.checkpoint.state_dict``, which gathers FSDP2 shards to rank 0 and scatters them back for this
+run's layout. A directory is complete or absent: it is written under a temp name and renamed into place.
+
+    save_checkpoint(path, policy, tokenizer=tok, optimizer=opt, scheduler=sched, state={"step": 10})
+    state = load_checkpoint(path, policy, optimizer=opt, scheduler=sched)   # {"step": 10, ...}
 """
 
 from __future__ import annotations
@@ -12,11 +19,54 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from .io import atomic_path, atomic_write_json
-from .ranks import barrier, is_main
+from .io import atomic_path
+from .ranks import barrier, is_main, world
+from .wrapping import policy_of, reshard, tied_head
 
 STATE_FILE = "trainer_state.pt"
+_PREFIX = "model."  # CausalLMLogps keeps the Hugging Face model as .model
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _broadcast() -> bool:
+    """Under a process group, rank 0 alone reads a file and the values are broadcast (and re-sharded)."""
+    return world()[1] > 1
+
+
+# ----------------------------------------------------------------------------- state dicts
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Hugging Face model's full (unsharded) state dict on CPU, keyed as ``policy_of(model).model.state_dict()``
+    (PEFT keys for a LoRA run). A collective under a process group: call it on every rank; the dict is complete on
+    rank 0 and empty elsewhere."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=_options(cpu_offload=True))
+    return {k[len(_PREFIX):]: v for k, v in sd.items()}
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name, unsharded, on CPU: loadable at any rank count with
+    :func:`load_optimizer_state_dict`. A collective under a process group; complete on rank 0 (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an :func:`optimizer_state_dict` (saved at any rank count) into this run's optimizer. Under a process
+    group only rank 0 needs ``state`` (the others may pass ``{}``): it is broadcast and re-sharded."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected the dict from optimizer_state_dict, got {type(state).__name__}")
+    set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=_broadcast()))
 
 
 def rng_state() -> dict:
@@ -34,126 +84,100 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, model, tokenizer, *, optimizer=None, scheduler=None, step: int,
-                    total_steps: int, extra: dict | None = None) -> Path:
-    """`model`: the training policy (plain HF model, CausalLMLogps, DDP or FSDP2; PEFT saves its adapter only).
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer=None, optimizer=None, scheduler=None,
+                    state: dict | None = None) -> Path:
+    """Write ``path``: the policy's weights as a Hugging Face directory (+ tokenizer), and ``trainer_state.pt``
+    (``state`` + optimizer + scheduler + RNG states) when any of those is given.
 
-    Every rank calls it (under FSDP2 gathering the full weights and optimizer state is a collective); rank 0
-    writes the directory, then all ranks meet at a barrier. The weights are a plain HF / PEFT directory, so an
-    iteration's model loads with from_pretrained at any rank count.
+    ``model`` is the training policy (:func:`tspin.wrapping.wrap_model`: one process, DDP or FSDP2). Every rank
+    calls it (gathering FSDP2 shards is a collective); rank 0 writes, then all ranks meet at a barrier.
     """
-    from .distributed import full_optimizer_state_dict, full_state_dict, hf_model_of
-
     path = Path(path)
-    sharded = _is_sharded(model)
-    sd = full_state_dict(model) if sharded else None
-    if sd is not None and _tied(model):  # the file a plain save_pretrained writes: a tied head is stored once
+    hf = policy_of(model).model
+    sd = model_state_dict(model)
+    if tied_head(model):  # the file a plain save_pretrained writes: a tied head is stored once
         sd = {k: v for k, v in sd.items() if not k.endswith("lm_head.weight")}
-    opt_sd = None
-    if optimizer is not None:  # FSDP2 shards are keyed by name and gathered; otherwise torch's own (exact) format
-        opt_sd = full_optimizer_state_dict(model, optimizer) if sharded else optimizer.state_dict()
+    trainer = state is not None or optimizer is not None or scheduler is not None
+    opt_sd = optimizer_state_dict(model, optimizer) if optimizer is not None else None
     if is_main():
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            hf = hf_model_of(model)
-            hf.save_pretrained(tmp, safe_serialization=True, **({"state_dict": sd} if sd is not None else {}))
+            hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # PEFT: the adapter only
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            state = {"step": step, "total_steps": total_steps, "rng": rng_state(), **(extra or {})}
-            if opt_sd is not None:
-                state["optimizer"] = opt_sd
-                state["optimizer_format"] = "full" if sharded else "torch"
-            if scheduler is not None:
-                state["scheduler"] = scheduler.state_dict()
-            torch.save(state, tmp / STATE_FILE)
-            atomic_write_json(tmp / "progress.json", {"step": step, "total_steps": total_steps})
+            if trainer:
+                full = {**(state or {}), "rng": rng_state()}
+                if opt_sd is not None:
+                    full["optimizer"] = opt_sd
+                if scheduler is not None:
+                    full["scheduler"] = scheduler.state_dict()
+                torch.save(full, tmp / STATE_FILE)
     barrier()
     return path
 
 
-def _tied(model) -> bool:
-    from tspin_kernels.integrations import unwrap_causal_lm
+def load_checkpoint(path: str | Path, model: nn.Module, *, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> dict:
+    """Load a :func:`save_checkpoint` directory (or any ``save_pretrained`` directory of the same model) into the
+    training policy in place, at any rank count, and the trainer state when the directory has one.
 
-    return bool(getattr(unwrap_causal_lm(model).config, "tie_word_embeddings", False))
-
-
-def _is_sharded(model) -> bool:
-    from .distributed import _is_fsdp
-
-    return _is_fsdp(getattr(model, "module", model))
-
-
-def _read_weights(path: Path, adapter: bool) -> dict:
-    from safetensors.torch import load_file
-
-    shards = sorted(path.glob("adapter_model*.safetensors" if adapter else "model*.safetensors"))
-    if not shards:
-        kind = "adapter_model.safetensors (a LoRA run)" if adapter else "model*.safetensors"
-        raise FileNotFoundError(f"{path}: no {kind} in checkpoint")
-    sd = {}
-    for s in shards:
-        sd.update(load_file(str(s)))
-    return sd
-
-
-def load_weights(path: str | Path, model) -> None:
-    """Load a save_checkpoint directory into the training policy in place (plain, DDP or FSDP2; PEFT: adapter)."""
-    from tspin_kernels.integrations import CausalLMLogps
-
-    from .distributed import hf_model_of
-
+    Returns the saved ``state`` (``{}`` for a weights-only directory). Every rank calls it (a collective under a
+    process group: rank 0 reads the weights, they are broadcast and re-sharded for this run's layout).
+    """
     path = Path(path)
-    hf = hf_model_of(model)
-    adapter = hasattr(hf, "peft_config")
-    sd = _read_weights(path, adapter)
-    target = getattr(model, "module", model)
-    prefix = "model." if isinstance(target, CausalLMLogps) else ""
-    if adapter:  # peft saves "...lora_A.weight" for the module's "...lora_A.default.weight"
-        names = {k.replace(".default.", "."): k for k in hf.state_dict() if ".default." in k}
-        unknown = [k for k in sd if k not in names]
-        if unknown:
-            raise ValueError(f"{path}: adapter does not match the model's LoRA layers (unexpected {unknown[:3]})")
-        sd = {names[k]: v for k, v in sd.items()}
-    full = {prefix + k: v for k, v in sd.items()}
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        from .distributed import reshard
-
-        reshard(target)  # after a generate() the root holds temporary full tensors: load into the shards
-
-        missing, unexpected = set_model_state_dict(target, full, options=StateDictOptions(full_state_dict=True,
-                                                                                           strict=False))
-    else:
-        missing, unexpected = target.load_state_dict(full, strict=False)
-    tied = _tied(hf)
-    # tied LM heads are saved once; a LoRA checkpoint holds the adapter only; anything else is a different model
-    missing = [] if adapter else [k for k in missing if not (k.endswith("lm_head.weight") and tied)]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-
-
-def load_trainer_state(path: str | Path, model, *, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Load weights into `model` (in place) and the trainer state; returns the state dict (step, ...).
-    Every rank calls it (a collective under FSDP2)."""
-    path = Path(path)
-    load_weights(path, model)
+    _load_weights(path, model)
+    if not (path / STATE_FILE).exists():
+        return {}
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     if optimizer is not None and "optimizer" in state:
-        if state.get("optimizer_format") == "full":
-            from .distributed import load_optimizer_state_dict
-
-            load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_dict(model, optimizer, state.pop("optimizer"))
     if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        set_rng_state(state["rng"])
+        scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng", None)
+    if restore_rng and rng is not None:
+        set_rng_state(rng)
     return state
 
 
+def _weight_files(path: Path, adapter: bool) -> list[Path]:
+    files = sorted(path.glob("adapter_model*.safetensors" if adapter else "model*.safetensors"))
+    if not files:
+        kind = "adapter_model.safetensors (a LoRA run)" if adapter else "model*.safetensors"
+        raise FileNotFoundError(f"{path}: no {kind} in checkpoint")
+    return files
+
+
+def _load_weights(path: Path, model: nn.Module) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    policy = policy_of(model)
+    module_keys = list(policy.model.state_dict())  # names only: no gather under FSDP2
+    adapter = hasattr(policy.model, "peft_config")
+    files = _weight_files(path, adapter)
+    # Every rank checks the names (file headers only), so a mismatch stops all of them alike, before any collective.
+    if adapter:  # peft saves "...lora_A.weight" for the module's "...lora_A.default.weight"
+        names = {k.replace(".default.", "."): k for k in module_keys if ".default." in k}
+    else:
+        names = {k: k for k in module_keys}
+    in_file = {k for f in files for k in safe_open(str(f), "pt").keys()}
+    unexpected = sorted(k for k in in_file if k not in names)
+    tied = tied_head(model)
+    # a LoRA checkpoint holds the adapter only; a tied LM head is saved once
+    missing = [] if adapter else [k for k in names if k not in in_file and not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    sd = {}
+    if is_main() or not _broadcast():
+        sd = {_PREFIX + names[k]: v for f in files for k, v in load_file(str(f)).items()}
+    reshard(model)  # after a generate() the FSDP2 root holds temporary full tensors: load into the shards
+    set_model_state_dict(model, sd, options=_options(broadcast_from_rank0=_broadcast(), strict=False))
+
+
+# ----------------------------------------------------------------------------- mid-iteration checkpoints
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -171,12 +195,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Rank 0 deletes, then a barrier (every rank calls it)."""
+    """Keep the newest ``keep`` checkpoints under ``root``. Rank 0 deletes, then a barrier (every rank calls it)."""
     if is_main():
-        _prune(root, keep)
+        for _, p in list_checkpoints(root)[:-keep] if keep > 0 else list_checkpoints(root):
+            shutil.rmtree(p, ignore_errors=True)
     barrier()
-
-
-def _prune(root: str | Path, keep: int) -> None:
-    for _, p in list_checkpoints(root)[:-keep] if keep > 0 else list_checkpoints(root):
-        shutil.rmtree(p, ignore_errors=True)

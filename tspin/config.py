@@ -1,8 +1,11 @@
-"""One flat dataclass for every command: YAML recipe + `--key=value` overrides, validated with clear errors."""
+"""The run's configuration: one flat dataclass for every command, with help text and validation, read from a YAML
+recipe plus `--key=value` overrides by transformers' HfArgumentParser (argparse built from the dataclass)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ METHODS = ("tspin", "spin", "sft")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed")
-STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.distributed.STRATEGIES (not imported: config stays torch-free)
+STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the declarations below
@@ -28,12 +31,14 @@ class Config:
     # --- model and data
     model_name_or_path: str = _f("", "Hugging Face model id or local dir of the initial policy (pi_0 for self-play).")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer dir/id; defaults to model_name_or_path.")
-    data_path: str = _f("", "Training data: JSONL, JSON, Parquet or a saved `datasets` dir (SPEC section 4).")
+    data_path: str = _f("", "Training data: JSONL, JSON, Parquet or a saved `datasets` dir (README "
+                                   "'Data formats').")
     data_split: str = _f("train", "Split to use when data_path is a DatasetDict dir.")
     eval_data_path: str | None = _f(None, "Held-out prompts with reference answers; else `eval_size` rows are "
                                           "split off data_path.")
     eval_size: int = _f(0, "Rows split off data_path for evaluation when eval_data_path is not given (0: no eval).")
-    data_fraction: float | None = _f(None, "Seeded subset of the training data by fraction in (0, 1] (the '25%' run).")
+    data_fraction: float | None = _f(None, "Seeded subset of the training data by fraction in (0, 1] (0.25: the "
+                                                  "paper's 25 percent run).")
     data_count: int | None = _f(None, "Seeded subset of the training data by count (exclusive with data_fraction).")
     data_seed: int = _f(0, "Seed of the subset / held-out split (independent of `seed`).")
     prompt_template: str = _f("paper", "'paper' (### Instruction: ...), 'chat' (tokenizer chat template) or a "
@@ -48,7 +53,7 @@ class Config:
     no_history: bool = _f(False, "Ablation: T-SPIN without the history term (beta = 0 throughout).")
     spin_lambda: float = _f(0.1, "SPIN lambda (the kernels' `beta` argument of spin_loss).")
     spin_mix_previous: bool = _f(False, "SPIN: train iteration t on the synthetic data of iterations t-1 and t.")
-    average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (SPEC option, not the default).")
+    average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (an option; the method sums).")
     loss_impl: str = _f("auto", "tspin_kernels impl: auto | triton | torch | reference.")
     layout: str = _f("padded", "Batch layout: padded rows, or packed padding-free rows with cu_seqlens/position_ids.")
     # --- self-play
@@ -165,66 +170,80 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _target_type(name: str):
+def _optional(name: str) -> bool:
     hint = typing.get_type_hints(Config)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    return (args[0] if args else hint), optional
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
-def coerce(name: str, value, source: str = "override"):
-    """Convert a YAML value or a command-line string to the field's type, or raise naming the key."""
-    if name not in FIELDS:
-        close = [k for k in FIELDS if name.split("_")[0] in k][:5]
-        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-        raise ValueError(f"{source}: unknown config key {name!r}{hint}; see `tspin <command> --help`")
-    typ, optional = _target_type(name)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if optional and low in ("none", "null", "~", ""):
-            return None
-        if typ is bool:
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{source}: {name}={value!r}: expected a boolean (true/false)")
-        if typ in (int, float):
-            try:
-                return typ(float(value)) if typ is int and float(value).is_integer() else typ(value)
-            except ValueError:
-                raise ValueError(f"{source}: {name}={value!r}: expected {typ.__name__}") from None
-        return value
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{source}: {name}: null is not allowed")
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ValueError(f"{source}: {name}={value!r}: expected {typ.__name__}, got {type(value).__name__}")
-    return value
+def _unknown_key(name: str, source: str) -> ValueError:
+    close = difflib.get_close_matches(name, FIELDS, n=3)
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+    return ValueError(f"{source}: unknown config key {name!r}{hint}; see `tspin <command> --help`")
+
+
+def _nullable(convert):
+    """An Optional key's argparse type: 'null' / 'none' (as in YAML) means None."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("null", "none", "~") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse's message: "invalid float value: 'x'"
+    return parse
+
+
+def config_keys() -> argparse.ArgumentParser:
+    """A parent parser (argparse's ``parents=``) with one ``--key`` option per Config field, its help text and
+    default, built by HfArgumentParser from the dataclass; optional keys also take ``null``."""
+    from transformers import HfArgumentParser
+
+    keys = HfArgumentParser(Config, add_help=False, allow_abbrev=False)
+    for action in keys._actions:
+        if action.option_strings[0] == f"--no_{action.dest}":  # HfArgumentParser's --no_<flag>: --<flag>=false
+            action.help = argparse.SUPPRESS
+        elif _optional(action.dest):
+            action.type = _nullable(action.type)
+    return keys
+
+
+def read_yaml(path: str | Path) -> dict[str, str | None]:
+    """A YAML recipe as argparse defaults: every value as the text a command line would give (so both go through
+    the same conversion and checks), null kept for optional keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
+    values: dict[str, str | None] = {}
+    for k, v in raw.items():
+        if k not in FIELDS:
+            raise _unknown_key(str(k), str(p))
+        if v is None and not _optional(k):
+            raise ValueError(f"{p}: {k}: null is not allowed")
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"{p}: {k}: expected a single value, got a {type(v).__name__}")
+        values[k] = None if v is None else str(v)
+    return values
+
+
+def config_from_args(namespace: argparse.Namespace, rest: list[str]) -> Config:
+    """The validated Config from a parsed namespace; ``rest`` (what argparse did not recognise) must be empty."""
+    for arg in rest:
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r} (config overrides look like --key=value)")
+        raise _unknown_key(arg[2:].partition("=")[0].replace("-", "_"), "override")
+    return Config(**{name: getattr(namespace, name) for name in FIELDS}).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    values: dict = {}
+    """Config from a YAML recipe and ``{key: value}`` overrides (values as on the command line, e.g. "2e-5")."""
+    parser = argparse.ArgumentParser(parents=[config_keys()], allow_abbrev=False, exit_on_error=False)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
-        for k, v in raw.items():
-            values[k] = coerce(k, v, source=str(p))
-    for k, v in (overrides or {}).items():
-        values[k] = coerce(k, v)
-    return Config(**values).validate()
+        parser.set_defaults(**read_yaml(path))
+    args = [f"--{k}={v}" for k, v in (overrides or {}).items()]
+    return config_from_args(*parser.parse_known_args(args))
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Data: SPEC section 4 formats through `datasets`, seeded subsets, prompt formatting, tokenization, collation.
+"""Data: records from any accepted file format (through `datasets`), seeded subsets, prompt formatting and
+tokenization into features. The formats: README "Data formats" and docs/contract.md#data-formats.
 
 Truncation (documented contract): a prompt longer than `max_prompt_length` keeps its *last* tokens (the end of an
 instruction sits next to the response); the response is then cut at the end to fit `max_length`, and a cut
@@ -8,15 +9,12 @@ response loses its EOS. Labels are -100 on prompt tokens and padding, so only re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PAPER_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
 IGNORE_INDEX = -100
-RESPONSE_FIELDS = ("real", "generated", "proto", "generated_prev")
 
 
 class DataError(ValueError):
@@ -142,7 +140,8 @@ def normalize_record(rec: dict, where: str, index: int, require_response: bool =
 
 
 def load_records(path: str | Path, split: str = "train", require_response: bool = True) -> list[dict]:
-    """Load any SPEC section 4 format into normalized records; malformed ones raise a DataError naming the spot."""
+    """Load any accepted format (chat messages, prompt/response pairs, the files the project writes) into normalized
+    records; malformed ones raise a DataError naming the file, the line/row and the field."""
     path = Path(path)
     if not path.exists() and not any(c in path.name for c in "*?["):
         raise FileNotFoundError(f"data file not found: {path}")
@@ -226,55 +225,3 @@ def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, t
             except KeyError as e:
                 raise DataError(f"record {r['prompt_id']}: missing reference log-prob field {e.args[0]!r}") from None
     return feats
-
-
-# ----------------------------------------------------------------------------- collation
-@dataclass
-class Batch:
-    """Rows ordered field-major: [field0 of every example; field1 of every example; ...] (the kernels' order)."""
-
-    input_ids: torch.Tensor  # (R, T) padded, or (1, N) packed
-    labels: torch.Tensor  # same shape as input_ids, HF style (shift happens in the kernel)
-    attention_mask: torch.Tensor | None  # (R, T); None when packed (position_ids delimit sequences)
-    position_ids: torch.Tensor | None  # (1, N) packed, restarting at 0 per sequence
-    cu_seqlens: torch.Tensor | None  # (R+1,) int32 packed offsets
-    num_examples: int
-    num_tokens: int  # counted (response) tokens
-    ref_logps: torch.Tensor | None = None  # (R,) float32 in row order (SPIN)
-
-    def to(self, device) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-        return Batch(**{k: move(v) for k, v in self.__dict__.items()})
-
-
-def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, layout: str = "padded") -> Batch:
-    seqs = [feat[f] for f in fields for feat in features]
-    num_tokens = sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in seqs)
-    ref = None
-    if features and all("ref" in feat for feat in features):
-        ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
-    if layout == "packed":
-        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
-        labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
-        pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]
-        cu = torch.tensor([0] + np.cumsum([len(s) for s, _ in seqs]).tolist(), dtype=torch.int32)
-        return Batch(ids, labels, None, pos, cu, len(features), num_tokens, ref)
-    if layout != "padded":
-        raise ValueError(f"layout={layout!r}: expected 'padded' or 'packed'")
-    T = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, (s, lab) in enumerate(seqs):  # right padding: positions 0..len-1 are real tokens
-        ids[r, : len(s)] = torch.tensor(s)
-        labels[r, : len(s)] = torch.tensor(lab)
-        mask[r, : len(s)] = 1
-    return Batch(ids, labels, mask, None, None, len(features), num_tokens, ref)
-
-
-def fields_for(method: str) -> tuple[str, ...]:
-    if method == "tspin":
-        return ("real", "generated", "proto")
-    if method == "spin":
-        return ("real", "generated")
-    return ("real",)

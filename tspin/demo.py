@@ -125,8 +125,12 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
+def _plot(summary: dict, path: Path) -> str | None:
+    """Write the curves to `path`, or return why not: matplotlib is the optional extra `plot`."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install 'tspin[plot]')"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,13 +156,15 @@ def _plot(summary: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+    return None
 
 
 def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, progress: bool = True,
              threads: int = 1) -> dict:
     import torch
 
-    from .selfplay import _check_same_config, iterate, train
+    from .run_dir import check_same_config
+    from .selfplay import iterate, train
 
     # one intra-op thread: this model's matmuls are too small to split, and on a shared 2-core box spinning
     # OpenMP workers made steps up to 10x slower
@@ -199,7 +205,7 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
         print(f"[demo] {name}: {kind} {cfg.method} -> {cfg.output_dir}", flush=True)
         done = (Path(cfg.output_dir) / "summary.json").exists()
         if (Path(cfg.output_dir) / "config.yaml").exists():  # a stage is reused only if it ran this very recipe
-            _check_same_config(cfg, Path(cfg.output_dir) / "config.yaml")
+            check_same_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if kind == "train":
             r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else train(cfg, resume=True)
             summary["runs"][name] = [{"iteration": -1, **{k: v for k, v in r.items() if k.startswith("eval/")}}]
@@ -220,7 +226,10 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     atomic_write_json(out / "summary.json", summary)
     table = _table(summary)
     atomic_write_text(out / "table.txt", table + "\n")
-    _plot(summary, out / "curves.png")
+    no_plot = _plot(summary, out / "curves.png")
     print(table)
-    print(f"[demo] wrote {out}/summary.json, metrics.jsonl, curves.png in {summary['seconds']['total']:.0f}s")
+    files = "summary.json, metrics.jsonl" + ("" if no_plot else ", curves.png")
+    print(f"[demo] wrote {out}/{files} in {summary['seconds']['total']:.0f}s")
+    if no_plot:
+        print(f"[demo] no curves.png: {no_plot}")
     return summary

@@ -1,4 +1,5 @@
-"""Batched, seeded, resumable generation with Hugging Face `generate` (KV cache, left padding).
+"""Batched, seeded, resumable generation with Hugging Face `generate` (KV cache, left padding), shared out over
+the ranks under torchrun.
 
 Each finished batch is appended to `<out>.partial` (flushed and fsynced); a restarted run keeps those and goes on
 from the next batch. Every batch seeds its own sampling from (seed, batch index), so a resumed run writes exactly
@@ -8,15 +9,19 @@ what an uninterrupted one would. The final file appears in one rename.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .data import encode_prompts
 from .io import atomic_write_jsonl
 from .ranks import on_main, world
+from .wrapping import policy_of
 
 
 def _read_partial(path: Path) -> list[dict]:
@@ -35,21 +40,49 @@ def _read_partial(path: Path) -> list[dict]:
 def generate_texts(model, tokenizer, prompts: list[str], *, seed: int = 0, partial_path: str | Path | None = None,
                    progress: bool = True, **kwargs) -> list[str]:
     """Responses to `prompts` (raw instructions; the template is applied here), in input order; kwargs as
-    `_generate_local`. `model`: an HF model or the training policy (CausalLMLogps, DDP, FSDP2).
+    `_generate_local`. `model`: the training policy (tspin.wrapping.wrap_model: one process, DDP, FSDP2).
 
     Under torchrun every rank must call this: each samples its share of the prompts (its own seed stream) and all
     get the full list. The partial file (resume inside a generation) is single-process only: ranks would share it.
     """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP has no generate; its module has
-        model = model.module
+    policy = policy_of(model)  # DDP has no generate; under FSDP2 the policy's generate gathers the root's weights
     rank, world_size = world()
     if world_size == 1:
-        return _generate_local(model, tokenizer, prompts, seed=seed, partial_path=partial_path, progress=progress,
+        return _generate_local(policy, tokenizer, prompts, seed=seed, partial_path=partial_path, progress=progress,
                                **kwargs)
-    from .distributed import sharded_generate
-
-    return sharded_generate(prompts, lambda ps: _generate_local(model, tokenizer, ps, seed=seed + 7919 * rank,
+    return sharded_generate(prompts, lambda ps: _generate_local(policy, tokenizer, ps, seed=seed + 7919 * rank,
                                                                 progress=progress and rank == 0, **kwargs))
+
+
+def sharded_generate(items: Sequence, generate_fn: Callable[[list], Sequence]) -> list:
+    """Run ``generate_fn`` on this rank's share of ``items`` and return every rank's results in ``items`` order.
+
+    Item i goes to rank ``i % world_size``. Every rank gets the same number of items (the short ones repeat their
+    last item, and the repeats' results are dropped) because under FSDP2 each forward is a collective: ranks must
+    make the same number of ``generate`` calls. ``generate_fn(list_of_items) -> list_of_results`` (same length)
+    must be called on every rank; results must be picklable. Returns the full list on every rank.
+    """
+    if not callable(generate_fn):
+        raise TypeError(f"generate_fn: expected a callable taking a list of items, got {type(generate_fn).__name__}")
+    items = list(items)
+    if not items:  # the same list on every rank: all return here, no collective is left waiting
+        return []
+    rank, world_size = world()
+    mine = list(range(rank, len(items), world_size))
+    per_rank = math.ceil(len(items) / world_size)
+    local = [items[i] for i in mine] + [items[mine[-1] if mine else 0]] * (per_rank - len(mine))
+    out = list(generate_fn(local))
+    if len(out) != len(local):
+        raise ValueError(f"generate_fn: returned {len(out)} results for {len(local)} items on rank {rank}")
+    if world_size == 1:
+        return out
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, out[: len(mine)])
+    result: list = [None] * len(items)
+    for r, outs in enumerate(gathered):
+        for j, value in enumerate(outs):
+            result[r + j * world_size] = value
+    return result
 
 
 @torch.no_grad()

@@ -1,54 +1,62 @@
-"""The loss path, shared by every trainer: backbone -> last hidden states -> tspin_kernels with the LM-head weight,
-one implementation: tspin_kernels.integrations.hf (backbone_and_head is re-exported from there).
+"""The loss path, shared by every command: the policy's fused log-probs -> T-SPIN / SPIN / SFT loss and metrics.
 
-The LM head is never applied to the full sequence: the kernels compute per-sequence log-probs from the hidden
-states and the head weight without materialising [tokens x vocab] logits, forward and backward.
+The policy (:func:`tspin.wrapping.wrap_model`) runs the backbone for the last hidden states and sends them with the
+LM-head weight to tspin_kernels: the LM head is never applied to the full sequence, so no [tokens x vocab] logits
+exist, forward or backward. Metrics stay tensors on the device; the training loop reads them once per logged step.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tspin_kernels import spin_loss_from_logps, tspin_loss_from_logps
-from tspin_kernels.integrations import CausalLMLogps, backbone_and_head, causal_lm_sequence_logps  # noqa: F401
 
-from .data import Batch
+from .batch import Batch, collate
+from .wrapping import policy_of
 
 
-def _is_policy(model) -> bool:
-    """A CausalLMLogps, possibly inside DDP (FSDP2 shards it in place, so it stays one)."""
-    return isinstance(getattr(model, "module", model), CausalLMLogps)
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when the config asks for it; nothing on CPU."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = False) -> torch.Tensor:
     """Per-row sum (or mean) of response-token log-probs, float32 (R,), differentiable w.r.t. the model.
 
-    `model` is the wrapped training policy (tspin.distributed.wrap_model: CausalLMLogps, DDP or FSDP2) or a plain
-    HF causal LM. The policy is *called*, so DDP's gradient all-reduce and FSDP2's unshard hooks run; a plain
-    model goes through the same function (tspin_kernels.integrations.causal_lm_sequence_logps). Padded rows use
-    the attention mask; a packed row (1, N) uses position_ids restarting at 0 per sequence and cu_seqlens.
+    `model` is the training policy (one process, DDP or FSDP2). It is *called*, so DDP's gradient all-reduce and
+    FSDP2's unshard hooks run. Padded rows use the attention mask; a packed row (1, N) uses position_ids restarting
+    at 0 per sequence and cu_seqlens.
     """
-    if _is_policy(model):
-        return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
-                     average=average, impl=impl)
-    return causal_lm_sequence_logps(model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, average=average,
-                                    impl=impl)
+    policy_of(model)  # a clear error for anything but the policy
+    # TODO(lead): pass validate=False once tspin_kernels has it: collate already checked the batch on the CPU.
+    return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
+                 average=average, impl=impl)
 
 
-def _mean(x: torch.Tensor) -> float:
-    return x.detach().float().mean().item()
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().mean()
 
 
 def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: float = 0.1,
                  spin_lambda: float = 0.1, impl: str = "auto", average: bool = False):
-    """(loss summed over the batch's examples, or tokens for SFT; metrics). Dividing by the example/token count of
-    the whole accumulation window is the caller's job: that keeps gradient accumulation exact."""
+    """(loss summed over the batch's examples, or tokens for SFT; metrics as 0-d tensors). Dividing by the
+    example/token count of the whole accumulation window is the caller's job: that keeps gradient accumulation
+    exact."""
+    if method not in ("tspin", "spin", "sft"):
+        raise ValueError(f"method={method!r}: expected tspin, spin or sft")
+    if method == "spin" and batch.ref_logps is None:
+        raise ValueError("SPIN batch has no ref_logps: compute them with the start-of-iteration policy first")
     logps = policy_logps(model, batch, impl=impl, average=average)
     n = batch.num_examples
     if method == "sft":
         loss = -logps.sum()  # summed token NLL; divided by the window's token count
-        return loss, {"logps/real": _mean(logps), "nll/token": -logps.sum().item() / max(batch.num_tokens, 1)}
+        # float64 like the Python float it replaces: the logged numbers do not depend on where they are reduced
+        nll = loss.detach().double() / max(batch.num_tokens, 1)
+        return loss, {"logps/real": _mean(logps), "nll/token": nll}
     if method == "tspin":
         real, gen, proto = logps.chunk(3)
         loss = tspin_loss_from_logps(real, gen, proto, alpha=alpha, beta=beta) * n
@@ -61,20 +69,16 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
             "margins/current": _mean(current), "margins/history": _mean(history),
             "rewards/history_accuracies": _mean((history > 0).float()),
         }
-    if method == "spin":
-        if batch.ref_logps is None:
-            raise ValueError("SPIN batch has no ref_logps: compute them with the start-of-iteration policy first")
-        real, gen = logps.chunk(2)
-        ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
-        loss = spin_loss_from_logps(real, gen, ref_real, ref_gen, beta=spin_lambda) * n
-        r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)
-        return loss, {
-            "logps/real": _mean(real), "logps/generated": _mean(gen),
-            "rewards/real": _mean(r_real), "rewards/generated": _mean(r_gen),
-            "rewards/margins": _mean(r_real - r_gen), "rewards/accuracies": _mean((r_real > r_gen).float()),
-            "margins/current": _mean(real - gen),
-        }
-    raise ValueError(f"method={method!r}: expected tspin, spin or sft")
+    real, gen = logps.chunk(2)
+    ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
+    loss = spin_loss_from_logps(real, gen, ref_real, ref_gen, beta=spin_lambda) * n
+    r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)
+    return loss, {
+        "logps/real": _mean(real), "logps/generated": _mean(gen),
+        "rewards/real": _mean(r_real), "rewards/generated": _mean(r_gen),
+        "rewards/margins": _mean(r_real - r_gen), "rewards/accuracies": _mean((r_real > r_gen).float()),
+        "margins/current": _mean(real - gen),
+    }
 
 
 @torch.no_grad()
@@ -83,8 +87,6 @@ def batched_logps(model, features: list[dict], fields: tuple[str, ...], pad_toke
                   desc: str = "log-probs") -> dict[str, list[float]]:
     """No-grad log-probs of every feature's `fields` (SPIN's reference values, evaluation margins)."""
     from tqdm.auto import tqdm
-
-    from .data import collate
 
     device = next(model.parameters()).device
     was_training = model.training

@@ -6,7 +6,6 @@ micro-batches of its accumulation window, clipping, the step, metrics and period
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -14,29 +13,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
+from tspin_kernels.integrations import backbone_and_head
+
+from .batch import collate, count_tokens, fields_for
+from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import Config
-from .data import collate, fields_for
-from .distributed import clip_grad_norm, grad_sync, reshard
 from .io import atomic_write_json
-from .losses import compute_loss
-from .metrics import Averager, MetricsWriter
+from .losses import autocast, compute_loss
+from .metrics import Averager, MetricsWriter, read_back
 from .ranks import all_sum, on_main, world
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config: device={name!r} but CUDA is not available")
-    return dev
-
-
-def autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .wrapping import clip_grad_norm, grad_sync, policy_of, reshard
 
 
 def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
@@ -48,19 +34,25 @@ def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer, cfg: Config, total_steps: int):
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """transformers' warmup schedules: warmup, then linear decay to 0, cosine decay to 0, or constant.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
+    The warmup lasts w = int(warmup_ratio * total_steps) steps and starts one step in: the first optimizer step
+    runs at peak/(w+1), not at 0 (a step at lr 0 would only move Adam's moments), and step w reaches the peak. In
+    transformers' own terms this is a schedule of w+1 warmup and total_steps+1 steps, started at step 1.
+    """
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = int(cfg.warmup_ratio * total_steps) + 1
+    for group in optimizer.param_groups:  # torch's schedulers start past step 0 only from a recorded initial lr
+        group.setdefault("initial_lr", group["lr"])
+    if cfg.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup, last_epoch=0)
+    make = get_cosine_schedule_with_warmup if cfg.lr_scheduler == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, warmup, total_steps + 1, last_epoch=0)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -97,17 +89,19 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                desc: str = "train") -> dict:
     """Train `model` in place on `features`; checkpoints go to out_dir/checkpoints, the final one to out_dir/model.
 
-    `model` is the wrapped policy (tspin.distributed.wrap_model / load_for_training) or a plain HF model; under
-    torchrun every rank calls this with the same features and trains on its share of each step.
+    `model` is the training policy (tspin.models.load_policy, or tspin.wrapping.wrap_model); under torchrun every
+    rank calls this with the same features and trains on its share of each step.
 
     Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run.
-    Returns the means of the last epoch's metrics (also written to out_dir/train_summary.json).
+    Metrics stay on the device and are read back once per logged step. Returns the means of the last epoch's
+    metrics (also written to out_dir/train_summary.json).
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     rank, world_size = world()
     fields = fields_for(method)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
     beta = cfg.beta_at(iteration) if beta is None else beta
     windows = step_windows(len(features), cfg, cfg.seed + 1000 * iteration if seed is None else seed, world_size)
     total = len(windows)
@@ -117,12 +111,12 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     start, epoch_avg = 0, Averager()
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
-        state = load_trainer_state(ckpt, model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(ckpt, model, optimizer=optimizer, scheduler=scheduler)
         if state.get("world_size", 1) != world_size:  # the steps' data split depends on the number of ranks
             raise ValueError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run has "
                              f"{world_size}; resume a mid-iteration checkpoint with the same --nproc_per_node")
         start = state["step"]
-        epoch_avg.sums, epoch_avg.n = state.get("epoch_avg", ({}, 0))
+        epoch_avg = Averager.from_state(state.get("epoch_avg", ({}, 0)), device)
         # lines a killed run logged after this checkpoint are written again below
         metrics.rewind(lambda r: not (r.get("phase") == "train" and r.get("iteration") == iteration
                                       and r.get("method") == method and r.get("step", 0) > start))
@@ -131,57 +125,62 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * world_size
                                                  * cfg.gradient_accumulation_steps))
     bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    busy_s, tokens = 0.0, 0  # since the last logged line
     for step in range(start, total):
         t0 = time.perf_counter()
-        shares = [rank_share(mb, rank, world_size) for mb in windows[step]]
-        window = [(collate([features[i] for i in mine], fields, pad, cfg.layout), w) for mine, w in shares]
+        # the whole step's counts over all ranks, from the features every rank holds: no communication
+        examples = [i for mb in windows[step] for i in mb]
+        counted, n_tokens = count_tokens([features[i] for i in examples], fields)
         # exact accumulation: every micro-batch loss is a sum, divided by the whole window's count over all ranks;
         # DDP / FSDP2 average gradients over ranks, hence the factor world_size
-        denom = sum(w * (b.num_tokens if method == "sft" else b.num_examples) for b, w in window)
-        if world_size > 1:
-            denom = all_sum([denom])[0] / world_size
-        avg, n_tokens, window_loss = Averager(), 0, 0.0
-        for j, (batch, w) in enumerate(window):
-            batch = batch.to(device)
-            with grad_sync(model, enabled=j == len(window) - 1):  # communicate once per step
+        denom = (counted if method == "sft" else len(examples)) / world_size
+        shares = [rank_share(mb, rank, world_size) for mb in windows[step]]
+        avg, window_loss = Averager(), 0.0
+        for j, (mine, w) in enumerate(shares):
+            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size).to(device)
+            with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):
                     loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
                                            spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps)
                 (loss / denom if w else loss * 0.0).backward()
-            window_loss += w * loss.item() / denom / world_size
+            window_loss = window_loss + loss.detach().double() * w / denom / world_size
             avg.add(m, int(w) * batch.num_examples)
-            n_tokens += int(w) * int(batch.input_ids.numel() if batch.attention_mask is None
-                                     else batch.attention_mask.sum())
         if world_size > 1:  # the logged numbers are those of the whole step
-            keys = sorted(avg.sums)
-            sums = all_sum([window_loss, n_tokens, avg.n] + [avg.sums[k] for k in keys])
-            window_loss, n_tokens, avg.n = sums[0], int(sums[1]), int(sums[2])
-            avg.sums = dict(zip(keys, sums[3:]))
+            window_loss = all_sum(window_loss)
+            avg.add_ranks()
+            avg.n = len(examples)
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # global norm over ranks / shards
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        means = {"loss": window_loss, **avg.means()}
+        means = {"loss": window_loss, **avg.mean_tensors()}
         if step // steps_per_epoch == (total - 1) // steps_per_epoch:
             epoch_avg.add(means, avg.n)
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == total:
+        tokens += n_tokens
+        logged = (step + 1) % cfg.logging_steps == 0 or step + 1 == total
+        if logged:
+            values = read_back({"grad_norm": grad_norm, **means})  # the step's one host sync
+        busy_s += time.perf_counter() - t0  # after the sync: the device's work since the last line is done
+        if logged:
+            tokens_per_s = tokens / busy_s
             metrics.write(phase="train", method=method, iteration=iteration, step=step + 1, total_steps=total,
-                          epoch=round((step + 1) / steps_per_epoch, 4), lr=lr, grad_norm=grad_norm, beta=beta,
-                          tokens_per_s=n_tokens / dt, **means)
-        bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{n_tokens / dt:.0f}")
+                          epoch=round((step + 1) / steps_per_epoch, 4), lr=lr, grad_norm=values.pop("grad_norm"),
+                          beta=beta, tokens_per_s=tokens_per_s, **values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            busy_s, tokens = 0.0, 0
         bar.update(1)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
-            save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer, optimizer=optimizer,
-                            scheduler=scheduler, step=step + 1, total_steps=total,
-                            extra={"epoch_avg": (dict(epoch_avg.sums), epoch_avg.n), "world_size": world_size})
+            save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer=tokenizer,
+                            optimizer=optimizer, scheduler=scheduler,
+                            state={"step": step + 1, "total_steps": total, "epoch_avg": epoch_avg.state(),
+                                   "world_size": world_size})
             prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
     bar.close()
     means = epoch_avg.means()
     # written before the model: a run killed in between redoes the tail of training and rewrites both
     on_main(atomic_write_json, out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
-    save_checkpoint(out_dir / "model", model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=total,
-                    total_steps=total, extra={"iteration": iteration, "method": method})
+    save_checkpoint(out_dir / "model", model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                    state={"step": total, "total_steps": total, "iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
     return means

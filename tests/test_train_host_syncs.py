@@ -1,0 +1,82 @@
+"""Host syncs in the training loop: metrics stay on the device and are read back once per logged step.
+
+On a GPU every read of a device value (``.item()``, ``.tolist()``, ``.cpu()``, ``float(t)``, ``bool(t)``, ...) waits
+for the stream to drain. On the CPU there is nothing to wait for, so the test counts the reads themselves: it
+wraps those ``torch.Tensor`` methods while ``train_loop`` runs and records the calls made from the trainer's own
+code (``tspin/``). Reads inside torch and transformers are theirs; reads inside ``tspin_kernels`` are its input
+checks, which a caller that built the batch itself (the trainer: ``tspin.batch.collate`` checks on the CPU) can
+switch off there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (one_thread: autouse)
+
+import tspin
+from tspin.data import build_features
+from tspin.demo import make_task
+from tspin.io import read_jsonl
+from tspin.metrics import MetricsWriter
+from tspin.models import load_tokenizer
+from tspin.train import train_loop
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+TRAINER = Path(tspin.__file__).resolve().parent
+# Functions whose tensors live on the CPU by construction (on a GPU run too), so their reads cost no sync:
+# the data order is a CPU generator's permutation, computed once before the first step.
+HOST_ONLY = {"epoch_order"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m"), hidden=32, layers=1, heads=2)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Patch the Tensor read methods; returns the list of (file:line function, method) calls made from tspin/."""
+    calls: list[str] = []
+
+    def wrap(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            path = Path(caller.f_code.co_filename).resolve()
+            if path.is_relative_to(TRAINER) and caller.f_code.co_name not in HOST_ONLY:
+                calls.append(f"{path.name}:{caller.f_lineno} {caller.f_code.co_name} .{name}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+def _features(tok, method: str, n: int = 12) -> list[dict]:
+    fields = {"tspin": ("real", "generated", "proto"), "spin": ("real", "generated"), "sft": ("real",)}[method]
+    recs = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["response"],
+             "generated": r["response"][1:], "proto": r["response"][::-1]} for r in make_task(n, 4)]
+    feats = build_features(recs, tok, fields, template="paper", max_length=40, max_prompt_length=24)
+    if method == "spin":
+        for i, f in enumerate(feats):
+            f["ref"] = {"real": -1.0 - i, "generated": -2.0 - i}
+    return feats
+
+
+@pytest.mark.parametrize("method, layout", [("tspin", "padded"), ("spin", "packed"), ("sft", "padded")])
+def test_one_host_read_per_logged_step(model_dir, tmp_path, host_reads, method, layout):
+    tok = load_tokenizer(str(model_dir))
+    # 12 examples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 steps, a line every 3rd
+    cfg = tiny_cfg(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2.0,
+                   logging_steps=3, layout=layout, loss_impl="torch")
+    train_loop(tiny_policy(model_dir), tok, _features(tok, method), cfg, method=method, out_dir=tmp_path / "run",
+               metrics=MetricsWriter(tmp_path / "metrics.jsonl"))
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [3, 6] and all("loss" in r and "grad_norm" in r for r in lines)
+    # one read per logged line, and one for the end-of-iteration summary (train_summary.json)
+    assert len(host_reads) <= len(lines) + 1, "\n".join(host_reads)

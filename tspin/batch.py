@@ -1,0 +1,97 @@
+"""Batches: tokenized features -> the tensors of one forward, padded or packed (the layouts:
+docs/contract.md#batch-layouts).
+
+Rows are ordered field-major, ``[field0 of every example; field1 of every example; ...]``: for T-SPIN
+``[real; generated; proto]``, the order the losses split with ``chunk(3)``. Batches are built on the CPU from
+Python lists, so this is where token ids and labels are checked: it costs a pass over lists already in hand, where
+the same check on device tensors would stall the GPU stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (R, T) padded, or (1, N) packed
+    labels: torch.Tensor  # same shape as input_ids, HF style (shift happens in the kernel)
+    attention_mask: torch.Tensor | None  # (R, T); None when packed (position_ids delimit sequences)
+    position_ids: torch.Tensor | None  # (1, N) packed, restarting at 0 per sequence
+    cu_seqlens: torch.Tensor | None  # (R+1,) int32 packed offsets
+    num_examples: int
+    num_tokens: int  # counted (response) tokens
+    num_input_tokens: int  # tokens the backbone runs over (padding excluded)
+    ref_logps: torch.Tensor | None = None  # (R,) float32 in row order (SPIN)
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return Batch(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+def fields_for(method: str) -> tuple[str, ...]:
+    if method == "tspin":
+        return ("real", "generated", "proto")
+    if method == "spin":
+        return ("real", "generated")
+    return ("real",)
+
+
+def count_tokens(features: list[dict], fields: tuple[str, ...]) -> tuple[int, int]:
+    """(counted response tokens, input tokens) of ``features``' ``fields``."""
+    seqs = [feat[f] for f in fields for feat in features]
+    return sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in seqs), sum(len(s) for s, _ in seqs)
+
+
+def _check(seqs: list, pad_token_id: int, vocab_size: int | None) -> None:
+    for i, (ids, labels) in enumerate(seqs):
+        if not ids or len(ids) != len(labels):
+            raise ValueError(f"features: row {i} has {len(ids)} input ids and {len(labels)} labels; expected the "
+                             "same non-zero number")
+        if vocab_size is not None:
+            bad = [t for t in ids if not 0 <= t < vocab_size] + [
+                t for t in labels if t != IGNORE_INDEX and not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"features: row {i} holds token id {bad[0]} outside [0, {vocab_size}) (labels may "
+                                 f"also be {IGNORE_INDEX}); does the tokenizer belong to this model?")
+    if vocab_size is not None and not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id: {pad_token_id} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, layout: str = "padded", *,
+            vocab_size: int | None = None) -> Batch:
+    """One batch of ``features`` (from :func:`tspin.data.build_features`): every example's ``fields`` as rows.
+
+    With ``vocab_size`` every token id and label is checked to lie in the model's vocabulary (labels may be -100).
+    """
+    if layout not in ("padded", "packed"):
+        raise ValueError(f"layout={layout!r}: expected 'padded' or 'packed'")
+    seqs = [feat[f] for f in fields for feat in features]
+    if not seqs:
+        raise ValueError("features: a batch needs at least one example")
+    _check(seqs, pad_token_id, vocab_size)
+    num_tokens, num_input_tokens = count_tokens(features, fields)
+    counts = dict(num_examples=len(features), num_tokens=num_tokens, num_input_tokens=num_input_tokens)
+    ref = None
+    if all("ref" in feat for feat in features):
+        ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
+    if layout == "packed":
+        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
+        labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
+        pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]
+        cu = torch.tensor([0, *accumulate(len(s) for s, _ in seqs)], dtype=torch.int32)
+        return Batch(ids, labels, None, pos, cu, **counts, ref_logps=ref)
+    T = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, (s, lab) in enumerate(seqs):  # right padding: positions 0..len-1 are real tokens
+        ids[r, : len(s)] = torch.tensor(s)
+        labels[r, : len(s)] = torch.tensor(lab)
+        mask[r, : len(s)] = 1
+    return Batch(ids, labels, mask, None, None, **counts, ref_logps=ref)

@@ -1,0 +1,68 @@
+"""One self-play iteration's training rows: the synthetic responses y' (sampled by the start-of-iteration policy,
+or the proto ones at iteration 0), the proto responses y0, and for SPIN the reference log-probs.
+
+Written once to OUT/iter{t}/data.jsonl and read back on resume, so a killed run trains on the very same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .data import build_features
+from .generation import generate_field
+from .io import atomic_write_jsonl, read_jsonl
+from .losses import autocast, batched_logps
+from .ranks import on_main
+
+
+def spin_refs(model, tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
+    """SPIN reference log-probs by the start-of-iteration policy, computed once under no_grad and stored with the
+    data: no second model lives in memory while training."""
+    fields = ("real", "generated") + (("generated_prev",) if rows and "generated_prev" in rows[0] else ())
+    feats = build_features(rows, tokenizer, fields, template=cfg.prompt_template, max_length=cfg.max_length,
+                           max_prompt_length=cfg.max_prompt_length)
+    device = next(model.parameters()).device
+    with autocast(device, cfg.bf16):
+        lp = batched_logps(model, feats, fields, tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
+                           impl=cfg.loss_impl, average=cfg.average_logps, layout=cfg.layout, progress=cfg.progress,
+                           desc="reference log-probs")
+    return [{**r, **{f"ref_{f}": lp[f][i] for f in fields}} for i, r in enumerate(rows)]
+
+
+def expand_spin_mix(rows: list[dict]) -> list[dict]:
+    """SPIN's two-iteration mixing: one pair with y'_{t-1} and one with y'_t per prompt."""
+    out = []
+    for r in rows:
+        out.append(r)
+        if r.get("generated_prev") is not None:
+            out.append({**r, "prompt_id": r["prompt_id"] + "/prev", "generated": r["generated_prev"],
+                        "ref_generated": r.get("ref_generated_prev")})
+    return out
+
+
+def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, it_dir: Path, out: Path) -> list[dict]:
+    path = it_dir / "data.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    if cfg.method == "sft":
+        rows = [dict(r) for r in records]
+    else:
+        if t == 0 and cfg.reuse_proto_at_iter0 and proto_rows is not None:
+            gen = [p["proto"] for p in proto_rows]
+        else:
+            gen = [r["generated"] for r in generate_field(model, tokenizer, records, it_dir / "generated.jsonl",
+                                                          "generated", cfg, seed=cfg.seed + 1 + t,
+                                                          desc=f"iter{t} generate")]
+        rows = [{**r, "generated": g} for r, g in zip(records, gen)]
+        if proto_rows is not None:
+            for r, p in zip(rows, proto_rows):
+                r["proto"] = p["proto"]
+        if cfg.method == "spin" and cfg.spin_mix_previous and t > 0:
+            prev = read_jsonl(out / f"iter{t - 1}" / "data.jsonl")
+            for r, p in zip(rows, prev):
+                r["generated_prev"] = p["generated"]
+        if cfg.method == "spin":
+            rows = spin_refs(model, tokenizer, rows, cfg)
+    on_main(atomic_write_jsonl, path, rows)
+    return rows

@@ -1,0 +1,159 @@
+"""Build the policy a run trains: read the tokenizer and the checkpoint (rank 0 alone under torchrun), add LoRA
+adapters and gradient checkpointing, wrap for the strategy (:mod:`tspin.wrapping`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tspin_kernels.integrations import CausalLMLogps, backbone_and_head
+
+from .config import Config
+from .ranks import DistInfo, dist_info, init_distributed
+from .wrapping import STRATEGIES, wrap_model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {path}: needs a pad or an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_device(name: str) -> torch.device:
+    """The config's ``device`` ("auto", "cpu", "cuda", "cuda:N") for a one-process run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config: device={name!r} but CUDA is not available")
+    return dev
+
+
+def load_policy(cfg: Config) -> nn.Module:
+    """The policy every command trains and samples from: the HF model (+ LoRA adapters, + gradient checkpointing,
+    both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy. Its forward is the fused log-prob path,
+    so DDP's all-reduce and FSDP2's unsharding cover the whole loss. fp32 master weights: bf16 comes from autocast
+    (one process, DDP) or from FSDP2's own mixed precision."""
+    if not cfg.model_name_or_path:
+        raise ValueError("config: model_name_or_path is required")
+    info = init_distributed()
+    if cfg.strategy != "none" and not info.distributed:
+        raise ValueError(f"config: strategy={cfg.strategy!r} needs a process group: launch with torchrun "
+                         "--nproc_per_node N -m tspin.cli ... (or accelerate launch)")
+
+    def prepare(model):
+        if cfg.lora_rank:
+            model = apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha,
+                               target_modules=cfg.lora_target_modules_list())
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    if cfg.strategy == "none":  # one copy per process, on cfg.device
+        info = dataclasses.replace(info, device=resolve_device(cfg.device))
+    bf16 = torch.bfloat16 if cfg.strategy == "fsdp2" and info.device.type == "cuda" and cfg.bf16 else None
+    return load_for_training(cfg.model_name_or_path, cfg.strategy, info=info, param_dtype=bf16, prepare=prepare)
+
+
+def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistInfo | None = None,
+                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                      prepare: Callable[[nn.Module], nn.Module] | None = None, **wrap_kwargs) -> nn.Module:
+    """``from_pretrained`` + :func:`~tspin.wrapping.wrap_model` where only rank 0 reads the checkpoint into memory.
+
+    The other ranks build the model on the meta device (no memory); after wrapping, rank 0's weights and buffers
+    are broadcast (FSDP2: and sharded). Host memory is one copy per node instead of one per rank (8 x 28 GB for
+    a 7B model in fp32). ``prepare(model) -> model`` runs on every rank before wrapping, e.g. :func:`apply_lora`
+    (rank 0's adapter init is the one broadcast) or :func:`enable_gradient_checkpointing`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    info = info or dist_info()
+    kw: dict = {"dtype": dtype}
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    rank0_reads = strategy != "none" and info.distributed and info.world_size > 1
+    if not rank0_reads or info.is_main:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), **kw)
+    if prepare is not None:
+        model = prepare(model)
+    if not rank0_reads:
+        return wrap_model(model, strategy, info=info, **wrap_kwargs)
+    policy = model if isinstance(model, CausalLMLogps) else CausalLMLogps(model, impl=wrap_kwargs.pop("impl", "auto"))
+    if strategy == "ddp":  # DDP broadcasts rank 0's parameters and buffers when it is built
+        if not info.is_main:
+            policy.to_empty(device=info.device)
+            _retie(policy)
+        return wrap_model(policy, "ddp", info=info, **wrap_kwargs)
+    # Keep rank 0's values (the detached tensors still point at the CPU storage fully_shard moves away from).
+    full = {k: v.detach() for k, v in policy.state_dict().items()} if info.is_main else {}
+    buffers = {k: v.detach().clone() for k, v in policy.named_buffers()} if info.is_main else {}
+    wrapped = wrap_model(policy, "fsdp2", info=info, **wrap_kwargs)
+    wrapped.to_empty(device=info.device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(wrapped, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are in no state dict: broadcast them all
+        for name, buf in sorted(wrapped.named_buffers()):
+            if info.is_main:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf, src=0)
+    return wrapped
+
+
+def _retie(policy: CausalLMLogps) -> None:
+    """to_empty replaces each module's parameter separately, which unties a head tied to the input embeddings:
+    rank 0 would then hold one parameter fewer than the others (DDP refuses to start)."""
+    lm = policy.model
+    if getattr(lm.config, "tie_word_embeddings", False) and hasattr(lm, "tie_weights"):
+        lm.tie_weights()
+
+
+def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear"):
+    """Wrap a Hugging Face causal LM with peft LoRA adapters; every base weight, the LM head included, is frozen.
+
+    ``"all-linear"`` targets every linear layer except the output head. With the head frozen the kernel does no
+    ``grad_weight`` work. Returns the ``PeftModel``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected a positive int rank, got {r!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    _, head = backbone_and_head(model)
+    head_names = {n for n, m in model.named_modules() if m is head}
+    if isinstance(target_modules, (list, tuple)) and any(n.split(".")[-1] in target_modules for n in head_names):
+        raise ValueError(f"target_modules: the LM head ({sorted(head_names)}) must stay frozen and un-adapted")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                     task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(model, cfg)
+    if head.weight.requires_grad:  # peft freezes the base; this guards against future defaults
+        head.weight.requires_grad_(False)
+    return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each decoder block in backward (non-reentrant, so it composes with FSDP2, DDP and frozen
+    embeddings under LoRA). Call on the Hugging Face model (PEFT or not) before wrapping. Returns the model."""
+    # transformers >= 5.2x renamed it (the old name warns); the GPU image's 5.17 has only the old one
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
