@@ -1,4 +1,5 @@
-"""tspin_loss / spin_loss against SPEC section 1, including its gradient formula, and the nn.Module wrappers."""
+"""tspin_loss / spin_loss against the method's formula (docs/contract.md#the-method), including its gradient, and
+the nn.Module wrappers."""
 
 import pytest
 import torch
