@@ -80,15 +80,27 @@ def step(info, strategy: str, *, layout: str = "padded", lora: bool = False, che
     return {"loss": float(all_sum(loss.detach().float()) / info.world_size),
             "logps": _gather_logps(logps, info.world_size), "grads": grads,
             "params": model_state_dict(policy), "optim": optimizer_state_dict(policy, opt),
-            "grad_norm": grad_norm}, policy
+            "grad_norm": grad_norm}, policy, opt
+
+
+def resume(info, strategy: str, policy, opt, path: Path) -> dict:
+    """A checkpoint with the optimizer, loaded into a fresh policy (other weights) and a fresh optimizer: what a
+    resumed run gets back."""
+    save_checkpoint(path, policy, optimizer=opt, state={"step": 1})
+    fresh = wrap_model(tiny_llama(123), strategy, info=info)
+    fresh_opt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    state = load_checkpoint(path, fresh, optimizer=fresh_opt)
+    return {"state": state, "params": model_state_dict(fresh), "optim": optimizer_state_dict(fresh, fresh_opt)}
 
 
 def main(out_dir: str, ref_ckpt: str) -> None:
     info = init_distributed()
     out = Path(out_dir)
     results: dict = {"world_size": info.world_size}
-    results["ddp"], _ = step(info, "ddp")
-    results["fsdp2"], policy = step(info, "fsdp2")
+    results["ddp"], ddp, ddp_opt = step(info, "ddp")
+    results["ddp_resumed"] = resume(info, "ddp", ddp, ddp_opt, out / "ckpt_ddp")
+    results["fsdp2"], policy, opt = step(info, "fsdp2")
+    results["fsdp2_resumed"] = resume(info, "fsdp2", policy, opt, out / "ckpt_fsdp2_state")
     save_checkpoint(out / "ckpt_fsdp2", policy)
 
     # Generation sharded over ranks, under FSDP2 (each forward is a collective): 5 prompts over 2 ranks.
@@ -110,8 +122,8 @@ def main(out_dir: str, ref_ckpt: str) -> None:
     results["prompts"] = prompts
     results["rank_tags"] = sharded_generate(list(range(7)), lambda xs: [(x, info.rank) for x in xs])
 
-    results["fsdp2_lora_gc_packed"], _ = step(info, "fsdp2", layout="packed", lora=True, checkpointing=True)
-    results["fsdp2_tied"], _ = step(info, "fsdp2", tied=True)
+    results["fsdp2_lora_gc_packed"], *_ = step(info, "fsdp2", layout="packed", lora=True, checkpointing=True)
+    results["fsdp2_tied"], *_ = step(info, "fsdp2", tied=True)
 
     # A checkpoint written by one process, loaded into a 2-rank FSDP2 model.
     fresh = wrap_model(tiny_llama(123), "fsdp2", info=info)
