@@ -40,8 +40,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
             sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
         else:
+            flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
             sp = sub.add_parser(name, help=text, description=text, parents=[config_keys()], allow_abbrev=False,
-                                exit_on_error=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                usage=f"tspin {name} [--config YAML] [--KEY=VALUE ...]{flags}", exit_on_error=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Config keys may also come from --config; the command line overrides it.")
             sp.add_argument("--config", help="YAML recipe (see configs/)")
             if name in ("train", "iterate"):
