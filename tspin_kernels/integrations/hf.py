@@ -270,7 +270,7 @@ class CausalLMLogps(nn.Module):
     """The module to train and to wrap (DDP, ``fully_shard``): ``forward`` = :func:`causal_lm_sequence_logps`.
 
     ``self.model`` is the Hugging Face model (PEFT-wrapped or not); its head gets the fused forward. ``generate``
-    delegates to the model (under FSDP2, :func:`tspin.distributed.wrap_model` registers it as a forward method so
+    delegates to the model (under FSDP2, :func:`tspin.wrapping.wrap_model` registers it as a forward method so
     the root's parameters are gathered).
     """
 
