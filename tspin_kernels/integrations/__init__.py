@@ -10,8 +10,9 @@ from .hf import (
     packing_attn_implementation,
     unwrap_causal_lm,
 )
+from .hf_trainer import install_fused_loss
 
 __all__ = [
     "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
-    "packed_position_ids", "pack_padded", "packing_attn_implementation",
+    "packed_position_ids", "pack_padded", "packing_attn_implementation", "install_fused_loss",
 ]

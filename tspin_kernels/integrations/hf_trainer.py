@@ -1,0 +1,78 @@
+"""The plain ``transformers.Trainer`` (or any loop that calls ``model(..., labels=...)``) with the causal-LM loss
+from the fused kernel, in one line:
+
+    install_fused_loss(model)          # then Trainer(model=model, ...) as usual
+
+After it, ``model(..., labels=labels)`` returns the same loss as Hugging Face's ``ForCausalLMLoss`` (token mean,
+or sum / ``num_items_in_batch`` when the Trainer passes it, so gradient accumulation and
+``average_tokens_across_devices`` stay exact) without building ``[tokens x vocab]`` logits; ``outputs.logits`` is
+None then. Without labels the model is unchanged (generation, ``model(input_ids).logits``). The Trainer's own code
+paths run untouched: it is the model that computes the loss, as it always does.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch.nn as nn
+
+from .hf import backbone_and_head, install_fused_head, unwrap_causal_lm
+
+__all__ = ["install_fused_loss"]
+
+
+def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    decoder, head = backbone_and_head(model)
+    kwargs.pop("logits_to_keep", None)  # a head option: no logits are built here
+    kwargs.setdefault("use_cache", False)  # a loss needs no KV cache (pass use_cache=True to get one back)
+    out = decoder(*args, **kwargs)
+    hidden = out.last_hidden_state.to(head.weight.device)
+    if shift_labels is not None:  # already aligned (context parallelism, padding-free collators)
+        aligned, shift = shift_labels.to(hidden.device), False
+    else:
+        aligned, shift = labels.to(hidden.device), True
+    logps = head(hidden, aligned, shift=shift, ignore_index=ignore_index, impl=impl)
+    if num_items_in_batch is None:  # ForCausalLMLoss' reduction="mean" over the predicted tokens
+        counted = aligned[..., 1:] if shift else aligned
+        denominator = (counted != ignore_index).sum().clamp(min=1)
+    else:
+        denominator = num_items_in_batch.to(hidden.device) if hasattr(num_items_in_batch, "to") else num_items_in_batch
+    return CausalLMOutputWithPast(loss=-logps.sum() / denominator,
+                                  past_key_values=getattr(out, "past_key_values", None))
+
+
+def install_fused_loss(model: nn.Module, *, impl: str = "auto", ignore_index: int = -100) -> nn.Module:
+    """Make ``model(..., labels=...)`` compute the causal-LM loss through the fused kernel; returns ``model``.
+
+    Works on a ``*ForCausalLM`` or a PEFT model of one (install before or after ``get_peft_model``); idempotent.
+    Refuses what the fused path cannot reproduce: logits transformed after the head (soft-capping,
+    ``logit_scale``), an adapter on the LM head, and MoE models that add a router auxiliary loss.
+    """
+    lm = unwrap_causal_lm(model)
+    backbone_and_head(lm)
+    config = getattr(lm, "config", None)
+    if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 0.0):
+        raise NotImplementedError(
+            f"model: {type(lm).__name__} adds a router auxiliary loss (output_router_logits=True, "
+            f"router_aux_loss_coef={config.router_aux_loss_coef}) that the fused loss does not compute; set "
+            "config.output_router_logits=False to train without it"
+        )
+    install_fused_head(lm)
+    if getattr(lm.__dict__.get("forward"), "_tspin_fused_loss", False):
+        return model
+    original = lm.forward
+
+    @functools.wraps(type(lm).forward)  # keeps the signature that Trainer and generate inspect
+    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:  # like Hugging Face's models: no labels, no loss (shift_labels only refine labels)
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return original(*args, **kwargs)
+        return _fused_loss_output(self, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index)
+
+    forward._tspin_fused_loss = True
+    lm.forward = types.MethodType(forward, lm)
+    return model
