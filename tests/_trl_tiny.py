@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -64,3 +65,12 @@ def triplet_rows(n: int, seed: int = 0) -> dict[str, list[str]]:
     rng = random.Random(seed + 1)
     return {"prompt": rows["prompt"], "real": rows["chosen"], "generated": rows["rejected"],
             "proto": [" " + _words(rng, 2, 9) for _ in range(n)]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core box; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,19 +16,11 @@ from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from tests._trl_tiny import char_tokenizer, preference_rows, tiny_model  # noqa: E402
+from tests._trl_tiny import char_tokenizer, one_thread, preference_rows, tiny_model  # noqa: E402, F401 (fixture)
 from tspin_kernels.integrations.trl import FusedDPOTrainer, check_trl_version  # noqa: E402
 
 TOK = char_tokenizer()
 LOGIT_METRICS = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _config(tmp_path, **kw) -> DPOConfig:

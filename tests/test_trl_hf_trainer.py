@@ -11,18 +11,10 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from tests._trl_tiny import char_tokenizer, preference_rows, tiny_model
+from tests._trl_tiny import char_tokenizer, one_thread, preference_rows, tiny_model  # noqa: F401 (fixture)
 from tspin_kernels.integrations import install_fused_loss
 
 TOK = char_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(n=5):
