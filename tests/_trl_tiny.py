@@ -48,12 +48,14 @@ def _words(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(CHARS[:26]) for _ in range(rng.randint(lo, hi)))
 
 
-def preference_rows(n: int, seed: int = 0, *, lo: int = 2, hi: int = 9) -> dict[str, list[str]]:
-    """Standard-format preference data of varied lengths: prompt / chosen / rejected strings."""
+def preference_rows(n: int, seed: int = 0, *, lo: int = 2, hi: int = 9,
+                    prompt: tuple[int, int] = (3, 8)) -> dict[str, list[str]]:
+    """Standard-format preference data of varied lengths (completions lo..hi characters): prompt / chosen /
+    rejected strings."""
     rng = random.Random(seed)
     rows = {"prompt": [], "chosen": [], "rejected": []}
     for _ in range(n):
-        rows["prompt"].append(_words(rng, 3, 8) + "?")
+        rows["prompt"].append(_words(rng, *prompt) + "?")
         rows["chosen"].append(" " + _words(rng, lo, hi))
         rows["rejected"].append(" " + _words(rng, lo, hi))
     return rows

@@ -53,8 +53,10 @@ SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))
 _STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Metrics DPOTrainer derives from those statistics; dropped from the logs with ``logit_metrics=False``.
 _LOGIT_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
-# Logit elements per tile of the statistics pass (float32: 32 MiB), the same budget as the chunked torch path.
-_STATS_TILE_ELEMENTS = 1 << 23
+# Logit elements per tile of the statistics pass. On CUDA TRL folds a tile with a Triton kernel: 2**23 elements
+# (16 MiB in bf16) as our chunked path uses. Elsewhere it folds in torch with about five tile-sized temporaries, so
+# the tiles are 4x smaller there (8 MiB each in float32).
+_STATS_TILE_ELEMENTS = {"cuda": 1 << 23, "other": 1 << 21}
 
 
 def check_trl_version(version: str | None = None) -> None:
@@ -100,7 +102,8 @@ def _logit_stats(head: nn.Module, hidden: torch.Tensor, aligned: torch.Tensor, w
     if hasattr(weight, "full_tensor"):  # an FSDP2 / TP DTensor outside the head's forward
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
-    width = max(128, _STATS_TILE_ELEMENTS // max(1, min(rows.shape[0], 4096)))  # TRL tiles 4096 tokens at a time
+    budget = _STATS_TILE_ELEMENTS["cuda" if rows.is_cuda else "other"]
+    width = max(128, budget // max(1, min(rows.shape[0], 4096)))  # TRL tiles 4096 tokens at a time
     with torch.no_grad():
         per_token = ChunkedLogProbFunction.apply(rows, weight, bias, aligned[mask], 1.0, width, None, 1.0, wanted)
     stats = {}
