@@ -23,12 +23,17 @@ pytest.importorskip("trl", reason="TRL is not installed (pip install 'tspin[trl]
 VOCAB, HIDDEN, LAYERS = 128256, 64, 2
 SHAPES = {"ci": (1, 256), "full": (2, 1024)}  # (pairs, tokens per sequence)
 BOUND = 0.5
+# A fixed mmap threshold turns off glibc's dynamic one, under which a freed large block can raise the threshold and
+# later blocks then come from (and stay in) the heap: which ones depends on the order of allocations, which made
+# the rise wobble by tens of MiB between trainers. Fixed, every large block is mapped and unmapped, and the peak RSS
+# follows the live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 @functools.cache
 def probe(trainer: str, size: str) -> dict:
     pairs, length = SHAPES[size]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **MALLOC_ENV}
     env.pop("TRITON_INTERPRET", None)  # CPU: the chunked torch path, no Triton
     cmd = [sys.executable, "-m", "benchmarks.trl_rss_probe", "--trainer", trainer, "--vocab", str(VOCAB),
            "--hidden", str(HIDDEN), "--layers", str(LAYERS), "--pairs", str(pairs), "--length", str(length)]
@@ -52,7 +57,8 @@ def _check_and_record(benchmark, trainer: str, size: str) -> None:
     keep = ("baseline_rss", "peak_rss", "method", "loss", "grad_norm", "tokens", "completion_tokens", "trl")
     common.record(benchmark, "cpu", impl=f"dpo-{trainer}", shape=shape, mode="dpo_step", head="trainable",
                   peak_mem_bytes=res["rise_bytes"], memory_kind="host RSS rise (fresh subprocess)",
-                  step_seconds=res["seconds"], rise_ratio_vs_trl=res["rise_bytes"] / max(1, trl_res["rise_bytes"]),
+                  step_seconds=res["seconds"], malloc_env=MALLOC_ENV,
+                  rise_ratio_vs_trl=res["rise_bytes"] / max(1, trl_res["rise_bytes"]),
                   **{k: res[k] for k in keep})
 
 
