@@ -8,21 +8,36 @@ or sum / ``num_items_in_batch`` when the Trainer passes it, so gradient accumula
 ``average_tokens_across_devices`` stay exact) without building ``[tokens x vocab]`` logits; ``outputs.logits`` is
 None then. Without labels the model is unchanged (generation, ``model(input_ids).logits``). The Trainer's own code
 paths run untouched: it is the model that computes the loss, as it always does.
+
+``model(..., labels=labels, return_sequence_logps=True)`` returns the per-row sums of label log-probs instead
+(``outputs.sequence_logps``, float32 ``(R,)``), for preference losses computed in a custom ``compute_loss``. Both go
+through the model's ``forward``, so DDP / FSDP / Accelerate wrappers see an ordinary call.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from .hf import backbone_and_head, install_fused_head, unwrap_causal_lm
 
-__all__ = ["install_fused_loss"]
+__all__ = ["install_fused_loss", "SequenceLogpsOutput"]
 
 
-def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index):
+@dataclass
+class SequenceLogpsOutput(ModelOutput):
+    """``model(..., labels=..., return_sequence_logps=True)``: per-row sums of the label tokens' log-probs."""
+
+    sequence_logps: torch.Tensor | None = None
+
+
+def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index,
+                       return_sequence_logps):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     decoder, head = backbone_and_head(model)
@@ -35,6 +50,8 @@ def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_b
     else:
         aligned, shift = labels.to(hidden.device), True
     logps = head(hidden, aligned, shift=shift, ignore_index=ignore_index, impl=impl)
+    if return_sequence_logps:
+        return SequenceLogpsOutput(sequence_logps=logps)
     if num_items_in_batch is None:  # ForCausalLMLoss' reduction="mean" over the predicted tokens
         counted = aligned[..., 1:] if shift else aligned
         denominator = (counted != ignore_index).sum().clamp(min=1)
@@ -66,12 +83,16 @@ def install_fused_loss(model: nn.Module, *, impl: str = "auto", ignore_index: in
     original = lm.forward
 
     @functools.wraps(type(lm).forward)  # keeps the signature that Trainer and generate inspect
-    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, return_sequence_logps=False,
+                **kwargs):
         if labels is None:  # like Hugging Face's models: no labels, no loss (shift_labels only refine labels)
+            if return_sequence_logps:
+                raise ValueError("labels: return_sequence_logps=True needs the labels whose log-probs to sum")
             if shift_labels is not None:
                 kwargs["shift_labels"] = shift_labels
             return original(*args, **kwargs)
-        return _fused_loss_output(self, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index)
+        return _fused_loss_output(self, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index,
+                                  return_sequence_logps)
 
     forward._tspin_fused_loss = True
     lm.forward = types.MethodType(forward, lm)

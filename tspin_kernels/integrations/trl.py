@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hf import backbone_and_head, install_fused_head, unwrap_causal_lm
+from .tspin_trainer import TSPINConfig, TSPINTrainer  # T-SPIN on the Trainer TRL builds on (no DPOTrainer parts)
 
 try:
     import trl
@@ -45,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised only where TRL is absen
         "tspin_kernels.integrations.trl needs TRL: pip install 'tspin[trl]' (trl>=1.15,<1.17)"
     ) from e
 
-__all__ = ["FusedDPOTrainer", "FusedLogpsMixin", "SUPPORTED_TRL", "check_trl_version"]
+__all__ = ["FusedDPOTrainer", "FusedLogpsMixin", "SUPPORTED_TRL", "check_trl_version", "TSPINConfig", "TSPINTrainer"]
 
 # The versions whose DPOTrainer reads its log-probs through ``fused_lm_head=True`` and that the tests ran on.
 SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))

@@ -1,0 +1,213 @@
+"""T-SPIN for people who train with TRL / the Hugging Face Trainer: one self-play iteration on a triplet dataset.
+
+    trainer = TSPINTrainer(model, args=TSPINConfig(output_dir="out", alpha=1.0, beta=0.1),
+                           train_dataset=ds,              # columns: prompt, real, generated, proto
+                           processing_class=tokenizer, peft_config=None)
+    trainer.train()
+
+Dataset: like TRL's preference data, standard (strings) or conversational (``prompt`` a list of messages, each
+completion a list with the assistant message); ``prompt_id`` and other columns are ignored. Files written by
+``tspin iterate`` (``iter{t}/data.jsonl``) load as they are. Each step runs the policy once over the rows
+``[real; generated; proto]`` of its triplets, through the fused kernels (no logits), and minimises
+
+    -logsigmoid(alpha * (logp(real) - logp(generated))) + beta * -logsigmoid(alpha * (logp(generated) - logp(proto)))
+
+with no reference model. Logged: TRL-style ``logps/real|generated|proto``, ``rewards/*`` (``alpha * logp``),
+``rewards/margins``, ``rewards/accuracies`` and ``margins/current|history``.
+
+Why not a ``trl.DPOTrainer`` subclass: DPOTrainer's data path (prompt/chosen/rejected, two rows per example), its
+loss (one function with a reference model in every term) and its construction (it loads or copies a reference
+model unless PEFT or precomputed log-probs stand in) are all built around pairs plus a reference; T-SPIN has
+triplets and no reference, so a subclass would replace every piece and still pay for the reference. This trainer
+is the plain ``transformers.Trainer`` (the base of every TRL trainer: same arguments, launchers, PEFT, DeepSpeed /
+FSDP through Accelerate) with the loss computed through :func:`install_fused_loss`.
+
+A T-SPIN *iteration* needs ``generated`` sampled from the current policy (and ``proto`` once from the initial
+one); this trainer trains on whatever the dataset holds. ``tspin iterate`` runs the whole loop (generation,
+training, evaluation, resume).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..functional import tspin_loss_from_logps
+from .hf_trainer import install_fused_loss
+
+__all__ = ["TSPINConfig", "TSPINTrainer", "TripletCollator", "tokenize_triplet"]
+
+FIELDS = ("real", "generated", "proto")
+
+
+@dataclass
+class TSPINConfig(TrainingArguments):
+    """``TrainingArguments`` plus T-SPIN's coefficients and the tokenization limits."""
+
+    alpha: float = field(default=1.0, metadata={"help": "Scales both log-prob differences (the reward is alpha*logp)."})
+    beta: float = field(default=0.1, metadata={"help": "Weight of the history term l(alpha*(logp(y')-logp(y0)))."})
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per prompt+completion (from the "
+                                                                   "start); None keeps everything."})
+    impl: str = field(default="auto", metadata={"help": "tspin_kernels.sequence_logps implementation."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the token columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+
+
+def _ids(tokenizer, value, *, generation_prompt: bool = False) -> list[int]:
+    if isinstance(value, str):
+        return tokenizer(value)["input_ids"]
+    out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_triplet(example: dict, tokenizer) -> dict:
+    """``prompt_ids`` and ``{real,generated,proto}_ids`` (completion tokens, EOS-terminated for strings).
+
+    Like TRL: prompt + completion is tokenized as one text (so tokens merging across the boundary are right) and
+    the completion starts where it departs from the prompt alone; the prompt kept is the shortest such prefix.
+    """
+    missing = [k for k in ("prompt",) + FIELDS if example.get(k) is None]
+    if missing:
+        raise ValueError(f"train_dataset: record without {missing}; expected columns prompt, real, generated, proto")
+    prompt = example["prompt"]
+    conversational = not isinstance(prompt, str)
+    prompt_ids = _ids(tokenizer, prompt, generation_prompt=conversational)
+    full = {}
+    for key in FIELDS:
+        completion = example[key]
+        if isinstance(completion, str) != (not conversational):
+            raise ValueError(f"train_dataset: '{key}' and 'prompt' must both be strings or both be message lists")
+        if conversational:
+            full[key] = _ids(tokenizer, list(prompt) + list(completion))
+        else:
+            eos = tokenizer.eos_token or ""
+            full[key] = _ids(tokenizer, prompt + (completion if completion.endswith(eos) else completion + eos))
+    start = min(_common_prefix(prompt_ids, ids) for ids in full.values())
+    out = {"prompt_ids": prompt_ids[:start]}
+    for key, ids in full.items():
+        out[f"{key}_ids"] = ids[start:]
+    return out
+
+
+@dataclass
+class TripletCollator:
+    """Right-padded rows ``[real_0..real_{B-1}; generated_0..; proto_0..]``; labels -100 on prompt and padding."""
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for key in FIELDS:
+            for ex in examples:
+                ids = (ex["prompt_ids"] + ex[f"{key}_ids"])[: self.max_length]
+                n_prompt = min(len(ex["prompt_ids"]), len(ids))
+                rows.append(ids)
+                labels.append([-100] * n_prompt + ids[n_prompt:])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, labels)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            label_t[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+class TSPINTrainer(Trainer):
+    """``transformers.Trainer`` minimising the T-SPIN loss on (prompt, real, generated, proto) triplets."""
+
+    def __init__(self, model, args: TSPINConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, data_collator=None, **kwargs):
+        if args is None:
+            args = TSPINConfig(output_dir="tspin-trainer")
+        if not isinstance(args, TSPINConfig):
+            raise TypeError(f"args: expected a TSPINConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("processing_class: the tokenizer is required (it tokenizes prompts and completions)")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        install_fused_loss(model, impl=args.impl)
+        train_dataset = self._tokenize(train_dataset, processing_class, args) if train_dataset is not None else None
+        if eval_dataset is not None:
+            eval_dataset = self._tokenize(eval_dataset, processing_class, args)
+        collator = data_collator or TripletCollator(processing_class.pad_token_id, args.max_length)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=collator, **kwargs)
+        # compute_loss returns a per-batch mean: let Trainer divide it by the accumulation steps (every version)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _tokenize(dataset, tokenizer, args: TSPINConfig):
+        columns = set(dataset.column_names or [])
+        if not {"prompt", *FIELDS} <= columns:
+            raise ValueError(f"train_dataset: expected columns prompt, real, generated, proto, got {sorted(columns)}")
+        dataset = dataset.map(tokenize_triplet, fn_kwargs={"tokenizer": tokenizer}, remove_columns=sorted(columns),
+                              desc="Tokenizing triplets")
+        if args.max_length is None:
+            return dataset
+        # a prompt that fills max_length leaves no completion token to train on (TRL drops these too)
+        return dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, desc="Dropping too-long prompts")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
+                    return_sequence_logps=True)
+        real, generated, proto = out.sequence_logps.chunk(3)
+        loss = tspin_loss_from_logps(real, generated, proto, alpha=self.args.alpha, beta=self.args.beta)
+        self._log_metrics(real.detach(), generated.detach(), proto.detach())
+        return (loss, out) if return_outputs else loss
+
+    def _log_metrics(self, real, generated, proto) -> None:
+        mode = "train" if self.model.training else "eval"
+        real, generated, proto = self.accelerator.gather_for_metrics((real, generated, proto))
+        a = self.args.alpha
+        values = {
+            "logps/real": real, "logps/generated": generated, "logps/proto": proto,
+            "rewards/real": a * real, "rewards/generated": a * generated, "rewards/proto": a * proto,
+            "rewards/margins": a * (real - generated), "rewards/accuracies": (real > generated).float(),
+            "margins/current": real - generated, "margins/history": generated - proto,
+        }
+        for key, v in values.items():
+            self._metrics[mode][key].append(v.float().mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, *args, **kwargs)
