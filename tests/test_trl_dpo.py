@@ -167,6 +167,23 @@ def test_training_steps_equal_trl_under_bf16_autocast(tmp_path):
         assert (w_a[name] - w_b[name]).norm() <= 0.02 * update, (name, (w_a[name] - w_b[name]).norm(), update)
 
 
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-ref", "precomputed-ref"])
+def test_evaluate_equals_trl(tmp_path, precompute):
+    """Trainer.evaluate (model in eval mode, no grad; DPOTrainer also recomputes logits for its predictions)."""
+    data = Dataset.from_dict(preference_rows(6, seed=9))
+    results = {}
+    for name, cls in (("trl", DPOTrainer), ("ours", FusedDPOTrainer)):
+        trainer = _trainer(cls, tmp_path / name, precompute_ref_log_probs=precompute, beta=0.5,
+                           trainer_kw={"eval_dataset": data}, per_device_eval_batch_size=3)
+        results[name] = trainer.evaluate()
+    ours, theirs = results["ours"], results["trl"]
+    metrics = {k for k in theirs if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
+    assert {"eval_loss", "eval_entropy", "eval_rewards/margins", "eval_mean_token_accuracy"} <= metrics
+    assert metrics <= set(ours)
+    for key in metrics:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
 def test_without_logit_metrics_the_rest_is_unchanged(tmp_path):
     theirs = _one_loss(_trainer(DPOTrainer, tmp_path / "trl", beta=0.5))
     trainer = _trainer(FusedDPOTrainer, tmp_path / "ours", beta=0.5, trainer_kw={"logit_metrics": False})
