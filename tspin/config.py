@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed")
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the declarations below
@@ -107,6 +110,11 @@ class Config:
         def bad(name, msg):
             raise ValueError(f"config: {name}={getattr(self, name)!r}: {msg}")
 
+        # first: nan passes every comparison below (nan < 0 is False), and inf or a value beyond float32's range
+        # turns the float32 weights, loss or sampling into inf/nan
+        for name, value in self.to_dict().items():
+            if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+                bad(name, "must be a finite number (within float32's range, |x| <= 3.4e38)")
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
                    "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES}
         for name, allowed in choices.items():
@@ -149,6 +157,16 @@ class Config:
             bad("num_train_epochs", "must be > 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             bad("max_grad_norm", "must be > 0 or null")
+        for name in ("adam_beta1", "adam_beta2", "rmsprop_alpha"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            bad("eval_max_new_tokens", "must be >= 1 or null")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                bad(name, "must be in [0, 2**32)")
+        if not DEVICE.fullmatch(self.device):
+            bad("device", "expected auto, cpu, cuda or cuda:N")
         return self
 
     def lora_target_modules_list(self) -> str | list[str]:
@@ -211,7 +229,9 @@ def read_yaml(path: str | Path) -> dict[str, str | None]:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not valid UTF-8 (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
