@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .data import encode_prompts
-from .io import atomic_write_jsonl
+from .io import append_jsonl, atomic_write_jsonl
 from .ranks import on_main, world
 from .wrapping import policy_of
 
@@ -137,10 +136,7 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
         for i, t in zip(idx, texts):
             results[i] = t
         if partial:
-            with open(partial, "a") as f:
-                f.write(json.dumps({"batch": b, "index": idx, "text": texts}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(partial, {"batch": b, "index": idx, "text": texts})
         bar.update(len(idx))
     bar.close()
     model.train(was_training)

@@ -1,25 +1,77 @@
-"""Atomic file writes: nothing the project writes is ever left half-written (temp file in the same dir + rename)."""
+"""Atomic file writes: nothing the project writes is ever left half-written (temp file in the same dir + rename).
+
+A write that fails (full disk, read-only or forbidden directory, file size limit) raises :class:`WriteError`, an
+OSError that names the path; a process killed mid-write leaves at most a hidden ``.<name>.XXXXXXXX.tmp`` folder
+(or, while a directory is being replaced, ``.<name>.old``), which :func:`clean_stale_temps` removes on the next
+start.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 
+class WriteError(OSError):
+    """Writing a file failed; ``str()`` names the path and the reason (one line)."""
+
+    def __init__(self, path: str | Path, cause: BaseException):
+        errno = getattr(cause, "errno", None)
+        reason = getattr(cause, "strerror", None) or " ".join(str(cause).split()) or type(cause).__name__
+        if getattr(cause, "filename", None) is not None and str(cause.filename) != str(path):
+            reason += f" ({cause.filename})"
+        try:
+            free = shutil.disk_usage(_existing_parent(Path(path))).free
+            reason += f"; {free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            pass
+        super().__init__(errno, f"could not write {path}: {reason}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError (no space, permissions), torch.save's RuntimeError (its writer reports a
+    short write as "unexpected pos"), safetensors' own error type."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return OSError, RuntimeError
+    return OSError, RuntimeError, SafetensorError
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temp path next to `path`; on success it replaces `path` (a file or a directory) in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / ("x" + suffix)
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / ("x" + suffix)
+    except OSError as e:
+        raise WriteError(path, e) from e
+    try:
+        try:
+            yield tmp
+        except _write_errors() as e:
+            if isinstance(e, WriteError):
+                raise
+            raise WriteError(path, e) from e
         if path.is_dir() and not path.is_symlink():
-            # a dir cannot be replaced in one rename: move the old one aside first, drop it after
+            # a dir cannot be replaced in one rename: move the old one aside first, drop it after (a kill between
+            # the two renames leaves only .<name>.old, which clean_stale_temps puts back)
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -47,6 +99,54 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line, flushed and fsynced (a kill leaves at most that line torn; readers skip it)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(path, e) from e
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+# atomic_path's leftovers: tempfile.mkdtemp's 8 random characters, and a directory moved aside while replaced
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.old$")
+
+
+def clean_stale_temps(root: str | Path, names: set[str] | None = None) -> list[Path]:
+    """Remove what killed atomic writes left under ``root`` (recursively; only the direct children of ``root`` whose
+    target is in ``names`` when given): temp folders are deleted, and a ``.<name>.old`` folder is put back as
+    ``<name>`` when a kill between the two renames left ``<name>`` missing (it is the last complete version), else
+    deleted. Returns the paths removed or restored. Call it before anything writes under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    walk = os.walk(root) if names is None else [(str(root), [p.name for p in root.iterdir() if p.is_dir()], [])]
+    for parent, dirs, _ in walk:
+        for d in list(dirs):
+            m = _TEMP.match(d) or _OLD.match(d)
+            if m is None or (names is not None and m["name"] not in names):
+                continue
+            dirs.remove(d)  # do not descend into it
+            stale, target = Path(parent, d), Path(parent, m["name"])
+            if m.re is _OLD and not target.exists():
+                os.replace(stale, target)
+            else:
+                shutil.rmtree(stale)
+            found.append(stale)
+    return found

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .io import atomic_write_jsonl
+from .io import append_jsonl, atomic_write_jsonl
 from .ranks import all_sum, is_main
 
 
@@ -77,10 +76,7 @@ class MetricsWriter:
         row = {**self.static, **values}
         if not self.enabled:
             return row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, row)
         return row
 
     def rewind(self, keep) -> None:
