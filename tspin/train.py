@@ -24,6 +24,12 @@ from .metrics import Averager, MetricsWriter, read_back
 from .ranks import all_sum, on_main, world
 from .wrapping import clip_grad_norm, grad_sync, policy_of, reshard
 
+MAX_STEPS = 10_000_000
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of an optimizer step is not finite: the run stops before that update."""
+
 
 def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -68,6 +74,9 @@ def step_windows(n: int, cfg: Config, seed: int, world_size: int = 1) -> list[li
     per_step = mb * cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(n / per_step)
     total = max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    if total > MAX_STEPS:  # the windows are listed up front: a typo like 1e9 epochs would never start
+        raise ValueError(f"config: num_train_epochs={cfg.num_train_epochs!r}: {total} optimizer steps per iteration "
+                         f"({n} examples, {per_step} per step); at most {MAX_STEPS} are allowed")
     windows = []
     for s in range(total):
         epoch, k = divmod(s, steps_per_epoch)
@@ -117,9 +126,10 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                              f"{world_size}; resume a mid-iteration checkpoint with the same --nproc_per_node")
         start = state["step"]
         epoch_avg = Averager.from_state(state.get("epoch_avg", ({}, 0)), device)
-        # lines a killed run logged after this checkpoint are written again below
-        metrics.rewind(lambda r: not (r.get("phase") == "train" and r.get("iteration") == iteration
-                                      and r.get("method") == method and r.get("step", 0) > start))
+    # lines a killed run logged after the position it resumes from (its checkpoint, or the start when it had none)
+    # are written again below
+    metrics.rewind(lambda r: not (r.get("phase") == "train" and r.get("iteration") == iteration
+                                  and r.get("method") == method and r.get("step", 0) > start))
 
     model.train()
     steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * world_size
@@ -150,17 +160,30 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             avg.add_ranks()
             avg.n = len(examples)
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # global norm over ranks / shards
+        means = {"loss": window_loss, **avg.mean_tensors()}
+        # The guard against a diverged step reads one flag per optimizer step, before optimizer.step(): the loss
+        # and the gradient norm are already reduced over the ranks, so every rank reads the same flag and stops at
+        # the same step, and a non-finite update never reaches the weights or the optimizer state. At a logged step
+        # the metrics ride on that same read. (A device-side skip would save this sync, but it would need every
+        # optimizer to take a found-inf input, as only torch's fused Adam does; one sync per optimizer step, after a
+        # whole accumulation window, costs little next to the step itself.)
+        finite = torch.isfinite(window_loss) & torch.isfinite(grad_norm)
+        logged = (step + 1) % cfg.logging_steps == 0 or step + 1 == total
+        if logged:
+            values = read_back({"finite": finite, "grad_norm": grad_norm, **means})  # the step's one host sync
+            ok = values.pop("finite") == 1.0
+        else:
+            ok = bool(finite)  # the step's one host sync
+        if not ok:
+            _stop_non_finite(model, tokenizer, out_dir, step, total, desc, window_loss, grad_norm,
+                             [features[i]["prompt_id"] for i in examples])
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        means = {"loss": window_loss, **avg.mean_tensors()}
         if step // steps_per_epoch == (total - 1) // steps_per_epoch:
             epoch_avg.add(means, avg.n)
         tokens += n_tokens
-        logged = (step + 1) % cfg.logging_steps == 0 or step + 1 == total
-        if logged:
-            values = read_back({"grad_norm": grad_norm, **means})  # the step's one host sync
         busy_s += time.perf_counter() - t0  # after the sync: the device's work since the last line is done
         if logged:
             tokens_per_s = tokens / busy_s
@@ -184,3 +207,23 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                     state={"step": total, "total_steps": total, "iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
     return means
+
+
+def _stop_non_finite(model, tokenizer, out_dir: Path, step: int, total: int, desc: str, loss: torch.Tensor,
+                     grad_norm: torch.Tensor, prompt_ids: list[str]) -> None:
+    """Save the weights the failed step started from (to inspect; not a resumable checkpoint) and raise on every
+    rank. Nothing of this step was applied: its gradients are dropped."""
+    model.zero_grad(set_to_none=True)
+    path = out_dir / f"nonfinite-step-{step + 1:06d}"
+    loss_v, norm_v = read_back({"loss": loss, "grad_norm": grad_norm}).values()
+    save_checkpoint(path, model, tokenizer=tokenizer, state={"step": step, "failed_step": step + 1, "loss": loss_v,
+                                                             "grad_norm": norm_v, "prompt_ids": prompt_ids})
+    # this rank's shard under FSDP2 (the message only: no collective)
+    weights_ok = all(bool(torch.isfinite(getattr(p, "to_local", p.detach)()).all()) for p in model.parameters())
+    shown = ", ".join(prompt_ids[:4]) + (f" and {len(prompt_ids) - 4} more" if len(prompt_ids) > 4 else "")
+    raise NonFiniteError(
+        f"{desc}: step {step + 1}/{total}: non-finite loss ({loss_v}) or gradient norm ({norm_v}); the update was "
+        f"not applied and the run stopped. The weights before this step are in {path} to inspect"
+        + ("" if weights_ok else " (they hold non-finite values already: the previous update overflowed)")
+        + f"; the step's prompt_ids: {shown}. Lower learning_rate, set max_grad_norm or check those rows, and start "
+        "a new output_dir.")
