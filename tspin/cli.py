@@ -7,6 +7,11 @@
 
 Any config key can be given as `--key=value` (or `--key value`); it overrides the YAML file.
 `tspin <command> --help` lists every key with its help text and default.
+
+Expected failures (a bad setting, a missing or malformed file, a full or read-only disk, an unknown device, a run
+whose loss went non-finite, out of memory) end with one line on stderr naming the key, file, path or device, and a
+non-zero exit: 2 for what is wrong in the command, its config or its inputs, 1 for a failure while running. Pass
+`--debug` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reports some errors (a missing required argument) by printing the usage and exiting, whatever
+    exit_on_error says: raise them instead, so that main() prints them as one line like every other error."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """(the `tspin` parser, its subcommand parsers by name). Errors raise argparse.ArgumentError (exit_on_error off),
     so that main() reports them like every other error."""
-    p = argparse.ArgumentParser(prog="tspin", description="T-SPIN / SPIN / SFT self-play fine-tuning.",
+    p = _Parser(prog="tspin", description="T-SPIN / SPIN / SFT self-play fine-tuning.",
                                 epilog="`tspin <command> --help` lists every config key.", exit_on_error=False)
     sub = p.add_subparsers(dest="command", required=True)
     commands = {}
@@ -39,6 +52,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
             sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
             sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+            sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
             sp = sub.add_parser(name, help=text, description=text, parents=[config_keys()], allow_abbrev=False,
@@ -46,6 +60,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Config keys may also come from --config; the command line overrides it.")
             sp.add_argument("--config", help="YAML recipe (see configs/)")
+            sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
             if name in ("train", "iterate"):
                 sp.add_argument("--resume", action="store_true", help="continue the run in output_dir after a stop")
             if name == "generate":
@@ -70,6 +85,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = f"tspin {argv[0]}" if argv and argv[0] in COMMANDS else "tspin"
+    debug = "--debug" in argv  # known before parsing, so that a parse error can show its traceback too
     try:
         args, rest = parse(argv)
         if args.command == "demo":
@@ -82,13 +98,51 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args, rest)
         _run(args, cfg)
-    except (argparse.ArgumentError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        code = _exit_code(e)
+        if debug or code is None:  # asked for, or not a failure we expect: a bug to report, with its traceback
+            raise
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
     from .ranks import cleanup_distributed
 
     cleanup_distributed()  # under torchrun: leave the process group together (on errors, torchrun ends the rest)
     return 0
+
+
+def _exit_code(e: Exception) -> int | None:
+    """2: the command, its config or its inputs are wrong; 1: a failure while running; None: unexpected."""
+    import torch
+
+    from .train import NonFiniteError
+
+    if isinstance(e, (torch.OutOfMemoryError, NonFiniteError)):
+        return 1
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return 2
+    if isinstance(e, OSError):  # no space, permissions, read-only file system, I/O errors
+        return 1
+    if isinstance(e, (argparse.ArgumentError, ValueError)):
+        return 2
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return (f"out of memory: {str(e).splitlines()[0]} (lower per_device_train_batch_size, generation_batch_size "
+                "or eval_batch_size, or set gradient_checkpointing=true)")
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." reads worse than the reason and the path
+        text = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())  # one line: some libraries' messages span several
 
 
 def _run(args: argparse.Namespace, cfg) -> None:

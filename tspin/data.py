@@ -41,21 +41,36 @@ def _load_dataset(path: Path, split: str):
     if builder is None:
         raise DataError(f"{path}: unsupported data file type {suffix!r} (expected .jsonl, .json, .parquet or a "
                         "saved dataset directory)")
+    files = [path]
     if any(c in path.name for c in "*?["):  # sharded files: every match, in name order
-        files = sorted(str(p) for p in path.parent.glob(path.name))
+        files = sorted(path.parent.glob(path.name))
         if not files:
             raise FileNotFoundError(f"data files not found: no match for {path}")
-        return datasets.load_dataset(builder, data_files=files, split="train")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets' own errors rarely name the line: find it ourselves
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # datasets' own errors rarely name the file or the line: find them ourselves
         if builder == "json":
-            _raise_json_location(path)
+            for f in files:
+                _raise_json_location(f)
         raise DataError(f"{path}: could not be loaded as {builder}: {e}") from e
 
 
+def _decode_lines(path: Path) -> list[str]:
+    """The file's lines as text; a byte that is not UTF-8 raises a DataError naming its line and column."""
+    lines = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", "replace")) + 1
+                raise DataError(f"{path}: line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                                "save the file as UTF-8") from None
+    return lines
+
+
 def _raise_json_location(path: Path) -> None:
-    text = path.read_text()
+    text = "".join(_decode_lines(path))
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -76,8 +91,7 @@ def _raise_json_location(path: Path) -> None:
 def _locator(path: Path):
     """Row index -> human location: the line of a JSONL file, else the record/row index."""
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        with open(path) as f:
-            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+        lines = [n for n, line in enumerate(_decode_lines(path), 1) if line.strip()]
         return lambda i: f"line {lines[i]}" if i < len(lines) else f"row {i}"
     if path.is_file() and path.suffix.lower() == ".json":
         return lambda i: f"record {i}"

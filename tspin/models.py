@@ -4,6 +4,7 @@ adapters and gradient checkpointing, wrap for the strategy (:mod:`tspin.wrapping
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +18,36 @@ from .config import Config
 from .ranks import DistInfo, dist_info, init_distributed
 from .wrapping import STRATEGIES, wrap_model
 
+# A Hub id: "name" or "owner/name" (anything else can only be a local path)
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def check_source(key: str, value: str) -> None:
+    """A model or tokenizer given by a path that can only be local (absolute, ./, ../, ~, nested) must be a
+    directory: say so naming the key, before transformers turns it into a Hub lookup."""
+    if not value:
+        raise ValueError(f"config: {key} is required")
+    p = Path(value).expanduser()
+    if p.is_file():
+        raise ValueError(f"config: {key}={value!r}: expected a model directory (save_pretrained) or a Hub id, "
+                         "got a file")
+    if not p.exists() and (not _HUB_ID.fullmatch(value) or value.startswith(".")):
+        raise FileNotFoundError(f"config: {key}={value!r}: no such directory")
+
+
+def _from_pretrained(load, path, what: str):
+    """transformers' loading errors (missing files, no network for a Hub id, unknown architecture) as one
+    ValueError naming the path."""
+    try:
+        return load(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: could not load the {what}: {e}") from e
+
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer {path}: needs a pad or an eos token")
@@ -36,6 +62,9 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"config: device={name!r} but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"config: device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -44,8 +73,7 @@ def load_policy(cfg: Config) -> nn.Module:
     both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy. Its forward is the fused log-prob path,
     so DDP's all-reduce and FSDP2's unsharding cover the whole loss. fp32 master weights: bf16 comes from autocast
     (one process, DDP) or from FSDP2's own mixed precision."""
-    if not cfg.model_name_or_path:
-        raise ValueError("config: model_name_or_path is required")
+    check_source("model_name_or_path", cfg.model_name_or_path)
     info = init_distributed()
     if cfg.strategy != "none" and not info.distributed:
         raise ValueError(f"config: strategy={cfg.strategy!r} needs a process group: launch with torchrun "
@@ -85,10 +113,11 @@ def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistIn
         kw["attn_implementation"] = attn_implementation
     rank0_reads = strategy != "none" and info.distributed and info.world_size > 1
     if not rank0_reads or info.is_main:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model = _from_pretrained(lambda p: AutoModelForCausalLM.from_pretrained(p, **kw), path, "model")
     else:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), **kw)
+            model = AutoModelForCausalLM.from_config(_from_pretrained(AutoConfig.from_pretrained, path, "model"),
+                                                     **kw)
     if prepare is not None:
         model = prepare(model)
     if not rank0_reads:

@@ -15,6 +15,7 @@ run resumes where it stopped):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,16 +23,19 @@ import torch
 from .batch import fields_for
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import build_features, load_records, select_subset, split_heldout
+from .data import build_features, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
 from .generation import generate_field
-from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_jsonl
 from .iteration_data import expand_spin_mix, iteration_data, spin_refs
 from .metrics import MetricsWriter
-from .models import load_policy, load_tokenizer
+from .models import check_source, load_policy, load_tokenizer
 from .ranks import on_main
-from .run_dir import open_run, record_config
+from .run_dir import check_output_dir, check_same_inputs, input_fingerprints, open_run, record_run
 from .train import train_loop
+
+# Columns an input record has (tspin.data.normalize_record): `generate --field` never writes over them.
+INPUT_COLUMNS = ("prompt_id", "prompt", "real", "response", "messages")
 
 
 def prepare_records(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -48,18 +52,51 @@ def prepare_records(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 
 def _start(cfg: Config, resume: bool):
-    """Common start of `train` and `iterate`: refuse to overwrite a run, record the config, load everything."""
-    out = open_run(cfg, resume)
+    """Common start of `train` and `iterate`: refuse to overwrite a run, load and check everything, then record the
+    config (a start that fails before that writes nothing; one that fails after it, before any result, is started
+    afresh by the corrected command: tspin.run_dir.holds_results)."""
+    out, started = open_run(cfg, resume)
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    _check_sources(cfg)
+    if cfg.proto_path and not Path(cfg.proto_path).is_file():
+        raise FileNotFoundError(f"config: proto_path={cfg.proto_path!r}: file not found (it names a proto file to "
+                                "reuse; leave it unset to generate one)")
     records, held = prepare_records(cfg)  # data errors surface before anything is written
+    inputs = input_fingerprints(cfg, records, held)
+    if started:
+        check_same_inputs(out, inputs)
     torch.manual_seed(cfg.seed)
     model = load_policy(cfg)  # joins the process group under torchrun
-    record_config(cfg, out)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = _tokenizer(cfg)
+    format_prompt(tokenizer, records[0]["prompt"], cfg.prompt_template)  # e.g. 'chat' without a chat template
+    record_run(cfg, out, inputs)
     return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl")
+
+
+def _check_sources(cfg: Config) -> None:
+    check_source("model_name_or_path", cfg.model_name_or_path)
+    if cfg.tokenizer_name_or_path:
+        check_source("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
+
+
+def _tokenizer(cfg: Config):
+    return load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+
+
+def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: MetricsWriter, path: Path,
+                   iteration: int, generations: Path | None = None) -> dict:
+    """The evaluation stored at `path`: computed and logged once, read back on resume. A run killed between its
+    metric line and `path` drops that line before logging the evaluation again."""
+    if path.exists():
+        return json.loads(path.read_text())
+    e = {"iteration": iteration, **evaluate(model, tokenizer, held, cfg, generations)}
+    metrics.rewind(lambda r: not (r.get("phase") == "eval" and r.get("iteration") == iteration))
+    metrics.write(phase="eval", method=cfg.method, **e)
+    on_main(atomic_write_json, path, e)
+    return e
 
 
 def _features(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
@@ -74,13 +111,8 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
     out, tokenizer, records, held, model, metrics = _start(cfg, resume)
 
     evals = []
-    init_eval = out / "eval_init.json"
-    if held and not init_eval.exists():
-        e = {"iteration": -1, **evaluate(model, tokenizer, held, cfg)}
-        metrics.write(phase="eval", method=cfg.method, **e)
-        on_main(atomic_write_json, init_eval, e)
-    if init_eval.exists():
-        evals.append(json.loads(init_eval.read_text()))
+    if held:
+        evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval_init.json", -1))
 
     proto_rows = None
     needs_proto = cfg.method == "tspin" and not cfg.no_history or (cfg.method != "sft" and cfg.reuse_proto_at_iter0)
@@ -100,13 +132,8 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
         else:
             load_checkpoint(it_dir / "model", model)
         if held:
-            if not (it_dir / "eval.json").exists():
-                e = {"iteration": t, **evaluate(model, tokenizer, held, cfg, it_dir / "eval_generations.jsonl")}
-                # a run killed between this line and eval.json would otherwise log the evaluation twice
-                metrics.rewind(lambda r, t=t: not (r.get("phase") == "eval" and r.get("iteration") == t))
-                metrics.write(phase="eval", method=cfg.method, **e)
-                on_main(atomic_write_json, it_dir / "eval.json", e)
-            evals.append(json.loads((it_dir / "eval.json").read_text()))
+            evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, it_dir / "eval.json", t,
+                                        it_dir / "eval_generations.jsonl"))
         else:
             evals.append({"iteration": t})
         if (it_dir / "train_summary.json").exists():  # the iteration's last-epoch training diagnostics
@@ -133,10 +160,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
                    metrics=metrics, iteration=0, beta=cfg.beta if not cfg.no_history else 0.0,
                    desc=f"train {cfg.method}")
     result = {"method": cfg.method, "model": str(out / "model")}
-    if held:
-        result.update(evaluate(model, tokenizer, held, cfg, out / "eval_generations.jsonl"))
-        metrics.write(phase="eval", method=cfg.method, iteration=0, **{k: v for k, v in result.items()
-                                                                       if k.startswith("eval/")})
+    if held:  # once: a resumed finished run reads it back instead of logging it again
+        e = _evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval.json", 0, out / "eval_generations.jsonl")
+        result.update({k: v for k, v in e.items() if k.startswith("eval/")})
     on_main(atomic_write_json, out / "summary.json", result)
     return result
 
@@ -144,9 +170,30 @@ def train(cfg: Config, resume: bool = False) -> dict:
 def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
     """Sample `field` for every (subset) record with the configured model; resumable, atomic. Under torchrun the
     prompts are shared out over the ranks (cfg.strategy as for training)."""
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    if not re.fullmatch(r"[A-Za-z_]\w*", field) or field in INPUT_COLUMNS or field.startswith("ref_"):
+        raise ValueError(f"--field={field!r}: expected a new column name (letters, digits, _), not one of "
+                         f"{', '.join(INPUT_COLUMNS)} or ref_*")
+    if not cfg.data_path:
+        raise ValueError("config: data_path is required")
+    _check_sources(cfg)
     records = select_subset(load_records(cfg.data_path, cfg.data_split, require_response=False), cfg.data_fraction,
                             cfg.data_count, cfg.data_seed)
+    if records and field in records[0]:
+        raise ValueError(f"--field={field!r}: {cfg.data_path} already has a {field!r} column, and generate never "
+                         "overwrites an input column; choose another --field")
+    out = Path(out_path)
+    check_output_dir(out.parent)
+    if out.exists():  # a finished earlier run of this command is kept (resumable); anything else is refused
+        try:
+            done = load_records(out, require_response=False)
+        except ValueError:
+            done = None
+        if done is None or [r["prompt_id"] for r in done] != [r["prompt_id"] for r in records] \
+                or any(field not in r for r in done):
+            raise FileExistsError(f"--out {out}: the file exists and is not this command's output (the {field!r} "
+                                  "column for the same prompts); remove it or choose another --out")
+    on_main(clean_stale_temps, out.parent, {out.name})
+    tokenizer = _tokenizer(cfg)
     model = load_policy(cfg)
-    generate_field(model, tokenizer, records, out_path, field, cfg, seed=cfg.seed)
-    return Path(out_path)
+    generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed)
+    return out
