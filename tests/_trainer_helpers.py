@@ -30,6 +30,13 @@ def task_file(path: Path, n: int, seed: int = 1) -> Path:
     return write_jsonl(path, make_task(n, seed))
 
 
+def tiny_run_inputs(d: Path, n: int = 12) -> Path:
+    """`d` with a tiny model in d/model and `n` training records in d/data.jsonl (the command-line tests' inputs)."""
+    tiny_model_dir(d / "model")
+    task_file(d / "data.jsonl", n)
+    return d
+
+
 def tiny_policy(model_dir: Path):
     """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`."""
     from tspin.models import load_policy

@@ -1,5 +1,6 @@
-"""Resume after a kill: SIGKILL a real `tspin iterate` run mid-iteration, `--resume` it, and reach exactly what an
-uninterrupted run reaches (weights, evaluations, metric lines)."""
+"""Resume after a kill: SIGKILL a real `tspin iterate` run (mid-iteration after a checkpoint, and at chosen moments
+under the default save_steps: 0), `--resume` it, and reach exactly what an uninterrupted run reaches: weights,
+evaluations, metrics.jsonl line for line, and no temporary leftovers."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from _trainer_helpers import one_thread, task_file, tiny_model_dir  # noqa: F401 (one_thread: autouse fixture)
@@ -48,9 +50,24 @@ def _wait_for_checkpoint(proc, out, tail: int) -> None:
         time.sleep(0.01)
 
 
+TIMING = {"tokens_per_s"}  # the only fields of a metric line that depend on the wall clock
+
+
+def _lines(out):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def _leftovers(out):
+    """What a kill leaves behind: hidden temp folders of atomic writes (.<name>.XXXXXXXX.tmp, .<name>.old) and
+    generation's .partial files."""
+    return [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".partial")]
+
+
 def _assert_same_run(ref_out, out):
-    """Both iterations' weights bit-identical, the same logged steps and losses, the same evaluations; returns
-    the train metric rows of each for further checks."""
+    """Both iterations' weights bit-identical, metrics.jsonl equal line for line (but for timing), the same logged
+    steps and losses, the same evaluations, no temporary leftovers; returns the train metric rows of each."""
+    assert _lines(out) == _lines(ref_out)
+    assert _leftovers(out) == []
     for t in (0, 1):
         a = load_file(str(ref_out / f"iter{t}" / "model" / "model.safetensors"))
         b = load_file(str(out / f"iter{t}" / "model" / "model.safetensors"))
@@ -116,4 +133,66 @@ def test_killed_torchrun_fsdp2_run_resumes_like_uninterrupted(tmp_path):
 
     resumed = launch(out, "--resume")
     assert resumed.wait(timeout=400) == 0, resumed.stdout.read().decode()[-3000:]
+    _assert_same_run(ref_out, out)
+
+
+def _metric_rows(out):
+    rows = []
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return rows
+
+
+def _training(out, t):
+    return not (out / f"iter{t}" / "model").exists() and any(
+        r["phase"] == "train" and r["iteration"] == t for r in _metric_rows(out))
+
+
+# Moments to kill a run at (save_steps: 0, so no mid-iteration checkpoint exists): name -> condition on OUT.
+MOMENTS = {
+    "proto generation": lambda out: (out / "proto.jsonl.partial").exists()
+    and (out / "proto.jsonl.partial").read_text().count("\n") >= 1 and not (out / "proto.jsonl").exists(),
+    "iteration 0 training, before any checkpoint": lambda out: _training(out, 0),
+    "between training and evaluation": lambda out: (out / "iter0" / "model").exists()
+    and not (out / "iter0" / "eval.json").exists(),
+    "iteration 1 training": lambda out: _training(out, 1),
+}
+
+
+def _kill_when(proc, out, moment):
+    deadline = time.time() + 300
+    while not MOMENTS[moment](out):
+        assert proc.poll() is None, f"ended before {moment}: " + proc.stdout.read().decode()[-2000:]
+        assert time.time() < deadline, f"never reached {moment}"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert MOMENTS[moment](out), f"killed past {moment}"  # the kill landed at that moment
+
+
+@pytest.mark.parametrize("moments", [
+    pytest.param(("iteration 0 training, before any checkpoint", "between training and evaluation"), id="default"),
+    pytest.param(tuple(MOMENTS), id="all-moments", marks=pytest.mark.slow),
+])
+def test_killed_at_chosen_moments_resumes_to_the_uninterrupted_metrics_line_for_line(tmp_path, moments):
+    """One run killed at each moment in turn (each --resume goes on until the next kill), then resumed to the end,
+    under the default save_steps: 0: metrics.jsonl equals an uninterrupted run's line for line (the lines a killed
+    iteration logged before its first checkpoint are not left twice, no evaluation is logged twice), the weights and
+    evaluations are bit-identical, and no temporary file is left."""
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=32, layers=1, heads=2)
+    task_file(tmp_path / "train.jsonl", 24)
+    task_file(tmp_path / "eval.jsonl", 8, seed=2)
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    small = dict(save_steps=0, generation_batch_size=4, eval_batch_size=2)
+    ref = _run(_cfg(tmp_path, model_dir, ref_out, **small))
+    for i, moment in enumerate(moments):
+        proc = _run(_cfg(tmp_path, model_dir, out, **small), *(["--resume"] if i else []))
+        _kill_when(proc, out, moment)
+    resumed = _run(_cfg(tmp_path, model_dir, out, **small), "--resume")
+    assert resumed.wait() == 0, resumed.stdout.read().decode()[-2000:]
+    assert ref.wait() == 0, ref.stdout.read().decode()[-2000:]
     _assert_same_run(ref_out, out)

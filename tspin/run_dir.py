@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -36,17 +36,20 @@ _WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones (weig
 _CHUNK, _CHUNKS = 2**16, 16
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before anything is loaded when ``output_dir`` cannot hold a run: under a file, or not writable."""
+def check_output_dir(out: Path, label: str | None = None) -> None:
+    """Fail before anything is loaded when directory ``out`` cannot be made and written: under a file, or not
+    writable. ``label`` names it in the message (default: the output_dir key)."""
+    label = label or f"config: output_dir={str(out)!r}"
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"config: output_dir={str(out)!r}: {parent} is a file, not a "
-                                                "directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        why = "read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
-        raise PermissionError(errno.EACCES, f"config: output_dir={str(out)!r}: cannot write in {parent} ({why})")
+        raise NotADirectoryError(errno.ENOTDIR, f"{label}: {parent} is a file, not a directory")
+    try:  # a real probe (an unnamed temp file): permission bits say nothing for root, nor about read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{label}: cannot write in {parent}: {e.strerror}") from e
 
 
 def holds_results(out: Path) -> bool:

@@ -182,7 +182,7 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
         raise ValueError(f"--field={field!r}: {cfg.data_path} already has a {field!r} column, and generate never "
                          "overwrites an input column; choose another --field")
     out = Path(out_path)
-    check_output_dir(out.parent)
+    check_output_dir(out.parent, f"--out {out}")
     if out.exists():  # a finished earlier run of this command is kept (resumable); anything else is refused
         try:
             done = load_records(out, require_response=False)

@@ -220,10 +220,12 @@ def _stop_non_finite(model, tokenizer, out_dir: Path, step: int, total: int, des
                                                              "grad_norm": norm_v, "prompt_ids": prompt_ids})
     # this rank's shard under FSDP2 (the message only: no collective)
     weights_ok = all(bool(torch.isfinite(getattr(p, "to_local", p.detach)()).all()) for p in model.parameters())
+    what = " and ".join(f"non-finite {name} ({v})" for name, v in (("loss", loss_v), ("gradient norm", norm_v))
+                        if not math.isfinite(v)) or f"non-finite values (loss {loss_v}, gradient norm {norm_v})"
     shown = ", ".join(prompt_ids[:4]) + (f" and {len(prompt_ids) - 4} more" if len(prompt_ids) > 4 else "")
     raise NonFiniteError(
-        f"{desc}: step {step + 1}/{total}: non-finite loss ({loss_v}) or gradient norm ({norm_v}); the update was "
-        f"not applied and the run stopped. The weights before this step are in {path} to inspect"
+        f"{desc}: step {step + 1}/{total}: {what}; the update was not applied and the run stopped. The weights "
+        f"before this step are in {path} to inspect"
         + ("" if weights_ok else " (they hold non-finite values already: the previous update overflowed)")
         + f"; the step's prompt_ids: {shown}. Lower learning_rate, set max_grad_norm or check those rows, and start "
         "a new output_dir.")
