@@ -37,6 +37,8 @@ def env(tmp_path_factory):
     (d / "bad_json.jsonl").write_text('{"prompt": "sort ab", "response": "ab"}\n{"prompt": "x", \n')
     write_jsonl(d / "no_response.jsonl", [{"prompt": "sort ab", "response": "ab"}, {"prompt": "x"}])
     write_jsonl(d / "with_generated.jsonl", [{"prompt": "sort ab", "generated": "ba"}])
+    (d / "inf_ref.jsonl").write_text('{"prompt": "sort ab", "real": "ab", "generated": "ba", "ref_real": Infinity, '
+                                     '"ref_generated": -3.0}\n')
     (d / "data.csv").write_text("prompt,response\nsort ab,ab\n")
     (d / "plain_dir").mkdir()
     (d / "empty_model").mkdir()
@@ -144,6 +146,8 @@ CASES = [
     ("data-invalid-json", "train {base} --data_path={d}/bad_json.jsonl", "bad_json.jsonl: line 2: invalid JSON", 2),
     ("data-missing-field", "train {base} --method=sft --data_path={d}/no_response.jsonl",
      "no_response.jsonl: line 2: missing field 'response (or real)'", 2),
+    ("data-reference-logp-inf", "train {base} --method=spin --data_path={d}/inf_ref.jsonl",
+     "inf_ref.jsonl: line 1: field 'ref_real' must be a finite number, got inf", 2),
     ("data-unsupported-type", "train {base} --data_path={d}/data.csv", "data.csv: unsupported data file type", 2),
     ("data-plain-dir", "train {base} --data_path={d}/plain_dir", "plain_dir: a directory must be a dataset", 2),
     ("data-glob-no-match", "train {base} --data_path={d}/none-*.parquet", "no match for {d}/none-*.parquet", 2),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(command: str, cfg, tmp: Path, *extra: str, nproc: int = 2) -> None:
+def torchrun(command: str, cfg, tmp: Path, *extra: str, nproc: int = 2, check: bool = True):
     recipe = tmp / f"{Path(cfg.output_dir).name}.yaml"
     save_config(cfg, recipe)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -33,9 +33,10 @@ def torchrun(command: str, cfg, tmp: Path, *extra: str, nproc: int = 2) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tspin.cli", command, "--config", str(recipe), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         pytest.fail(f"torchrun tspin {command} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-6000:]}")
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,24 @@ def test_iterate_under_torchrun_fsdp2_writes_the_run(model_dir, tmp_path):
     torchrun("iterate", cfg, tmp_path, "--resume")
     again = json.loads((out / "summary.json").read_text())
     assert again["evals"][1] == pytest.approx(summary["evals"][1])
+
+
+def test_a_diverging_fsdp2_run_stops_at_the_same_step_on_every_rank(model_dir, tmp_path):
+    """learning_rate=1e30 under torchrun with 2 FSDP2 ranks: every rank reads the same (reduced) flag and stops at
+    the same step with its own one-line error; the weights before that step are saved once, finite, and no model/
+    is written."""
+    data = _triplets(tmp_path / "triplets.jsonl")
+    cfg = tiny_cfg(method="tspin", model_name_or_path=str(model_dir), data_path=str(data), learning_rate=1e30,
+                   loss_impl="torch", strategy="fsdp2", per_device_train_batch_size=1, output_dir=str(tmp_path / "r"))
+    proc = torchrun("train", cfg, tmp_path, check=False)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("tspin train: error: [rank ")]
+    assert sorted(x[len("tspin train: error: "):][:8] for x in lines) == ["[rank 0]", "[rank 1]"], proc.stderr[-3000:]
+    steps = {x.split(": step ")[1].split("/")[0] for x in lines}
+    assert len(steps) == 1, lines  # the same step on both ranks
+    kept = tmp_path / "r" / f"nonfinite-step-{int(steps.pop()):06d}" / "model.safetensors"
+    assert all(torch.isfinite(w).all() for w in load_file(str(kept)).values())
+    assert not (tmp_path / "r" / "model").exists()
 
 
 def test_ddp_without_a_launcher_is_a_clear_error(model_dir, tmp_path):

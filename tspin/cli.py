@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e)
         if debug or code is None:  # asked for, or not a failure we expect: a bug to report, with its traceback
             raise
-        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        from .ranks import world
+
+        rank, world_size = world()  # under torchrun every rank says what stopped it
+        print(f"{command}: error: {f'[rank {rank}] ' if world_size > 1 else ''}{_one_line(e)}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         if debug:

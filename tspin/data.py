@@ -9,6 +9,7 @@ response loses its EOS. Labels are -100 on prompt tokens and padding, so only re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,10 @@ def normalize_record(rec: dict, where: str, index: int, require_response: bool =
             out[name] = _text(rec[name], where, name)
     for name, value in rec.items():
         if name.startswith("ref_") and value is not None:
-            if not isinstance(value, (int, float)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise DataError(f"{where}: field {name!r} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):  # a reference log-prob of nan / inf would make every loss of its batch so
+                raise DataError(f"{where}: field {name!r} must be a finite number, got {value}")
             out[name] = float(value)
     return out
 
