@@ -178,7 +178,7 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
     _check_sources(cfg)
     records = select_subset(load_records(cfg.data_path, cfg.data_split, require_response=False), cfg.data_fraction,
                             cfg.data_count, cfg.data_seed)
-    if records and field in records[0]:
+    if any(field in r for r in records):
         raise ValueError(f"--field={field!r}: {cfg.data_path} already has a {field!r} column, and generate never "
                          "overwrites an input column; choose another --field")
     out = Path(out_path)
@@ -192,8 +192,8 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
                 or any(field not in r for r in done):
             raise FileExistsError(f"--out {out}: the file exists and is not this command's output (the {field!r} "
                                   "column for the same prompts); remove it or choose another --out")
-    on_main(clean_stale_temps, out.parent, {out.name})
     tokenizer = _tokenizer(cfg)
-    model = load_policy(cfg)
+    model = load_policy(cfg)  # joins the process group under torchrun: then rank 0 alone cleans
+    on_main(clean_stale_temps, out.parent, {out.name})
     generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed)
     return out
