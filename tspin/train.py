@@ -164,9 +164,9 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         # The guard against a diverged step reads one flag per optimizer step, before optimizer.step(): the loss
         # and the gradient norm are already reduced over the ranks, so every rank reads the same flag and stops at
         # the same step, and a non-finite update never reaches the weights or the optimizer state. At a logged step
-        # the metrics ride on that same read. (A device-side skip would save this sync, but it would need every
-        # optimizer to take a found-inf input, as only torch's fused Adam does; one sync per optimizer step, after a
-        # whole accumulation window, costs little next to the step itself.)
+        # the metrics ride on that same read. (A device-side skip would save this sync, but the optimizer would have
+        # to take a found-inf input, as only torch's fused Adam/AdamW/SGD do, not RMSprop, this project's default;
+        # one sync per optimizer step, after a whole accumulation window, costs little next to the step itself.)
         finite = torch.isfinite(window_loss) & torch.isfinite(grad_norm)
         logged = (step + 1) % cfg.logging_steps == 0 or step + 1 == total
         if logged:
@@ -184,7 +184,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         if step // steps_per_epoch == (total - 1) // steps_per_epoch:
             epoch_avg.add(means, avg.n)
         tokens += n_tokens
-        busy_s += time.perf_counter() - t0  # after the sync: the device's work since the last line is done
+        # the sync above waited for this step's forward and backward; its optimizer step counts with the next step
+        busy_s += time.perf_counter() - t0
         if logged:
             tokens_per_s = tokens / busy_s
             metrics.write(phase="train", method=method, iteration=iteration, step=step + 1, total_steps=total,
