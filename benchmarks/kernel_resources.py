@@ -72,8 +72,8 @@ def _variants(dt):
     i64, f32 = MockTensor(torch.int64), MockTensor(torch.float32)
     strides = (D_, 1, D_, 1)  # contiguous hidden and weight
     fwd = (h, w, w, i64, i64, f32, f32, NC_, V_, D_, 1024, 126, *strides)
-    bwd = (h, w, w, i64, i64, f32, f32, f32, f32, f32, NC_, 0, 16384, D_, 0.0, *strides)
-    flags = dict(COMPUTE_GH=True, COMPUTE_GB=False, FILTER=False, GROUP_M=8)
+    bwd = (h, w, w, i64, i64, f32, f32, i64, f32, f32, f32, NC_, 0, 16384, D_, 0.0, *strides)
+    flags = dict(COMPUTE_GH=True, COMPUTE_GB=False, FILTER=False, HAS_SLOTS=False, GROUP_M=8)
     dl = (h, w, w, i64, i64, f32, f32, MockTensor(dt, [NC_, 8192]), NC_, 0, 8192, D_, *strides, 8192)
     return [
         ("forward", K._fwd_kernel, fwd, dict(HAS_BIAS=False)),
@@ -82,6 +82,7 @@ def _variants(dt):
         ("backward frozen head", K._bwd_kernel, bwd, dict(HAS_BIAS=False, COMPUTE_GW=False, **flags)),
         ("backward+bias+filter", K._bwd_kernel, bwd,
          dict(flags, HAS_BIAS=True, COMPUTE_GW=True, COMPUTE_GB=True, FILTER=True)),
+        ("backward repeated rows", K._bwd_kernel, bwd, dict(flags, HAS_BIAS=False, COMPUTE_GW=True, HAS_SLOTS=True)),
         ("dlogits (matmul backward)", K._dlogits_kernel, dl, dict(HAS_BIAS=False, GROUP_M=8)),
         ("dlogits+bias", K._dlogits_kernel, dl, dict(HAS_BIAS=True, GROUP_M=8)),
     ]

@@ -31,6 +31,7 @@ class Compacted:
     seq_id: torch.Tensor  # (Nc,) int64 sequence of each counted row
     token_scale: torch.Tensor  # (Nc,) float32: 1, or 1/count(seq) when averaging
     num_seqs: int
+    unique_rows: bool = True  # False: a row may repeat (CountedPositions); grad_hidden sums over the repeats
 
 
 def fail_type(name: str, expected: str, got) -> TypeError:
@@ -56,21 +57,31 @@ def check_cu_seqlens_layout(cu, device) -> None:
 
 def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, *, validate: bool,
                  check_finite: bool) -> None:
+    from .positions import CountedPositions, check_positions_layout, positions_checks
+
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
-    check_tensor("labels", labels)
+    if not isinstance(labels, CountedPositions):
+        check_tensor("labels", labels, "a torch.Tensor or a tspin_kernels.CountedPositions")
     if hidden.dtype not in _FLOATS:
         raise fail_type("hidden", "dtype bfloat16, float16 or float32 (float64 on the torch paths)", hidden.dtype)
     if weight.dtype != hidden.dtype:
         raise fail_type("weight", f"the same dtype as hidden ({hidden.dtype})", weight.dtype)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if not isinstance(labels, CountedPositions) and (
+            labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
         raise fail_type("labels", "an integer dtype (int64 or int32)", labels.dtype)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape (V, D), got {tuple(weight.shape)}")
     V, D = weight.shape
     if V == 0 or D == 0:
         raise ValueError(f"weight: expected non-empty (V, D), got {tuple(weight.shape)}")
-    if cu_seqlens is None:
+    if isinstance(labels, CountedPositions):
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: counted positions address hidden rows directly; pass cu_seqlens=None")
+        if hidden.dim() not in (2, 3) or hidden.shape[-1] != D:
+            raise ValueError(f"hidden: expected (N, D) or (R, T, D) with D={D} like weight, got {tuple(hidden.shape)}")
+        check_positions_layout(labels, hidden.device)
+    elif cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(
                 f"hidden: expected (R, T, D) (or packed (N, D) together with cu_seqlens), got {tuple(hidden.shape)}"
@@ -78,15 +89,17 @@ def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, *, vali
     else:
         if hidden.dim() != 2:
             raise ValueError(f"hidden: with cu_seqlens expected packed (N, D), got {tuple(hidden.shape)}")
-    if hidden.shape[-1] != D:
-        raise ValueError(f"hidden: last dimension must equal weight's D={D}, got {tuple(hidden.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without D), got {tuple(labels.shape)}"
-        )
-    for name, t in (("weight", weight), ("labels", labels)):
-        if t.device != hidden.device:
-            raise ValueError(f"{name}: expected to be on {hidden.device} like hidden, got {t.device}")
+    if not isinstance(labels, CountedPositions):
+        if hidden.shape[-1] != D:
+            raise ValueError(f"hidden: last dimension must equal weight's D={D}, got {tuple(hidden.shape)}")
+        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without D), got {tuple(labels.shape)}"
+            )
+        if labels.device != hidden.device:
+            raise ValueError(f"labels: expected to be on {hidden.device} like hidden, got {labels.device}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected to be on {hidden.device} like hidden, got {weight.device}")
     if bias is not None:
         check_tensor("bias", bias, "a torch.Tensor or None")
         if tuple(bias.shape) != (V,):
@@ -102,12 +115,16 @@ def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, *, vali
     if cu_seqlens is not None:
         check_cu_seqlens_layout(cu_seqlens, hidden.device)
     if validate or check_finite:
-        _check_values(hidden, labels, cu_seqlens, ignore_index, V, validate, check_finite)
+        checks = []
+        if validate and isinstance(labels, CountedPositions):
+            checks = positions_checks(labels, hidden.numel() // D, V)
+            labels = None
+        _check_values(hidden, labels, cu_seqlens, ignore_index, V, validate, check_finite, checks)
 
 
-def _check_values(hidden, labels, cu_seqlens, ignore_index: int, V: int, validate: bool, check_finite: bool):
-    checks = []
-    if validate:
+def _check_values(hidden, labels, cu_seqlens, ignore_index: int, V: int, validate: bool, check_finite: bool,
+                  checks: list):
+    if validate and labels is not None:
         counted = labels != ignore_index
         checks.append(((counted & ((labels < 0) | (labels >= V))).any(),
                        lambda: _label_error(labels, counted, ignore_index, V)))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from . import _device
 from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
 from ._options import check_flag, check_real, resolve_options
-from .reference import ChunkedSequenceLogps, naive_sequence_logps
+from .positions import CountedPositions, compact_positions
+from .reference import ChunkedSequenceLogps, naive_positions_logps, naive_sequence_logps
 
 
 class TSPINOutput(NamedTuple):
@@ -38,6 +39,10 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         weight: ``(V, D)`` LM-head weight, same dtype as ``hidden``.
         labels: ``(R, T)`` / ``(N,)`` integer targets aligned with ``hidden`` (``labels[t]`` is predicted from
             ``hidden[t]``), or Hugging Face style with ``shift=True``. ``ignore_index`` positions do not count.
+            Or a :class:`tspin_kernels.CountedPositions`: the (hidden row, target, sequence) triples that count,
+            given explicitly; a row may repeat (one prompt position predicting the first token of several
+            responses) and its gradient is the sum over its repeats. ``hidden`` is then ``(N, D)`` or
+            ``(R, T, D)`` (rows index it flattened), ``cu_seqlens`` is None and ``shift`` False.
         bias: optional ``(V,)``.
         cu_seqlens: ``(S+1,)`` int offsets of the packed sequences (non-decreasing, 0 to N).
         average: mean instead of sum over counted tokens (0 for a sequence with none).
@@ -73,6 +78,9 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     for name, flag in (("shift", shift), ("average", average), ("validate", validate),
                        ("check_finite", check_finite)):
         check_flag(name, flag)
+    explicit = isinstance(labels, CountedPositions)
+    if explicit and shift:
+        raise ValueError("shift: counted positions already name the row that predicts each target; pass shift=False")
     check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate=validate,
                  check_finite=check_finite)
     options = resolve_options(backward, grad_filter_eps, tiles, chunk_elements)
@@ -80,16 +88,22 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden: impl='triton' expects bfloat16, float16 or float32, got torch.float64")
     if impl == "reference":
+        if explicit:
+            return naive_positions_logps(hidden, weight, labels, bias=bias, average=average)
         return naive_sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens,
                                     ignore_index=ignore_index, shift=shift, average=average)
-    c = compact(hidden, labels, cu_seqlens, ignore_index, shift, average)
+    if explicit:
+        c = compact_positions(hidden, labels, average)
+    else:
+        c = compact(hidden, labels, cu_seqlens, ignore_index, shift, average)
     if impl == "triton":
         from .functions import TritonSequenceLogps  # imports triton lazily: the torch path works without it
 
         fn = TritonSequenceLogps
     else:
         fn = ChunkedSequenceLogps
-    return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs, options)
+    return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs,
+                    c.unique_rows, options)
 
 
 def _autocast(hidden, weight, bias):
@@ -141,7 +155,9 @@ def spin_loss_from_logps(real, generated, ref_real, ref_generated, *, beta: floa
     return -F.logsigmoid(beta * ((real - ref_real) - (generated - ref_generated))).mean()
 
 
-def _rows(hidden, cu_seqlens) -> int:
+def _rows(hidden, labels, cu_seqlens) -> int:
+    if isinstance(labels, CountedPositions):
+        return labels.num_seqs
     if cu_seqlens is None:
         return hidden.shape[0]
     check_cu_seqlens_layout(cu_seqlens, None)
@@ -157,7 +173,7 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
     """
     alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
-        rows = _rows(hidden, options.get("cu_seqlens"))
+        rows = _rows(hidden, labels, options.get("cu_seqlens"))
         if rows == 0 or rows % 3:
             raise ValueError(f"hidden: tspin_loss needs 3B rows [real; generated; proto] with B>=1, got {rows} rows")
     logps = sequence_logps(hidden, weight, labels, **options)
@@ -173,7 +189,7 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, **options
     """
     beta = check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
-        rows = _rows(hidden, options.get("cu_seqlens"))
+        rows = _rows(hidden, labels, options.get("cu_seqlens"))
         if rows == 0 or rows % 2:
             raise ValueError(f"hidden: spin_loss needs 2B rows [real; generated] with B>=1, got {rows} rows")
         if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (rows,):

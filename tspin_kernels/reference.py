@@ -49,6 +49,22 @@ def naive_sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, 
     return out
 
 
+def naive_positions_logps(hidden, weight, positions, *, bias=None, average=False) -> torch.Tensor:
+    """Full-logits oracle for explicit (row, target, sequence) triples: the logits of every triple's row (a
+    repeated row is gathered once per triple, so autograd sums its gradient), log-softmax, gather, per-sequence
+    sum (float32; float64 for float64 inputs)."""
+    acc = acc_dtype(hidden.dtype)
+    h = hidden.reshape(-1, hidden.shape[-1])[positions.rows.long()]
+    logp = torch.log_softmax(F.linear(h, weight, bias).to(acc), dim=-1)
+    tok = logp.gather(-1, positions.targets.long()[:, None]).squeeze(-1)
+    seq = positions.seq_ids.long()
+    out = torch.zeros(positions.num_seqs, dtype=acc, device=hidden.device).index_add(0, seq, tok)
+    if average:
+        counts = torch.zeros_like(out).index_add_(0, seq, torch.ones_like(tok))
+        out = out / counts.clamp_min(1)
+    return out
+
+
 def refuse_double_backward() -> None:
     """Both Functions compute first derivatives only. Autograd runs a backward with grad mode on exactly when the
     caller asked for ``create_graph=True``; refuse it here rather than return a gradient without a graph."""
@@ -93,8 +109,10 @@ class ChunkedSequenceLogps(torch.autograd.Function):
     """Per-sequence log-prob sums over compacted rows, chunked over rows, recomputing logits in backward."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int, options):
+    def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int,
+                unique_rows: bool, options):
         V = weight.shape[0]
+        ctx.unique_rows = unique_rows
         n = row_idx.numel()
         ctx.chunk_elements = options.chunk_elements
         step = max(1, options.chunk_elements // V)
@@ -122,7 +140,9 @@ class ChunkedSequenceLogps(torch.autograd.Function):
         acc = lse.dtype
         g_tok = grad_out.to(acc)[seq_id] * token_scale.to(acc)  # d out / d token logp
         low_precision = weight.dtype not in (torch.float32, torch.float64)
-        grad_h = torch.zeros_like(hidden2d) if need_h else None
+        # a row repeated across chunks (CountedPositions) sums its contributions in float32, rounded once
+        gh_dtype = acc if low_precision and not ctx.unique_rows else hidden2d.dtype
+        grad_h = torch.zeros(hidden2d.shape, dtype=gh_dtype, device=hidden2d.device) if need_h else None
         # fp32 accumulators: many chunks add into the same weight rows
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
@@ -141,8 +161,8 @@ class ChunkedSequenceLogps(torch.autograd.Function):
                 grad_b += d.sum(0)
             del d
         return (
-            grad_h,
+            grad_h.to(hidden2d.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )

@@ -119,35 +119,39 @@ def _tile_dlogits(H, W, B, ROW_IDX, TGT, LSE, GROW, Nc, V_LO, V_HI, D, stride_hn
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, GH, GW, GB, Nc, V_LO, V_HI, D, filter_eps,
+def _bwd_kernel(H, W, B, ROW_IDX, TGT, LSE, GROW, SLOT, GH, GW, GB, Nc, V_LO, V_HI, D, filter_eps,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 HAS_BIAS: tl.constexpr, COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr,
-                COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
+                COMPUTE_GB: tl.constexpr, FILTER: tl.constexpr, HAS_SLOTS: tl.constexpr, GROUP_M: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     rows, rmask, hrow, cols, cmask, d, p, onehot = _tile_dlogits(
         H, W, B, ROW_IDX, TGT, LSE, GROW, Nc, V_LO, V_HI, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+    if HAS_SLOTS:  # a hidden row counted several times: every repeat adds into the slot of its first occurrence
+        gh_rows = tl.load(SLOT + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        gh_rows = rows
     if FILTER:
         # opt-in: a tile with no target whose softmax is negligible everywhere adds ~nothing; skip its matmuls
         live = tl.where(rmask[:, None] & cmask[None, :] & ((p >= filter_eps) | onehot), 1, 0)
         if tl.max(tl.max(live, axis=1), axis=0) > 0:
-            _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
+            _accumulate_grads(d, H, W, GH, GW, GB, hrow, gh_rows, rmask, cols, cmask, V_LO, D,
                               stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
                               BLOCK_K, UPCAST, DOT_PRECISION)
     else:
-        _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
+        _accumulate_grads(d, H, W, GH, GW, GB, hrow, gh_rows, rmask, cols, cmask, V_LO, D,
                           stride_hn, stride_hd, stride_wv, stride_wd, COMPUTE_GH, COMPUTE_GW, COMPUTE_GB,
                           BLOCK_K, UPCAST, DOT_PRECISION)
 
 
 @triton.jit
-def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO, D,
+def _accumulate_grads(d, H, W, GH, GW, GB, hrow, gh_rows, rmask, cols, cmask, V_LO, D,
                       stride_hn, stride_hd, stride_wv, stride_wd,
                       COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr, COMPUTE_GB: tl.constexpr,
                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add one dlogits tile's contributions: GH[rows] += d @ W[cols], GW[cols - V_LO] += d^T @ H[rows] (GW holds
-    the launch's vocab slice only), GB[cols] += sum d."""
+    """Add one dlogits tile's contributions: GH[gh_rows] += d @ W[cols], GW[cols - V_LO] += d^T @ H[hrow] (GW
+    holds the launch's vocab slice only), GB[cols] += sum d."""
     if COMPUTE_GB:
         # every atomic here is a relaxed reduction: the sums need atomicity only, and Triton's default (acq_rel)
         # makes each one an ordered atom that waits for its old value
@@ -165,7 +169,7 @@ def _accumulate_grads(d, H, W, GH, GW, GB, hrow, rows, rmask, cols, cmask, V_LO,
             if UPCAST:
                 w = w.to(tl.float32)
             gh = tl.dot(dl, w, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
-            tl.atomic_add(GH + rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :],
+            tl.atomic_add(GH + gh_rows[:, None] * D + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :],
                           sem="relaxed")
         if COMPUTE_GW:
             h = tl.load(H + hrow[:, None] * stride_hn + ks[None, :].to(tl.int64) * stride_hd,
@@ -262,12 +266,17 @@ def _grad_buffers(Nc, V, D, dtype, dev, need_h, need_w, need_b):
     return gh, grad_w, gb
 
 
-def _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb):
-    """Scatter the counted rows' grad_hidden into a full (N, D) gradient (zero elsewhere); cast to input dtypes."""
+def _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb, grad_slot=None):
+    """Scatter the counted rows' grad_hidden into a full (N, D) gradient (zero elsewhere); cast to input dtypes.
+    With ``grad_slot`` a repeated row's sum sits in its first occurrence's slot and its other slots hold zeros, so
+    an index_add (adding exact zeros, in any order) puts the float32 sum, rounded once, in place."""
     grad_h = None
     if gh is not None:
         grad_h = torch.zeros_like(hidden2d)
-        grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
+        if grad_slot is None:
+            grad_h.index_copy_(0, row_idx, gh.to(hidden2d.dtype))
+        else:
+            grad_h.index_add_(0, row_idx, gh.to(hidden2d.dtype))
     return grad_h, grad_w, gb.to(bias.dtype) if gb is not None else None
 
 
@@ -285,8 +294,10 @@ def _vocab_slices(V: int, D: int, BN: int, need_w: bool, weight_dtype: torch.dty
 
 
 def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b, filter_eps=0.0,
-                   tiles=None):
+                   tiles=None, grad_slot=None):
     """Gradients w.r.t. hidden2d (full (N, D), zero on uncounted rows), weight and bias, given d out / d token.
+
+    ``grad_slot``: ``(Nc,)`` for rows that may repeat (``positions.first_occurrence``), else None.
 
     ``filter_eps > 0`` skips vocab tiles whose softmax is below it for every row (and hold no target).
     ``tiles``: see ``_config``.
@@ -306,17 +317,18 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
             grid = (triton.cdiv(Nc, BM) * triton.cdiv(hi - lo, BN),)
             _bwd_kernel[grid](
                 hidden2d, weight, bias if bias is not None else weight, row_idx, target, lse, g_row,
+                grad_slot if grad_slot is not None else row_idx,
                 gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy, Nc, lo, hi, D,
                 float(filter_eps), hidden2d.stride(0), hidden2d.stride(1), weight.stride(0), weight.stride(1),
                 HAS_BIAS=bias is not None, COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
-                FILTER=filter_eps > 0, GROUP_M=8,
+                FILTER=filter_eps > 0, HAS_SLOTS=grad_slot is not None, GROUP_M=8,
                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], UPCAST=_device.interpreting(),
                 DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
             )
             if need_w and gw is not grad_w:
                 grad_w[lo:hi].copy_(gw)  # round once, after the slice's float32 sum is complete
                 del gw
-    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb)
+    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb, grad_slot)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -339,7 +351,7 @@ DL_BLOCK_ELEMENTS = 2**25
 
 
 def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, need_w, need_b,
-                          tiles=None):
+                          tiles=None, grad_slot=None):
     """Same contract as ``logps_backward``, without atomics: per (vocab slice, row chunk) a Triton kernel
     recomputes the logits and writes dlogits in the weight's dtype, then grad_hidden += dl @ W[slice] and
     grad_weight[slice] += dl^T @ H[rows] are ordinary matmuls, summed in float32 across chunks and slices."""
@@ -369,8 +381,10 @@ def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, n
                     UPCAST=_device.interpreting(), DOT_PRECISION=_dot_precision(weight), **_launch_kw(cfg),
                 )
                 d = dl[: r1 - r0, : hi - lo].to(dt)
-                if need_h:  # float32 products, summed in float32 over slices and chunks
+                if need_h and grad_slot is None:  # float32 products, summed in float32 over slices and chunks
                     gh[r0:r1] += _mm_f32(d, weight[lo:hi])
+                elif need_h:  # repeated rows: each repeat into its first occurrence's slot
+                    gh.index_add_(0, grad_slot[r0:r1], _mm_f32(d, weight[lo:hi]))
                 if need_w:
                     gw += _mm_f32(d.t(), hidden2d.index_select(0, rows))
                 if need_b:
@@ -378,4 +392,4 @@ def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, n
             if need_w:
                 grad_w[lo:hi].copy_(gw)
                 del gw
-    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb)
+    return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb, grad_slot)
