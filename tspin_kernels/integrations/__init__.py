@@ -11,8 +11,15 @@ from .hf import (
     unwrap_causal_lm,
 )
 from .hf_trainer import install_fused_loss
+from .shared_prefix import (
+    SharedPrefixBatch,
+    build_shared_prefix_batch,
+    shared_prefix_attention_mask,
+    shared_prefix_sequence_logps,
+)
 
 __all__ = [
     "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
     "packed_position_ids", "pack_padded", "packing_attn_implementation", "install_fused_loss",
+    "SharedPrefixBatch", "build_shared_prefix_batch", "shared_prefix_attention_mask", "shared_prefix_sequence_logps",
 ]

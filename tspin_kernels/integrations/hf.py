@@ -23,6 +23,7 @@ import torch.nn as nn
 from .._inputs import check_cu_seqlens_layout, cu_seqlens_checks, raise_first
 from .._options import check_flag, check_impl, check_options
 from ..functional import sequence_logps
+from ..positions import CountedPositions
 
 __all__ = [
     "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
@@ -63,6 +64,8 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             )
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    if decoder is None or decoder is lm:  # transformers 4.x: get_decoder only where the backbone is `.model`
+        decoder = getattr(lm, "base_model", None)
     if head is None or decoder is None or decoder is lm or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(
             f"model: expected a Hugging Face causal LM with a decoder backbone and a linear output embedding, "
@@ -170,9 +173,31 @@ def packing_attn_implementation(device: torch.device | str | None = None) -> str
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_positions_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens) -> None:
+    """Counted positions (a custom layout such as the shared-prefix one): ``(R, T)`` rows, the layout's own
+    attention mask (4D tensor or FlexAttention BlockMask) and position ids; their values are the layout's."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids: expected an integer torch.Tensor, got {got}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: with counted positions expected (R, T) rows, got {tuple(input_ids.shape)}")
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: counted positions address hidden rows directly; pass cu_seqlens=None")
+    if attention_mask is not None and len(getattr(attention_mask, "shape", ())) != 4:
+        raise ValueError(
+            "attention_mask: with counted positions expected the layout's 4D mask (R, 1, T, T) or a FlexAttention "
+            f"BlockMask, got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
+                                     or tuple(position_ids.shape) != tuple(input_ids.shape)):
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+
+
 def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, validate: bool):
     """Types and shapes always (free); with ``validate`` also the values: no padding in a packed row,
     ``cu_seqlens`` offsets (one host sync for both) and positions restarting per sequence (one more)."""
+    if isinstance(labels, CountedPositions):
+        return _check_positions_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens)
     for name, t in (("input_ids", input_ids), ("labels", labels)):
         if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
@@ -233,6 +258,9 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
         input_ids: padded ``(R, T)``, or one packed row ``(1, N)`` / ``(N,)`` together with ``cu_seqlens``.
         labels: same shape as ``input_ids``; Hugging Face style with ``shift=True`` (the default: position t is
             predicted from position t-1), aligned with ``shift=False``. ``ignore_index`` marks prompt and padding.
+            Or a :class:`tspin_kernels.CountedPositions` over the ``(R*T)`` hidden rows, for layouts whose rows
+            repeat (the shared-prefix layout, :mod:`tspin_kernels.integrations.shared_prefix`): ``attention_mask``
+            is then the layout's 4D mask or BlockMask, passed to the backbone as is, and ``shift`` does not apply.
         attention_mask: padded rows only; positions where it is 0 never count, whatever ``labels`` holds.
         position_ids: optional; for packed rows they default to positions restarting per sequence.
         cu_seqlens: ``(S+1,)`` offsets of the packed sequences; the shift stays inside each sequence.
@@ -245,7 +273,10 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
     """
     _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, check_flag("validate", validate))
     decoder, head = backbone_and_head(model)
-    if cu_seqlens is not None:
+    explicit = isinstance(labels, CountedPositions)
+    if explicit:
+        shift = False  # each triple already names the row that predicts its target
+    elif cu_seqlens is not None:
         input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
         if position_ids is None:
             position_ids = packed_position_ids(cu_seqlens.to(input_ids.device), total=input_ids.shape[1])
@@ -255,7 +286,10 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
         labels = labels.masked_fill(attention_mask == 0, ignore_index)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    if cu_seqlens is not None:
+    if explicit:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.to(hidden.device)
+    elif cu_seqlens is not None:
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         cu_seqlens = cu_seqlens.to(hidden.device)
     opts = dict(cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift, average=average, impl=impl,
