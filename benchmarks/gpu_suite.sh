@@ -2,7 +2,8 @@
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
 # PART: all | checks | tile-sweep | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin |
-#       e2e-mistral-naive, or any pytest -k expression. `checks` is not a benchmark: the GPU correctness tests
+#       e2e-mistral-naive | layouts (a T-SPIN step with padded / packed / shared-prefix batches, sdpa and flex),
+#       or any pytest -k expression. `checks` is not a benchmark: the GPU correctness tests
 #       (`pytest tests -m gpu`: kernels vs float64 on CUDA, int64 addressing, one-GPU FSDP2) and the Mistral-7B LoRA
 #       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too.
 #       `tile-sweep` times the forward and backward kernels under a grid of tile configs at llama3-8b
@@ -48,6 +49,7 @@ case "$PART" in
   e2e-llama) SEL="e2e_gpu_throughput or (e2e_gpu_max_batch and llama)" ;;
   e2e-mistral-tspin) SEL="e2e_gpu_max_batch and mistral and tspin" ;;
   e2e-mistral-naive) SEL="e2e_gpu_max_batch and mistral and naive_hf" ;;
+  layouts) SEL="layout_step_gpu" ;;
   *) SEL="$PART" ;;
 esac
 export TSPIN_BENCH=1

@@ -5,7 +5,8 @@
 Per results file ``<device>-<yyyymmdd>.json`` it writes, next to it (or into ``--out``):
 - ``<stem>-kernel-<shape>-<head>.png``: median time and peak memory rise per implementation, per mode;
 - ``<stem>-e2e.png``: tokens/s and peak memory per path for each end-to-end config (and the largest batch);
-- ``<stem>-rss.png``: the CPU host-memory benchmark (peak RSS rise per impl).
+- ``<stem>-rss.png``: the CPU host-memory benchmark (peak RSS rise per impl);
+- ``<stem>-layouts-<config>-<attn>.png``: a T-SPIN step with padded / packed / shared-prefix batches per r = P/L.
 ``--markdown`` prints the tables the README shows (time, memory, TFLOP/s, speed-up vs the fastest peer).
 """
 
@@ -117,6 +118,7 @@ def plot_file(path: Path, out_dir: Path) -> list[Path]:
         axes[0][0].legend(fontsize=8)
         written.append(_save(fig, out_dir / f"{path.stem}-e2e.png"))
 
+    written += _plot_layouts(rows, path, out_dir)
     rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
     if rss:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -125,6 +127,64 @@ def plot_file(path: Path, out_dir: Path) -> list[Path]:
         ax.set_title(f"{rss[0]['shape']} fwd+bwd, host memory", fontsize=9)
         written.append(_save(fig, out_dir / f"{path.stem}-rss.png"))
     return written
+
+
+LAYOUTS = ("padded", "packed", "shared_prefix")
+
+
+def layout_rows(rows):
+    """One row per (record, layout) from the layout benchmark's records (their ``layouts`` dict)."""
+    out = []
+    for r in rows:
+        if r.get("mode") != "layout_step":
+            continue
+        for layout in LAYOUTS:
+            one = (r.get("layouts") or {}).get(layout)
+            if one is not None:
+                out.append(dict(r, layout=layout, **one, is_shared=layout == "shared_prefix"))
+    return out
+
+
+def _plot_layouts(rows, path: Path, out_dir: Path) -> list[Path]:
+    """``<stem>-layouts-<config>-<attn>.png``: step time, backbone tokens and peak memory per layout and r."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    by = defaultdict(list)
+    for r in layout_rows(rows):
+        by[(r["config"], r["attn"])].append(r)
+    for (config, attn), rs in sorted(by.items()):
+        groups = [f"r={x}" for x in sorted({r["r"] for r in rs})]
+        key = lambda r: (f"r={r['r']}", r["layout"])  # noqa: E731
+        panels = [("median step time (s)", {key(r): r.get("step_seconds") for r in rs}),
+                  ("backbone tokens", {key(r): r.get("backbone_tokens") for r in rs}),
+                  ("peak memory (MiB)", {key(r): _mib(r.get("peak_mem_bytes")) for r in rs})]
+        panels = [p for p in panels if any(v is not None for v in p[1].values())]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        for ax, (label, values) in zip(axes[0], panels):
+            _bars(ax, groups, LAYOUTS, values, label, f"T-SPIN step, {config} ({attn}, {rs[0].get('device')})",
+                  log=False)
+        axes[0][0].legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{path.stem}-layouts-{config}-{attn}.png"))
+    return written
+
+
+def _layout_markdown(rows) -> list[str]:
+    rs = layout_rows(rows)
+    if not rs:
+        return []
+    out = ["| config | attn | r = P/L | layout | step s (median) | backbone tokens | tokens / packed "
+           "| (P+3L)/(3P+3L) | speed-up vs packed | vs padded | peak mem MiB | load avg (1 min) |", "|---" * 12 + "|"]
+    for r in sorted(rs, key=lambda r: (r["config"], r["attn"], r["r"], LAYOUTS.index(r["layout"]))):
+        load = r.get("load_avg_before") or [None]
+        shared = r["is_shared"]
+        out.append(f"| {r['config']} | {r['attn']} | {r['r']} | {r['layout']} | {_fmt(r.get('step_seconds'))} | "
+                   f"{r.get('backbone_tokens')} | {_fmt(r.get('tokens_vs_packed'), '.3f')} | "
+                   f"{_fmt(r.get('token_ratio_formula'), '.3f')} | "
+                   f"{_fmt(r.get('speedup_vs_packed') if shared else None, '.2f')} | "
+                   f"{_fmt(r.get('speedup_vs_padded') if shared else None, '.2f')} | "
+                   f"{_fmt(_mib(r.get('peak_mem_bytes')), '.0f')} | {_fmt(load[0], '.1f')} |")
+    return out + [""]
 
 
 def markdown(path: Path) -> str:
@@ -172,6 +232,7 @@ def markdown(path: Path) -> str:
                        f"{_fmt(r.get('step_seconds'))} | {_fmt(pk and pk / 2**30)} | "
                        f"{r.get('max_batch_triplets', '-')} |")
         out.append("")
+    out += _layout_markdown(rows)
     rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
     if rss:
         out += ["| host-memory benchmark | impl | peak RSS rise MiB | ratio to reference |", "|---|---|---|---|"]

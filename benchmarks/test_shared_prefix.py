@@ -1,0 +1,121 @@
+"""Batch layouts for a full T-SPIN optimizer step: padded vs packed vs shared-prefix at r = P/L in {0.5, 1, 2}.
+
+Benchmarking on (``TSPIN_BENCH=1``): the ``cpu`` config on the CPU (sdpa), the ``gpu`` config on CUDA (sdpa and
+flex_attention). One record per (attention, r): each timed round runs one step of every layout, interleaved, so
+the layouts share the machine's load as it moves. A record's ``layouts`` holds per layout the median step time,
+the backbone tokens and their ratio to packed, and the peak memory (CUDA peak allocated, or the CPU's peak RSS
+rise of one step in a fresh process); ``speedup_vs_packed`` / ``speedup_vs_padded`` are medians of the paired
+per-round ratios; the 1/5/15-minute load average before and after is kept. ``TSPIN_LAYOUT_ROUNDS`` (default 5)
+sets the rounds. Benchmarking off (CI): the ``toy`` config, one round, and a check that the three layouts
+compute the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks import shared_prefix as sp
+
+ROUNDS = int(os.environ.get("TSPIN_LAYOUT_ROUNDS", "5"))
+_RUNNERS: dict = {}
+
+
+def _runner(cfg, attn, device) -> sp.Runner:
+    key = (cfg.name, attn, device)
+    if key not in _RUNNERS:
+        _RUNNERS.clear()  # one model alive at a time
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        _RUNNERS[key] = sp.Runner(cfg, device, dtype, attn)
+    return _RUNNERS[key]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release():
+    yield
+    _RUNNERS.clear()
+
+
+def test_layouts_compute_the_same_step():
+    """The benchmark's three layouts: one loss and one gradient on the same weights (toy config, float32)."""
+    runner = sp.Runner(sp.CONFIGS["toy"], "cpu", torch.float32)
+    batches = runner.batches(1.0)
+    out = {}
+    for layout in sp.LAYOUTS:
+        runner.model.zero_grad(set_to_none=True)
+        loss = runner.loss(batches[layout])
+        loss.backward()
+        out[layout] = (loss.detach(), {n: p.grad.clone() for n, p in runner.model.named_parameters()})
+    ref_loss, ref_g = out["padded"]
+    for layout in ("packed", "shared_prefix"):
+        loss, g = out[layout]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for n in ref_g:
+            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-4 * ref_g[n].abs().max().item() + 1e-8)
+    tokens = {layout: b["tokens"] for layout, b in batches.items()}
+    assert tokens["shared_prefix"] / tokens["packed"] == pytest.approx(sp.token_ratio(1.0))
+    assert tokens["padded"] == tokens["packed"]  # uniform lengths: no padding
+
+
+@pytest.mark.parametrize("r", sp.RATIOS)
+def test_layout_step_cpu(benchmark, r):
+    _layout_step(benchmark, sp.CONFIGS["toy" if benchmark.disabled else "cpu"], "sdpa", r, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", sp.RATIOS)
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_layout_step_gpu(benchmark, attn, r):
+    _layout_step(benchmark, sp.CONFIGS["gpu"], attn, r, "cuda")
+
+
+def _layout_step(benchmark, cfg, attn, r, device):
+    """One benchmark round = one step of each layout, in an order rotated round by round; the record holds each
+    layout's median step time and the median over rounds of the paired ratios (shared-prefix vs packed/padded
+    within the same round, so a load change between rounds cancels)."""
+    benchmark.group = f"layouts-{cfg.name}-{attn}"
+    runner = _runner(cfg, attn, device)
+    batches = runner.batches(r)
+    times = {layout: [] for layout in sp.LAYOUTS}
+    n = [0]
+
+    def one_round():
+        k = n[0] % len(sp.LAYOUTS)
+        for layout in sp.LAYOUTS[k:] + sp.LAYOUTS[:k]:
+            t0 = time.perf_counter()
+            runner.step(batches[layout])
+            times[layout].append(time.perf_counter() - t0)
+        n[0] += 1
+
+    load_before = os.getloadavg()
+    one_round()  # warm-up (allocator, kernels)
+    times = {layout: [] for layout in sp.LAYOUTS}
+    benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else ROUNDS, warmup_rounds=0)
+    tokens = {k: v["tokens"] for k, v in batches.items()}
+    P = sp.prompt_length(cfg, r)
+    assert tokens["shared_prefix"] / tokens["packed"] == pytest.approx((P + 3 * cfg.L) / (3 * P + 3 * cfg.L))
+    layouts = {}
+    for layout in sp.LAYOUTS:
+        if device == "cuda":
+            peak, kind = sp.cuda_peak(runner, batches[layout]), "CUDA peak allocated during one step"
+        elif not benchmark.disabled:
+            peak = sp.rss_rise_in_subprocess(cfg.name, layout, r, attn)["peak_rss_rise_bytes"]
+            kind = "host peak RSS rise of one step (fresh subprocess)"
+        else:
+            peak, kind = None, None
+        layouts[layout] = dict(step_seconds=statistics.median(times[layout]), step_seconds_all=times[layout],
+                               backbone_tokens=tokens[layout], tokens_vs_packed=tokens[layout] / tokens["packed"],
+                               peak_mem_bytes=peak, memory_kind=kind)
+    paired = lambda base: statistics.median(b / s for b, s in zip(times[base], times["shared_prefix"]))  # noqa: E731
+    common.record(
+        benchmark, runner.device, impl="layouts", shape=f"layouts-{cfg.name}-r{r}", mode="layout_step",
+        head="trainable", attn=attn, r=r, P=P, L=cfg.L, B=cfg.B, D=cfg.D, layers=cfg.layers, V=cfg.V,
+        config=cfg.name, rounds=len(times["packed"]), layouts=layouts, token_ratio_formula=sp.token_ratio(P / cfg.L),
+        speedup_vs_packed=paired("packed"), speedup_vs_padded=paired("padded"),
+        peak_mem_bytes=layouts["shared_prefix"]["peak_mem_bytes"],
+        load_avg_before=list(load_before), load_avg_after=list(os.getloadavg()))
