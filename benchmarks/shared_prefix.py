@@ -43,20 +43,24 @@ RATIOS = (0.5, 1.0, 2.0)
 @dataclass(frozen=True)
 class LayoutConfig:
     name: str
-    D: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    V: int
+    model: dict  # LlamaConfig sizes
     L: int  # response tokens
     B: int  # triplets per step
 
+    @property
+    def V(self) -> int:
+        return self.model["vocab_size"]
+
+
+def _llama(D, layers, heads, kv_heads, ffn, V) -> dict:
+    return dict(hidden_size=D, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=ffn, vocab_size=V)
+
 
 CONFIGS = {
-    "cpu": LayoutConfig("cpu", 384, 6, 6, 2, 1024, 4096, 64, 2),
-    "gpu": LayoutConfig("gpu", 2048, 16, 32, 8, 8192, 128256, 512, 4),
-    "toy": LayoutConfig("toy", 32, 2, 4, 2, 64, 101, 6, 2),
+    "cpu": LayoutConfig("cpu", _llama(384, 6, 6, 2, 1024, 4096), 64, 2),
+    "gpu": LayoutConfig("gpu", _llama(2048, 16, 32, 8, 8192, 128256), 512, 4),
+    "toy": LayoutConfig("toy", _llama(32, 2, 4, 2, 64, 101), 6, 2),
 }
 
 
@@ -72,11 +76,8 @@ def token_ratio(r: float) -> float:
 def build_model(cfg: LayoutConfig, device, dtype, attn: str = "sdpa", seed: int = 0):
     import transformers
 
-    config = transformers.LlamaConfig(
-        hidden_size=cfg.D, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn, vocab_size=cfg.V,
-        max_position_embeddings=max(256, 8 * cfg.L), tie_word_embeddings=False, use_cache=False,
-        attn_implementation=attn)
+    config = transformers.LlamaConfig(**cfg.model, max_position_embeddings=max(256, 8 * cfg.L),
+                                      tie_word_embeddings=False, use_cache=False, attn_implementation=attn)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.train()

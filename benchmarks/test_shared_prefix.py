@@ -114,7 +114,7 @@ def _layout_step(benchmark, cfg, attn, r, device):
     paired = lambda base: statistics.median(b / s for b, s in zip(times[base], times["shared_prefix"]))  # noqa: E731
     common.record(
         benchmark, runner.device, impl="layouts", shape=f"layouts-{cfg.name}-r{r}", mode="layout_step",
-        head="trainable", attn=attn, r=r, P=P, L=cfg.L, B=cfg.B, D=cfg.D, layers=cfg.layers, V=cfg.V,
+        head="trainable", attn=attn, r=r, P=P, L=cfg.L, B=cfg.B, model=cfg.model,
         config=cfg.name, rounds=len(times["packed"]), layouts=layouts, token_ratio_formula=sp.token_ratio(P / cfg.L),
         speedup_vs_packed=paired("packed"), speedup_vs_padded=paired("padded"),
         peak_mem_bytes=layouts["shared_prefix"]["peak_mem_bytes"],
