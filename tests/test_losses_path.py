@@ -38,7 +38,7 @@ def naive_logps(policy, feats, fields):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prefix"])
 @pytest.mark.parametrize("impl", ["torch", "reference", "triton"])
 def test_policy_logps_matches_naive_values_and_grads(setup, layout, impl):
     d, tok, feats = setup
@@ -107,17 +107,21 @@ def test_spin_without_reference_is_an_error(setup):
         compute_loss(model, collate(feats, ("real", "generated"), tok.pad_token_id), method="spin")
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prefix"])
 def test_wrapped_policy_is_called_and_matches_the_plain_model(setup, layout):
     """The trainer hands policy_logps the wrapped policy: it must go through the module call (DDP / FSDP2 hooks)
     and give the plain model's values."""
-    from tspin_kernels.integrations import causal_lm_sequence_logps
+    from tspin_kernels.integrations import causal_lm_sequence_logps, shared_prefix_sequence_logps
 
     d, tok, feats = setup
     batch = collate(feats, FIELDS, tok.pad_token_id, layout)
     policy = tiny_policy(d)
-    plain = causal_lm_sequence_logps(policy.model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, impl="torch")
+    if layout == "shared_prefix":
+        plain = shared_prefix_sequence_logps(policy.model, batch.shared, impl="torch")
+    else:
+        plain = causal_lm_sequence_logps(policy.model, batch.input_ids, batch.labels,
+                                         attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                                         cu_seqlens=batch.cu_seqlens, impl="torch")
     calls = []
     policy.register_forward_hook(lambda *a: calls.append(1))
     wrapped = policy_logps(policy, batch, impl="torch")

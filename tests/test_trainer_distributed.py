@@ -50,14 +50,16 @@ def _triplets(path: Path, n: int = 8) -> Path:
                                "generated": s, "proto": s[::-1]} for i, s in enumerate(words)])
 
 
-@pytest.mark.parametrize("strategy,lora_rank", [("ddp", 0), ("fsdp2", 0), ("ddp", 4), ("fsdp2", 4)])
-def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank):
+@pytest.mark.parametrize("strategy,lora_rank,layout", [
+    ("ddp", 0, "padded"), ("fsdp2", 0, "padded"), ("ddp", 4, "padded"), ("fsdp2", 4, "padded"),
+    ("ddp", 0, "shared_prefix"), ("fsdp2", 4, "shared_prefix")])
+def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank, layout):
     """2 ranks x 2 triplets per micro-batch take the steps of 1 process x 4 triplets: same weights at the end
     (with LoRA: rank 0's adapter init is broadcast, and it is the one-process init)."""
     data = _triplets(tmp_path / "triplets.jsonl")
     common = dict(method="tspin", model_name_or_path=str(model_dir), data_path=str(data), learning_rate=1e-2,
                   loss_impl="torch", gradient_accumulation_steps=1, num_train_epochs=2.0, max_grad_norm=0.5,
-                  lora_rank=lora_rank, lora_alpha=8.0)
+                  lora_rank=lora_rank, lora_alpha=8.0, layout=layout)
     train(tiny_cfg(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common))
     torchrun("train", tiny_cfg(per_device_train_batch_size=2, strategy=strategy, output_dir=str(tmp_path / "two"),
                                **common), tmp_path)

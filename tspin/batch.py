@@ -1,4 +1,4 @@
-"""Batches: tokenized features -> the tensors of one forward, padded or packed (the layouts:
+"""Batches: tokenized features -> the tensors of one forward, padded, packed or shared-prefix (the layouts:
 docs/contract.md#batch-layouts).
 
 Rows are ordered field-major, ``[field0 of every example; field1 of every example; ...]``: for T-SPIN
@@ -14,23 +14,28 @@ from itertools import accumulate
 
 import torch
 
+from tspin_kernels.integrations import SharedPrefixBatch, build_shared_prefix_batch
+
+from .config import LAYOUTS
 from .data import IGNORE_INDEX
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (R, T) padded, or (1, N) packed
-    labels: torch.Tensor  # same shape as input_ids, HF style (shift happens in the kernel)
+    input_ids: torch.Tensor | None  # (R, T) padded, or (1, N) packed; None for shared_prefix (see `shared`)
+    labels: torch.Tensor | None  # same shape as input_ids, HF style (shift happens in the kernel)
     attention_mask: torch.Tensor | None  # (R, T); None when packed (position_ids delimit sequences)
     position_ids: torch.Tensor | None  # (1, N) packed, restarting at 0 per sequence
     cu_seqlens: torch.Tensor | None  # (R+1,) int32 packed offsets
     num_examples: int
     num_tokens: int  # counted (response) tokens
-    num_input_tokens: int  # tokens the backbone runs over (padding excluded)
+    num_input_tokens: int  # tokens of the sequences (padding excluded; a shared prompt counted per response)
     ref_logps: torch.Tensor | None = None  # (R,) float32 in row order (SPIN)
+    shared: SharedPrefixBatch | None = None  # shared_prefix: rows, positions and counted triples
 
     def to(self, device) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        movable = (torch.Tensor, SharedPrefixBatch)
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, movable) else t
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
 
 
@@ -68,9 +73,11 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     """One batch of ``features`` (from :func:`tspin.data.build_features`): every example's ``fields`` as rows.
 
     With ``vocab_size`` every token id and label is checked to lie in the model's vocabulary (labels may be -100).
+    ``shared_prefix`` puts each example's ``fields`` in one sequence, the prompt once
+    (:func:`tspin_kernels.integrations.build_shared_prefix_batch`); with a single field it is ``packed``.
     """
-    if layout not in ("padded", "packed"):
-        raise ValueError(f"layout={layout!r}: expected 'padded' or 'packed'")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
     seqs = [feat[f] for f in fields for feat in features]
     if not seqs:
         raise ValueError("features: a batch needs at least one example")
@@ -80,7 +87,11 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     ref = None
     if all("ref" in feat for feat in features):
         ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
-    if layout == "packed":
+    if layout == "shared_prefix" and len(fields) > 1:
+        shared = build_shared_prefix_batch([[feat[f] for f in fields] for feat in features],
+                                           pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX)
+        return Batch(None, None, None, None, None, **counts, ref_logps=ref, shared=shared)
+    if layout in ("packed", "shared_prefix"):
         ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
         labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
         pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]

@@ -17,7 +17,7 @@ import yaml
 METHODS = ("tspin", "spin", "sft")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "shared_prefix")
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -58,7 +58,9 @@ class Config:
     spin_mix_previous: bool = _f(False, "SPIN: train iteration t on the synthetic data of iterations t-1 and t.")
     average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (an option; the method sums).")
     loss_impl: str = _f("auto", "tspin_kernels impl: auto | triton | torch | reference.")
-    layout: str = _f("padded", "Batch layout: padded rows, or packed padding-free rows with cu_seqlens/position_ids.")
+    layout: str = _f("padded", "Batch layout: padded rows; packed padding-free rows with cu_seqlens/position_ids; "
+                               "shared_prefix (tspin, spin): each prompt runs through the backbone once for all "
+                               "its responses, exactly (needs sdpa, eager or flex_attention; sft uses packed).")
     # --- self-play
     num_iterations: int = _f(4, "Self-play iterations (Iter0..Iter{n-1}).")
     proto_path: str | None = _f(None, "Existing proto-synthetic file to reuse instead of generating one.")

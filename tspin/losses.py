@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from tspin_kernels import spin_loss_from_logps, tspin_loss_from_logps
+from tspin_kernels.integrations import shared_prefix_attention_mask
 
 from .batch import Batch, collate
 from .wrapping import policy_of
@@ -29,11 +30,15 @@ def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = Fal
 
     `model` is the training policy (one process, DDP or FSDP2). It is *called*, so DDP's gradient all-reduce and
     FSDP2's unshard hooks run. Padded rows use the attention mask; a packed row (1, N) uses position_ids restarting
-    at 0 per sequence and cu_seqlens.
+    at 0 per sequence and cu_seqlens; shared-prefix rows their own mask, positions and counted triples.
     """
-    policy_of(model)  # a clear error for anything but the policy
+    policy = policy_of(model)  # a clear error for anything but the policy
     # validate=False: collate already checked token ids, labels and offsets on the CPU, where it is free; the
     # kernels' value checks would read the device back (a stream sync per micro-batch on a GPU)
+    if batch.shared is not None:  # the counted triples and the layout's mask, in the form the attention takes
+        sp = batch.shared
+        mask = shared_prefix_attention_mask(sp, policy.model)
+        return model(sp.input_ids, sp.positions, mask, sp.position_ids, average=average, impl=impl, validate=False)
     return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
                  average=average, impl=impl, validate=False)
 
