@@ -12,6 +12,8 @@ tokens / tokens_per_s summed over steps) and the speed-ups of shared_prefix over
 the paired per-round ratios. The load average is read before and after.
 
     python -m benchmarks.train_layouts --ratio 1 --rounds 3 --out benchmarks/results/cpu-YYYYMMDD-train-layouts.json
+
+``--out`` appends the run to the file's ``runs`` list (every run measured stays on record).
 """
 
 from __future__ import annotations
@@ -134,11 +136,11 @@ def main(argv=None) -> int:
               "backbone_token_ratio_formula": (P + 3 * L) / (3 * P + 3 * L),
               "layouts": results, "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg()),
               **common.provenance()}
-    text = json.dumps(record, indent=1)
-    if a.out:
+    if a.out:  # one file keeps every run: {"runs": [record, ...]}, this one appended
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    print(text)
+        runs = json.loads(a.out.read_text())["runs"] if a.out.exists() else []
+        a.out.write_text(json.dumps({"runs": runs + [record]}, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
     return 0
 
 
