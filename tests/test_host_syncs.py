@@ -1,6 +1,7 @@
 """Host syncs on the trainer-facing path: with ``validate=False`` our code makes exactly one per call, the
 ``nonzero`` that compacts counted positions (its output size is data-dependent, so it cannot be avoided without
-giving up compaction). ``validate=True`` adds exactly one: every value check read back together.
+giving up compaction); the fused loss path adds one, the per-triplet row counts that size its chunks.
+``validate=True`` adds exactly one: every value check read back together.
 
 Counted on the CPU by tests/_host_syncs.py (the operations that block the host on CUDA); on a GPU,
 test_kernels_gpu.py checks the same with torch.cuda.set_sync_debug_mode.
@@ -17,9 +18,13 @@ from tests._oracle import make_inputs
 from tspin_kernels import spin_loss, tspin_loss, tspin_loss_from_logps
 from tspin_kernels.integrations import CausalLMLogps, pack_padded, packed_position_ids
 from tspin_kernels.kernels import fused_logps
+from tspin_kernels.kernels import fused_loss as fused_loss_kernels
 
 ONE_NONZERO = Counter(nonzero=1)
-KERNELS = ("_fwd_kernel", "_bwd_kernel", "_dlogits_kernel")
+# the fused loss path (tspin_loss / spin_loss, fused=True) also reads its per-triplet row counts, to plan chunks
+FUSED = ONE_NONZERO + Counter(tolist=1)
+KERNELS = {fused_logps: ("_fwd_kernel", "_bwd_kernel", "_dlogits_kernel"),
+           fused_loss_kernels: ("_row_lse_kernel", "_loss_dlogits_kernel")}
 
 
 class _Paused:
@@ -42,8 +47,9 @@ class _Paused:
 @pytest.fixture
 def counter(monkeypatch):
     c = HostSyncCounter()
-    for name in KERNELS:
-        monkeypatch.setattr(fused_logps, name, _Paused(getattr(fused_logps, name), c))
+    for module, names in KERNELS.items():
+        for name in names:
+            monkeypatch.setattr(module, name, _Paused(getattr(module, name), c))
     return c
 
 
@@ -60,30 +66,36 @@ def _step(counter, fn, *tensors):
     return Counter(counter.syncs)
 
 
-@pytest.mark.parametrize("impl,backward", [("torch", None), ("triton", "atomic"), ("triton", "matmul")])
+@pytest.mark.parametrize("impl,backward,fused", [("torch", None, False), ("torch", None, None),
+                                                 ("triton", "atomic", None), ("triton", "matmul", None),
+                                                 ("triton", None, True)])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_kernel_api_syncs_once_when_the_caller_vouches(counter, impl, layout, backward):
+def test_kernel_api_syncs_once_when_the_caller_vouches(counter, impl, layout, backward, fused):
     inp = make_inputs(6, 9, 16, 50, torch.float32, packed=layout == "packed", bias=True)
     h, w, b = (inp[k].requires_grad_() for k in ("hidden", "weight", "bias"))
-    opts = dict(bias=b, cu_seqlens=inp.get("cu_seqlens"), shift=True, average=True, impl=impl, backward=backward)
+    opts = dict(bias=b, cu_seqlens=inp.get("cu_seqlens"), shift=True, average=True, impl=impl, backward=backward,
+                fused=fused)
+    base = FUSED if fused or (fused is None and impl == "torch") else ONE_NONZERO
 
     def loss(**more):
         return lambda: tspin_loss(h, w, inp["labels"], **opts, **more).loss
 
-    assert _step(counter, loss(validate=False), h, w, b) == ONE_NONZERO
-    assert _step(counter, loss(validate=True), h, w, b) == ONE_NONZERO + Counter(tolist=1)
-    assert _step(counter, loss(validate=True, check_finite=True), h, w, b) == ONE_NONZERO + Counter(tolist=1)
+    assert _step(counter, loss(validate=False), h, w, b) == base
+    assert _step(counter, loss(validate=True), h, w, b) == base + Counter(tolist=1)
+    assert _step(counter, loss(validate=True, check_finite=True), h, w, b) == base + Counter(tolist=1)
 
 
-def test_spin_loss_reference_check_is_one_more_sync(counter):
+@pytest.mark.parametrize("fused", [False, True])
+def test_spin_loss_reference_check_is_one_more_sync(counter, fused):
     inp = make_inputs(4, 9, 16, 50, torch.float32)
     h, w, ref = inp["hidden"].requires_grad_(), inp["weight"], torch.randn(4) - 20
+    base = FUSED if fused else ONE_NONZERO
 
     def loss(validate):
-        return lambda: spin_loss(h, w, inp["labels"], ref, impl="torch", validate=validate).loss
+        return lambda: spin_loss(h, w, inp["labels"], ref, impl="torch", validate=validate, fused=fused).loss
 
-    assert _step(counter, loss(False), h) == ONE_NONZERO
-    assert _step(counter, loss(True), h) == ONE_NONZERO + Counter(tolist=1, item=1)
+    assert _step(counter, loss(False), h) == base
+    assert _step(counter, loss(True), h) == base + Counter(tolist=1, item=1)
 
 
 def _backbone_syncs(counter, model, ids, **kw):

@@ -11,7 +11,10 @@ variable                   default of                      built-in default
 ``TSPIN_BACKWARD``         ``backward=None``               ``"atomic"``
 ``TSPIN_GRAD_FILTER``      ``grad_filter_eps=None``        ``0.0`` (off)
 ``TSPIN_TILES_FWD/BWD``    ``tiles=None`` (per kernel)     the built-in per-GPU tiles
-``TSPIN_CHUNK_ELEMENTS``   ``chunk_elements=None``         ``2**23`` (32 MiB of float32 logits)
+``TSPIN_CHUNK_ELEMENTS``   ``chunk_elements=None``         ``2**23`` (32 MiB of float32 logits); the
+                                                           fused loss path's cap: ``2**28`` (1 GiB)
+``TSPIN_FUSED``            ``fused=None`` (tspin_loss,     ``auto``: fused for ``impl="torch"``, not
+                           spin_loss)                      for ``impl="triton"``
 =========================  ==============================  ==========================================
 
 A malformed variable raises a ``ValueError`` naming the variable. (``TRITON_INTERPRET`` is Triton's own switch,
@@ -25,11 +28,14 @@ import os
 from . import _options
 
 ENV_VARS = ("TSPIN_IMPL", "TSPIN_BACKWARD", "TSPIN_GRAD_FILTER", "TSPIN_TILES_FWD", "TSPIN_TILES_BWD",
-            "TSPIN_CHUNK_ELEMENTS")
+            "TSPIN_CHUNK_ELEMENTS", "TSPIN_FUSED")
 
 # Logit elements per chunk of the torch path (float32): 2**23 elements = 32 MiB. Large enough for good matmuls,
 # small enough that the chunk never dominates memory.
 CHUNK_ELEMENTS = 1 << 23
+# The fused loss path's cap on a chunk of whole triplets (pairs): 2**28 float32 logits = 1 GiB, so that a triplet
+# of ~1500 response tokens at V=128k (or ~5000 at V=50k) is still done in one pass (3 units of work, not 4).
+FUSED_CHUNK_ELEMENTS = 1 << 28
 
 
 def _env(name: str) -> str:
@@ -77,3 +83,21 @@ def chunk_elements() -> int:
         return CHUNK_ELEMENTS
     return _options.check_chunk_elements(_parse(raw, int, "TSPIN_CHUNK_ELEMENTS", "a positive int"),
                                          "TSPIN_CHUNK_ELEMENTS")
+
+
+def fused_chunk_elements() -> int:
+    """The fused loss path's ``chunk_elements`` default: ``TSPIN_CHUNK_ELEMENTS`` if set, else 2**28."""
+    return chunk_elements() if _env("TSPIN_CHUNK_ELEMENTS") else FUSED_CHUNK_ELEMENTS
+
+
+def fused() -> bool | None:
+    """``TSPIN_FUSED``: ``1``/``true`` or ``0``/``false`` force the fused loss path on or off; unset or ``auto``:
+    None (on for ``impl="torch"``, off for ``impl="triton"``)."""
+    raw = _env("TSPIN_FUSED").lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true"):
+        return True
+    if raw in ("0", "false"):
+        return False
+    raise ValueError(f"TSPIN_FUSED: expected auto, 1, true, 0 or false, got {raw!r}")

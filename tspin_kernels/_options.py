@@ -127,6 +127,13 @@ def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_eleme
     return KernelOptions(backward, eps, per_kernel["fwd"], per_kernel["bwd"], chunk)
 
 
+def check_fused(value, what: str = "fused") -> bool | None:
+    """``fused`` of tspin_loss / spin_loss: None (the default), True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{what}: expected None, True or False, got {value!r}")
+    return value
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}")

@@ -7,11 +7,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _device
+from . import _defaults, _device
 from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
-from ._options import check_flag, check_real, resolve_options
+from ._options import check_flag, check_fused, check_real, resolve_options
+from .fused_loss import TupleLoss, run_fused
 from .positions import CountedPositions, compact_positions
-from .reference import ChunkedSequenceLogps, naive_positions_logps, naive_sequence_logps
+from .reference import ChunkedSequenceLogps, acc_dtype, naive_positions_logps, naive_sequence_logps
 
 
 class TSPINOutput(NamedTuple):
@@ -31,7 +32,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
                    shift: bool = False, average: bool = False, impl: str = "auto", backward: str | None = None,
                    grad_filter_eps: float | None = None, tiles: dict | None = None,
                    chunk_elements: int | None = None, validate: bool = True,
-                   check_finite: bool = False) -> torch.Tensor:
+                   check_finite: bool = False, _loss=None) -> torch.Tensor:
     """Sum (or mean) of target-token log-probs per sequence, from hidden states and the LM-head weight.
 
     Args:
@@ -96,6 +97,8 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         c = compact_positions(hidden, labels, average)
     else:
         c = compact(hidden, labels, cu_seqlens, ignore_index, shift, average)
+    if _loss is not None:  # tspin_loss / spin_loss on the fused path: (loss, detached log-probs)
+        return run_fused(_loss, c, weight, bias, impl, options)
     if impl == "triton":
         from .functions import TritonSequenceLogps  # imports triton lazily: the torch path works without it
 
@@ -142,9 +145,14 @@ def tspin_loss_from_logps(real, generated, proto, *, alpha: float = 1.0, beta: f
     ``alpha`` / ``beta``: finite numbers. Every check is free (no host sync)."""
     alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
     _check_logps(real=real, generated=generated, proto=proto)
+    return _tspin_terms(real, generated, proto, alpha, beta).mean()
+
+
+def _tspin_terms(real, generated, proto, alpha: float, beta: float) -> torch.Tensor:
+    """Per-triplet T-SPIN losses (the one formula every path uses)."""
     current = alpha * (real - generated)
     history = alpha * (generated - proto)
-    return (-F.logsigmoid(current) - beta * F.logsigmoid(history)).mean()
+    return -F.logsigmoid(current) - beta * F.logsigmoid(history)
 
 
 def spin_loss_from_logps(real, generated, ref_real, ref_generated, *, beta: float = 0.1) -> torch.Tensor:
@@ -152,7 +160,12 @@ def spin_loss_from_logps(real, generated, ref_real, ref_generated, *, beta: floa
     :func:`tspin_loss_from_logps` (1-D, one length, floating; ``beta`` finite). Every check is free."""
     beta = check_real("beta", beta)
     _check_logps(real=real, generated=generated, ref_real=ref_real, ref_generated=ref_generated)
-    return -F.logsigmoid(beta * ((real - ref_real) - (generated - ref_generated))).mean()
+    return _spin_terms(real, generated, ref_real, ref_generated, beta).mean()
+
+
+def _spin_terms(real, generated, ref_real, ref_generated, beta: float) -> torch.Tensor:
+    """Per-pair SPIN losses (the one formula every path uses)."""
+    return -F.logsigmoid(beta * ((real - ref_real) - (generated - ref_generated)))
 
 
 def _rows(hidden, labels, cu_seqlens) -> int:
@@ -164,28 +177,67 @@ def _rows(hidden, labels, cu_seqlens) -> int:
     return cu_seqlens.numel() - 1
 
 
-def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1, **options) -> TSPINOutput:
+def _fused_loss_path(fused, hidden, options: dict) -> bool:
+    """Whether tspin_loss / spin_loss take the fused path (3 units of work; see ``fused_loss``).
+
+    ``None``: ``TSPIN_FUSED`` if set, else on for ``impl="torch"`` (measured faster on CPU; README "Benchmarks")
+    and off for ``impl="triton"`` (today's GPU default, until a GPU measurement says otherwise)."""
+    explicit = check_fused(fused)
+    fused = _defaults.fused() if explicit is None else explicit
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        return False  # sequence_logps names the bad argument
+    impl = _device.resolve_impl(options.get("impl", "auto"), hidden)
+    if impl == "reference":
+        if explicit:
+            raise ValueError("fused: impl='reference' is the full-logits oracle and has no fused path; "
+                             "use fused=None or False with it")
+        return False
+    return impl == "torch" if fused is None else fused
+
+
+def _fused_options(options: dict) -> dict:
+    """The fused path's ``chunk_elements`` (a cap on a chunk of whole tuples) has its own built-in default."""
+    if options.get("chunk_elements") is None:
+        options = dict(options, chunk_elements=_defaults.fused_chunk_elements())
+    return options
+
+
+def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1, fused: bool | None = None,
+               **options) -> TSPINOutput:
     """T-SPIN loss over 3B rows ordered ``[real_0..real_{B-1}, generated_0.., proto_0..]``.
 
     ``options``: the keyword options of :func:`sequence_logps` (bias, cu_seqlens, ignore_index, shift, average,
     impl, backward, grad_filter_eps, tiles, chunk_elements, validate, check_finite). ``alpha`` / ``beta``: finite
-    numbers. The returned log-probs are those the loss was computed from (differentiable).
+    numbers.
+
+    ``fused``: ``True`` computes the gradients inside the forward, one chunk of whole triplets at a time (3 units
+    of work instead of 4; ``chunk_elements`` caps a chunk's float32 logits, default ``TSPIN_CHUNK_ELEMENTS`` or
+    2**28, and a triplet above the cap takes two passes over its rows). Then only ``loss`` is differentiable: the
+    returned log-probs are detached diagnostics. ``False``: per-sequence log-probs with their own backward (the
+    recompute path, 4 units), the loss on top; everything returned is differentiable. ``None`` (default):
+    ``TSPIN_FUSED`` if set, else fused for ``impl="torch"`` and not for ``impl="triton"`` / ``"reference"``.
     """
     alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
         rows = _rows(hidden, labels, options.get("cu_seqlens"))
         if rows == 0 or rows % 3:
             raise ValueError(f"hidden: tspin_loss needs 3B rows [real; generated; proto] with B>=1, got {rows} rows")
+    if _fused_loss_path(fused, hidden, options):
+        spec = TupleLoss(3, lambda x, t: _tspin_terms(x[0], x[1], x[2], alpha, beta))
+        loss, logps = sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
+        return TSPINOutput(loss, *logps.chunk(3))
     logps = sequence_logps(hidden, weight, labels, **options)
     real, generated, proto = logps.chunk(3)
     return TSPINOutput(tspin_loss_from_logps(real, generated, proto, alpha=alpha, beta=beta), real, generated, proto)
 
 
-def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, **options) -> SPINOutput:
+def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bool | None = None,
+              **options) -> SPINOutput:
     """SPIN loss over 2B rows ``[real; generated]``; ``ref_logps`` (2B,) are the frozen start-of-iteration log-probs.
 
-    ``options`` as in :func:`tspin_loss`. With ``validate=True`` (default) NaN/Inf in ``ref_logps`` raise (one
-    more host sync when they live on the GPU); ``validate=False`` skips that check.
+    ``options`` and ``fused`` as in :func:`tspin_loss` (the fused path chunks by pairs). With ``validate=True``
+    (default) NaN/Inf in ``ref_logps`` raise (one more host sync when they live on the GPU); ``validate=False``
+    skips that check.
     """
     beta = check_real("beta", beta)
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
@@ -199,6 +251,11 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, **options
             raise fail_type("ref_logps", "a floating dtype", ref_logps.dtype)
         if check_flag("validate", options.get("validate", True)) and not bool(torch.isfinite(ref_logps).all()):
             raise ValueError("ref_logps: contains NaN or Inf (reference log-probs must be finite)")
+    if _fused_loss_path(fused, hidden, options):
+        ref2 = ref_logps.detach().to(hidden.device, acc_dtype(hidden.dtype)).view(2, -1)
+        spec = TupleLoss(2, lambda x, t: _spin_terms(x[0], x[1], ref2[0, t], ref2[1, t], beta))
+        loss, logps = sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
+        return SPINOutput(loss, *logps.chunk(2))
     logps = sequence_logps(hidden, weight, labels, **options)
     real, generated = logps.chunk(2)
     ref = ref_logps.detach().float().to(logps.device)

@@ -96,6 +96,21 @@ def _chunk_logits(h, weight, bias, chunk_elements: int):
     return logits
 
 
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. 16-bit CUDA inputs keep tensor-core speed and skip the rounding of the product
+    to 16 bits (``out_dtype``, newer torch's cuBLAS path); CPU inputs are upcast (the tests' exact products)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    if _device.mm_out_dtype_works():
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a layout this torch's out_dtype path lacks
+            pass
+    return (a @ b).float()  # the product rounded to 16 bits, as naive torch's own backward rounds it
+
+
 def finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs):
     """Shared tail of both Functions' forward: token log-probs -> per-sequence sums; keep only the LSE for backward."""
     out = torch.zeros(num_seqs, dtype=tok.dtype, device=tok.device)

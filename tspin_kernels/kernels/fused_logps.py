@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import _device
+from ..reference import mm_f32
 
 # float32 elements of weight-gradient scratch held at once for 16-bit heads (2**25 = 128 MiB: 8192 vocab rows at
 # D=4096). Each slice is one launch over (its vocab tiles x every row block), plenty to fill the GPU.
@@ -331,21 +332,6 @@ def logps_backward(hidden2d, weight, bias, row_idx, target, lse, g_row, need_h, 
     return _finish_grads(hidden2d, row_idx, bias, gh, grad_w, gb, grad_slot)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result. 16-bit CUDA inputs keep tensor-core speed and skip the rounding of the product
-    to 16 bits (``out_dtype``, newer torch's cuBLAS path); CPU inputs are upcast (the tests' exact products)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if not a.is_cuda:
-        return a.float() @ b.float()
-    if _device.mm_out_dtype_works():
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a layout this torch's out_dtype path lacks
-            pass
-    return (a @ b).float()  # the product rounded to 16 bits, as naive torch's own backward rounds it
-
-
 # bf16/fp16 elements of the matmul backward's dlogits block (rows x vocab slice) held at once (2**25 = 64 MiB)
 DL_BLOCK_ELEMENTS = 2**25
 
@@ -382,11 +368,11 @@ def logps_backward_matmul(hidden2d, weight, bias, row_idx, target, lse, g_row, n
                 )
                 d = dl[: r1 - r0, : hi - lo].to(dt)
                 if need_h and grad_slot is None:  # float32 products, summed in float32 over slices and chunks
-                    gh[r0:r1] += _mm_f32(d, weight[lo:hi])
+                    gh[r0:r1] += mm_f32(d, weight[lo:hi])
                 elif need_h:  # repeated rows: each repeat into its first occurrence's slot
-                    gh.index_add_(0, grad_slot[r0:r1], _mm_f32(d, weight[lo:hi]))
+                    gh.index_add_(0, grad_slot[r0:r1], mm_f32(d, weight[lo:hi]))
                 if need_w:
-                    gw += _mm_f32(d.t(), hidden2d.index_select(0, rows))
+                    gw += mm_f32(d.t(), hidden2d.index_select(0, rows))
                 if need_b:
                     gb[lo:hi] += d.float().sum(0)
             if need_w:

@@ -1,0 +1,240 @@
+"""The fused loss path (``fused=True``: gradients formed in the forward, one chunk of whole triplets/pairs at a
+time) against the float64 oracle, on both engines (torch, Triton epilogues under the interpreter).
+
+Tolerance rule as in test_sequence_logps: in a given dtype our error against float64 may be at most 1.5x naive
+torch's error in that dtype plus a small margin. Every gradient (hidden, weight, bias), the loss and the returned
+log-probs are checked; chunk caps are varied so that chunks hold several tuples, one tuple, or a tuple split into
+row sub-chunks (two passes) whose boundaries fall inside sequences.
+"""
+
+import pytest
+import torch
+
+from tests._oracle import make_inputs, spy
+from tspin_kernels import fused_loss, spin_loss, tspin_loss
+from tspin_kernels._inputs import Compacted
+from tspin_kernels._options import resolve_options
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IMPLS = ["torch", "triton"]
+# name: (R, T, D, V, make_inputs options, loss options); R divisible by 6 serves triplets and pairs
+CASES = {
+    "odd": (6, 19, 40, 203, {}, {}),
+    "shift_bias_avg": (6, 11, 33, 97, dict(bias=True), dict(shift=True, average=True)),
+    "packed_empty": (6, 13, 24, 131, dict(packed=True, empty_row=2), dict(shift=True)),
+    "wide_vocab": (6, 5, 16, 1100, dict(bias=True), {}),
+}
+ALPHA, BETA = 0.7, 0.3
+
+
+def _ref_logps(R):
+    return torch.linspace(-30.0, -10.0, R)
+
+
+def run_loss(inputs, loss, impl, *, dtype=None, weight_grad=True, fused=None, **opts):
+    """Forward + backward of the loss; returns (loss, logps, {name: grad}) in float64."""
+    t = {k: (v.detach().clone().to(dtype or v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+             else v) for k, v in inputs.items()}
+    t["hidden"].requires_grad_(True)
+    t["weight"].requires_grad_(weight_grad)
+    if t.get("bias") is not None:
+        t["bias"].requires_grad_(True)
+    kw = dict(bias=t.get("bias"), cu_seqlens=t.get("cu_seqlens"), impl=impl, fused=fused, **opts)
+    if loss == "tspin":
+        out = tspin_loss(t["hidden"], t["weight"], t["labels"], alpha=ALPHA, beta=BETA, **kw)
+    else:
+        R = t["cu_seqlens"].numel() - 1 if t.get("cu_seqlens") is not None else t["hidden"].shape[0]
+        out = spin_loss(t["hidden"], t["weight"], t["labels"], _ref_logps(R), beta=BETA, **kw)
+    (out.loss * 1.7).backward()  # an incoming gradient other than 1: the backward must scale
+    grads = {k: t[k].grad.double() for k in ("hidden", "weight", "bias") if t.get(k) is not None
+             and t[k].grad is not None}
+    return out.loss.detach().double(), torch.cat(out[1:]).detach().double(), grads
+
+
+def _err(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def check_fused(case, loss, impl, dtype, weight_grad=True, **opts):
+    R, T, D, V, mk, lo = case
+    inputs = make_inputs(R, T, D, V, torch.float64, **mk)
+    ref = run_loss(inputs, loss, "reference", weight_grad=weight_grad, **lo)
+    base = run_loss(inputs, loss, "reference", dtype=dtype, weight_grad=weight_grad, **lo)
+    ours = run_loss(inputs, loss, impl, dtype=dtype, weight_grad=weight_grad, fused=True, **lo, **opts)
+    factor, margin = (1.5, 1e-5) if dtype == torch.float32 else (1.5, 2e-3)
+    for what, a, b, r in (("loss", ours[0], base[0], ref[0]), ("logps", ours[1], base[1], ref[1])):
+        scale = max(1.0, r.abs().max().item())
+        assert _err(a, r) <= factor * _err(b, r) + margin * scale, f"{what}: err {_err(a, r)} vs naive {_err(b, r)}"
+    assert set(ours[2]) == set(ref[2]), f"gradients present {set(ours[2])} vs {set(ref[2])}"
+    for name, r in ref[2].items():
+        scale = max(1.0, r.abs().max().item())
+        e, e0 = _err(ours[2][name], r), _err(base[2][name], r)
+        assert e <= factor * e0 + margin * scale, f"grad {name}: err {e} vs naive {e0}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", ["tspin", "spin"])
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_fused_against_float64_oracle(case, loss, impl, dtype):
+    check_fused(CASES[case], loss, impl, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_frozen_head(impl, dtype):
+    check_fused(CASES["shift_bias_avg"], "tspin", impl, dtype, weight_grad=False)
+
+
+# chunk caps in logit elements for V=203 and ~9-13 counted rows per sequence (~30 per triplet):
+# 10**6: every triplet in one chunk; 40*203: one triplet per chunk, or a triplet split into two passes;
+# 7*203: every triplet in sub-chunks of 7 rows that straddle sequence boundaries.
+@pytest.mark.parametrize("cap", [10**6, 40 * 203, 7 * 203], ids=["all", "one_triplet", "sub_chunks"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_chunk_boundaries(cap, impl, dtype):
+    check_fused((6, 19, 40, 203, dict(bias=True), {}), "tspin", impl, dtype, chunk_elements=cap)
+    check_fused((6, 19, 40, 203, dict(packed=True), dict(average=True)), "spin", impl, dtype, chunk_elements=cap)
+
+
+def _logit_rows(monkeypatch, **opts):
+    """Rows whose logits the fused path computes, per call of ``_chunk_logits`` (its one logits product)."""
+    seen = []
+    spy(monkeypatch, fused_loss, "_chunk_logits", lambda h, *a: seen.append(h.shape[0]))
+    inp = make_inputs(6, 19, 40, 203, torch.float32)
+    h, w = inp["hidden"].requires_grad_(), inp["weight"].requires_grad_()
+    tspin_loss(h, w, inp["labels"], impl="torch", fused=True, **opts).loss.backward()
+    counted = int((inp["labels"] != -100).sum())
+    return seen, counted
+
+
+def test_three_units_one_logits_product_per_row(monkeypatch):
+    """A chunk that fits computes each counted row's logits once (the products follow from the same buffer);
+    a triplet over the cap computes them twice (two passes), only for that triplet."""
+    seen, counted = _logit_rows(monkeypatch)
+    assert sum(seen) == counted and len(seen) == 1
+    seen, counted = _logit_rows(monkeypatch, chunk_elements=7 * 203)
+    assert sum(seen) == 2 * counted and max(seen) <= 7
+
+
+def test_plan_chunks():
+    plan = fused_loss.plan_chunks
+    # target closes a chunk once reached; the cap keeps a tuple out; a tuple over the cap stands alone
+    assert plan([3, 3, 3, 3], V=10, cap=100, target=60) == [(0, 6, 0, 2), (6, 12, 2, 4)]
+    assert plan([3, 3, 3, 3], V=10, cap=50, target=1000) == [(0, 3, 0, 1), (3, 6, 1, 2), (6, 9, 2, 3),
+                                                              (9, 12, 3, 4)]
+    assert plan([3, 3, 3, 3], V=10, cap=65, target=1000) == [(0, 6, 0, 2), (6, 12, 2, 4)]
+    assert plan([2, 9, 1, 0], V=10, cap=50, target=1000) == [(0, 2, 0, 1), (2, 11, 1, 2), (11, 12, 2, 4)]
+    assert plan([0, 0], V=10, cap=50, target=1000) == [(0, 0, 0, 2)]
+    for counts in ([5, 0, 7, 2, 9], [1] * 9, [40]):
+        chunks = plan(counts, V=7, cap=70, target=35)
+        assert [c[2] for c in chunks] == [0] + [c[3] for c in chunks[:-1]] and chunks[-1][3] == len(counts)
+        assert chunks[-1][1] == sum(counts)
+        assert all((p1 - p0) * 7 <= 70 or t1 - t0 == 1 for p0, p1, t0, t1 in chunks)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_repeated_rows_accumulate(impl):
+    """A counted row may serve several positions (shared-prefix layout: the last prompt row predicts the first token
+    of each response): its gradient is the sum over its uses, as with the row duplicated."""
+    g = torch.Generator().manual_seed(3)
+    D, V, B = 16, 50, 2
+    base = torch.randn(10, D, generator=g, dtype=torch.float64)
+    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) / 4).float()
+    # positions (row, target, sequence): rows 0 and 5 are shared by the three sequences of triplets 0 and 1
+    rows = torch.tensor([0, 1, 0, 2, 0, 3, 5, 6, 5, 7, 5, 8, 9])
+    seqs = torch.tensor([0, 0, 2, 2, 4, 4, 1, 1, 3, 3, 5, 5, 5])
+    target = torch.randint(0, V, (rows.numel(),), generator=g)
+    spec = fused_loss.TupleLoss(3, lambda x, t: torch.nn.functional.softplus(x[1] - x[0]) + 0.3 * x[2] ** 2 / 100)
+    opts = resolve_options(chunk_elements=4 * V)  # two-pass sub-chunks too
+
+    hidden = base.float().requires_grad_()
+    w = weight.clone().requires_grad_()
+    c = Compacted(hidden, rows, target, seqs, torch.ones(rows.numel()), 3 * B)
+    loss, logps = fused_loss.run_fused(spec, c, w, None, impl, opts)
+    loss.backward()
+
+    dup = base[rows].float().requires_grad_()  # every position its own row
+    w2 = weight.clone().requires_grad_()
+    c2 = Compacted(dup, torch.arange(rows.numel()), target, seqs, torch.ones(rows.numel()), 3 * B)
+    loss2, logps2 = fused_loss.run_fused(spec, c2, w2, None, "torch", resolve_options())
+    loss2.backward()
+    want = torch.zeros_like(hidden).index_add_(0, rows, dup.grad)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(logps, logps2)
+    torch.testing.assert_close(hidden.grad, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_loss_is_differentiable():
+    inp = make_inputs(6, 9, 16, 48, torch.float32)
+    h = inp["hidden"].requires_grad_()
+    out = tspin_loss(h, inp["weight"], inp["labels"], impl="torch", fused=True)
+    assert out.loss.requires_grad
+    assert not any(x.requires_grad for x in out[1:]), "fused log-probs are detached diagnostics"
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.real_logps.sum().backward()
+    recompute = tspin_loss(h, inp["weight"], inp["labels"], impl="torch", fused=False)
+    assert all(x.requires_grad for x in recompute)
+    torch.testing.assert_close(torch.cat(out[1:]), torch.cat(recompute[1:]).detach())
+
+
+def test_backward_once_and_first_order_only():
+    inp = make_inputs(6, 9, 16, 48, torch.float32)
+    h = inp["hidden"].requires_grad_()
+    loss = tspin_loss(h, inp["weight"], inp["labels"], impl="torch", fused=True).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run once per forward.*fused=False"):
+        loss.backward()
+    loss = tspin_loss(h, inp["weight"], inp["labels"], impl="torch", fused=True).loss
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (evaluation) or with nothing requiring grad, the fused path does only the logits product."""
+    calls = []
+    spy(monkeypatch, fused_loss, "_accumulate", lambda *a, **k: calls.append(1))
+    inp = make_inputs(6, 9, 16, 48, torch.float32)
+    h = inp["hidden"].requires_grad_()
+    with torch.no_grad():
+        a = tspin_loss(h, inp["weight"], inp["labels"], impl="torch", fused=True).loss
+    b = tspin_loss(h.detach(), inp["weight"], inp["labels"], impl="torch", fused=True).loss
+    assert calls == [] and not a.requires_grad and not b.requires_grad
+    torch.testing.assert_close(a, tspin_loss(h, inp["weight"], inp["labels"], impl="reference").loss)
+
+
+def _path(monkeypatch, **kw):
+    from tspin_kernels import functional
+
+    used = []
+    spy(monkeypatch, functional, "run_fused", lambda *a, **k: used.append("fused"))
+    inp = make_inputs(6, 5, 8, 20, torch.float32)
+    tspin_loss(inp["hidden"], inp["weight"], inp["labels"], **kw)
+    spin_loss(inp["hidden"], inp["weight"], inp["labels"], torch.zeros(6), **kw)
+    return used
+
+
+def test_default_path_and_environment(monkeypatch):
+    assert _path(monkeypatch, impl="torch") == ["fused", "fused"]  # measured faster on CPU
+    assert _path(monkeypatch, impl="triton") == []  # the GPU default stays until a GPU measurement
+    assert _path(monkeypatch, impl="reference") == []
+    assert _path(monkeypatch, impl="torch", fused=False) == []
+    assert _path(monkeypatch, impl="triton", fused=True) == ["fused", "fused"]
+    monkeypatch.setenv("TSPIN_FUSED", "0")
+    assert _path(monkeypatch, impl="torch") == []
+    assert _path(monkeypatch, impl="torch", fused=True) == ["fused", "fused"]
+    monkeypatch.setenv("TSPIN_FUSED", "1")
+    assert _path(monkeypatch, impl="triton") == ["fused", "fused"]
+    assert _path(monkeypatch, impl="reference") == []  # the oracle has no fused path; the variable is a default
+    monkeypatch.setenv("TSPIN_FUSED", "maybe")
+    with pytest.raises(ValueError, match="TSPIN_FUSED: expected"):
+        _path(monkeypatch, impl="torch")
+
+
+def test_bad_fused_option():
+    inp = make_inputs(6, 5, 8, 20, torch.float32)
+    with pytest.raises(TypeError, match="fused: expected None, True or False"):
+        tspin_loss(inp["hidden"], inp["weight"], inp["labels"], fused="yes")
+    with pytest.raises(ValueError, match="fused: impl='reference' is the full-logits oracle"):
+        spin_loss(inp["hidden"], inp["weight"], inp["labels"], torch.zeros(6), impl="reference", fused=True)
