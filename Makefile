@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu lint bench-cpu bench-gpu plots clean
+.PHONY: install demo test test-gpu lint bench-cpu bench-cpu-mid bench-gpu plots clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test-gpu:
 # stable numbers on shared CPUs), results JSON under benchmarks/results/ and PNG plots next to it.
 bench-cpu: install
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 TRITON_INTERPRET=1 $(PY) -m pytest -q benchmarks -m "not gpu" -p no:cacheprovider $(BENCH_ARGS)
+	$(PY) benchmarks/plot.py --markdown
+
+# The loss paths side by side at mid-size CPU shapes (issue 17): interleaved rounds, ~15 min on a quiet machine.
+bench-cpu-mid: install
+	uptime
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 $(PY) -m pytest -q benchmarks/test_loss_paths_cpu.py --runslow -k mid -p no:cacheprovider $(BENCH_ARGS)
 	$(PY) benchmarks/plot.py --markdown
 
 # On a GPU machine, like test-gpu (CUDA torch already there). PART=all, or one part (benchmarks/gpu_suite.sh).

@@ -71,6 +71,20 @@ def work_units(mode: str, head_trainable: bool) -> int:
     return {"forward": 1, "backward": bwd, "fwd_bwd": 1 + bwd}[mode]
 
 
+def path_units(impl: str, mode: str, head_trainable: bool, shape: Shape) -> float | None:
+    """Units of 2*N_counted*D*V that implementation ``impl`` actually does in ``mode`` (``peers.PATH_UNITS``):
+    3 for the fused loss path, 4 for the recompute paths, 3 * N_total / N_counted for naive (full logits at every
+    position). None where the suite does not state it (CCE, Liger)."""
+    from benchmarks.peers import PATH_UNITS
+
+    entry = PATH_UNITS.get(impl, {}).get(head_trainable)
+    if entry is None:
+        return None
+    scale = shape.rows * shape.T / shape.counted if entry[0] == "all" else 1.0
+    fwd, bwd = entry[-2:]
+    return scale * {"forward": fwd, "backward": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+
 def effective_tflops(shape: Shape, mode: str, head_trainable: bool, seconds: float | None) -> float | None:
     if not seconds:
         return None

@@ -38,8 +38,19 @@ def ours_triton_matmul(hidden, weight, labels, head_trainable=True):
     return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", backward="matmul").loss
 
 
+def ours_triton_fused(hidden, weight, labels, head_trainable=True):
+    """Ours with the fused loss path on the GPU: cuBLAS products + Triton epilogues, gradients in the forward."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", fused=True).loss
+
+
 def ours_torch(hidden, weight, labels, head_trainable=True):
+    """The torch path as it runs by default: the fused loss path (3 units of work)."""
     return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="torch").loss
+
+
+def ours_torch_recompute(hidden, weight, labels, head_trainable=True):
+    """The torch path with ``fused=False``: log-probs with their own backward, which recomputes the logits (4 units)."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="torch", fused=False).loss
 
 
 def reference(hidden, weight, labels, head_trainable=True):
@@ -113,7 +124,9 @@ def liger(hidden, weight, labels, head_trainable=True):
 PEERS: dict[str, Callable] = {
     "triton": ours_triton,
     "triton_mm": ours_triton_matmul,
+    "triton_fused": ours_triton_fused,
     "torch": ours_torch,
+    "torch_recompute": ours_torch_recompute,
     "naive": naive,
     "compile": compiled,
     "cce": cce,
@@ -125,6 +138,17 @@ _CCE = ("cut-cross-entropy", "cut_cross_entropy")
 _OPTIONAL = {"cce": _CCE, "cce_filter": _CCE, "liger": ("liger-kernel", "liger_kernel")}
 _ENTRY = {"cce": "cut_cross_entropy", "cce_filter": "cut_cross_entropy",
           "liger": "liger_kernel.transformers.functional"}  # what the peers import
+# Matmul units of 2*N_counted*D*V each path does, (forward, backward) with a trainable / frozen head. "all": the
+# units run over every position, ignored ones included (x N_total / N_counted). None: not stated for that peer.
+PATH_UNITS = {
+    "triton": {True: (1, 3), False: (1, 2)},  # the backward recomputes the logits
+    "triton_mm": {True: (1, 3), False: (1, 2)},
+    "torch_recompute": {True: (1, 3), False: (1, 2)},
+    "triton_fused": {True: (3, 0), False: (2, 0)},  # gradients formed in the forward; backward only scales
+    "torch": {True: (3, 0), False: (2, 0)},
+    "naive": {True: ("all", 1, 2), False: ("all", 1, 1)},
+    "compile": {True: ("all", 1, 2), False: ("all", 1, 1)},
+}
 # peers whose gradients are approximate by design: their error against the reference is recorded, not asserted
 APPROXIMATE = frozenset({"cce_filter"})
 
@@ -146,7 +170,7 @@ def unavailable(name: str, device) -> str | None:
             importlib.import_module(_ENTRY[name])
         except Exception as e:  # a wheel built for other torch/triton versions: skip with the reason, never crash
             return f"{dist} is installed but does not import here: {type(e).__name__}: {e}"
-    if name in ("triton", "triton_mm"):
+    if name in ("triton", "triton_mm", "triton_fused"):
         probe = torch.empty(0, device=device)
         if not _device.triton_can_run(probe):
             return "triton cannot run here (needs CUDA, or TRITON_INTERPRET=1 on CPU)"

@@ -6,7 +6,8 @@ Per results file ``<device>-<yyyymmdd>.json`` it writes, next to it (or into ``-
 - ``<stem>-kernel-<shape>-<head>.png``: median time and peak memory rise per implementation, per mode;
 - ``<stem>-e2e.png``: tokens/s and peak memory per path for each end-to-end config (and the largest batch);
 - ``<stem>-rss.png``: the CPU host-memory benchmark (peak RSS rise per impl);
-- ``<stem>-layouts-<config>-<attn>.png``: a T-SPIN step with padded / packed / shared-prefix batches per r = P/L.
+- ``<stem>-layouts-<config>-<attn>.png``: a T-SPIN step with padded / packed / shared-prefix batches per r = P/L;
+- ``<stem>-loss-paths.png``: the interleaved CPU comparison of the loss paths (min time, RSS rise per peer).
 ``--markdown`` prints the tables the README shows (time, memory, TFLOP/s, speed-up vs the fastest peer).
 """
 
@@ -19,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OURS = ("triton", "triton_mm", "torch")
+OURS = ("triton", "triton_mm", "triton_fused", "torch", "torch_recompute")
 PEERS = ("naive", "compile", "cce", "liger")  # exact gradients: "fastest peer" is taken over these
 APPROX = ("cce_filter",)  # CCE's default gradient filtering (approximate gradients), shown but not the baseline
 IMPL_ORDER = OURS + PEERS + APPROX
@@ -48,7 +49,11 @@ def _fmt(x, spec=".3g"):
 
 def kernel_rows(rows):
     return [r for r in rows if r.get("mode") in MODES and r.get("impl") in IMPL_ORDER
-            and not str(r.get("shape", "")).startswith("rss-")]
+            and not str(r.get("shape", "")).startswith("rss-") and r.get("suite") != "loss_paths"]
+
+
+def loss_path_rows(rows):
+    return [r for r in rows if r.get("suite") == "loss_paths"]
 
 
 def _bars(ax, groups, impls, values, ylabel, title, log=True):
@@ -119,6 +124,19 @@ def plot_file(path: Path, out_dir: Path) -> list[Path]:
         written.append(_save(fig, out_dir / f"{path.stem}-e2e.png"))
 
     written += _plot_layouts(rows, path, out_dir)
+    lp = loss_path_rows(rows)
+    if lp:
+        shapes = sorted({r["shape"] for r in lp}, key=[r["shape"] for r in lp].index)
+        impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in lp)]
+        t = {(r["shape"], r["impl"]): r.get("min_s") for r in lp}
+        m = {(r["shape"], r["impl"]): _mib(r.get("peak_mem_bytes")) for r in lp}
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), squeeze=False)
+        _bars(axes[0][0], shapes, impls, t, "min time over interleaved rounds (s)",
+              f"T-SPIN loss fwd+bwd, trainable fp32 head, 1 thread ({lp[0].get('device')})", log=False)
+        _bars(axes[0][1], shapes, impls, m, "peak RSS rise (MiB)", "host memory (fresh process)", log=False)
+        axes[0][0].legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{path.stem}-loss-paths.png"))
+
     rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
     if rss:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -233,6 +251,25 @@ def markdown(path: Path) -> str:
                        f"{r.get('max_batch_triplets', '-')} |")
         out.append("")
     out += _layout_markdown(rows)
+    lp = loss_path_rows(rows)
+    if lp:
+        out += ["| shape | impl | units done | min s | median s | rounds | torch / this (time) | RSS rise MiB "
+                "| RSS / naive | load avg before, after |", "|---|---|---|---|---|---|---|---|---|---|"]
+        idx = {(r["shape"], r["impl"]): r for r in lp}
+        for shape in sorted({r["shape"] for r in lp}, key=[r["shape"] for r in lp].index):
+            naive_mem = idx.get((shape, "naive"), {}).get("peak_mem_bytes")
+            for impl in IMPL_ORDER:
+                r = idx.get((shape, impl))
+                if r is None:
+                    continue
+                mem = r.get("peak_mem_bytes")
+                ratio = (r.get("time_ratio_vs") or {}).get("torch")
+                loadavg = f"{r['load_before'][0]:.1f}, {r['load_after'][0]:.1f}" if r.get("load_before") else "-"
+                out.append(f"| {shape} | {impl} | {_fmt(r.get('path_units'))} | {_fmt(r.get('min_s'))} | "
+                           f"{_fmt(r.get('median_s'))} | {len(r.get('rounds_s') or [])} | "
+                           f"{_fmt(ratio and 1 / ratio, '.3f')} | {_fmt(_mib(mem), '.0f')} | "
+                           f"{_fmt(mem / naive_mem if mem and naive_mem else None, '.3f')} | {loadavg} |")
+        out.append("")
     rss = [r for r in rows if str(r.get("shape", "")).startswith("rss-")]
     if rss:
         out += ["| host-memory benchmark | impl | peak RSS rise MiB | ratio to reference |", "|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Peak host-memory (RSS) rise of one ``sequence_logps`` forward+backward, measured in this (fresh) process.
 
     python -m benchmarks.rss_probe --impl torch --rows 8 --T 1024 --D 256 --V 50000 [--dtype float32] [--warmup]
+    python -m benchmarks.rss_probe --peer torch_recompute --rows 6 ...   # a benchmark peer's T-SPIN loss instead
 
 Prints one JSON line: ``{"impl", "baseline_rss", "peak_rss", "rise_bytes", "seconds", "method", ...}``.
 The baseline is the resident set once the inputs exist; the peak is the kernel's high-water mark (``VmHWM``),
@@ -59,7 +60,9 @@ def peak_rss(reset_ok: bool) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impl", required=True, choices=["torch", "reference", "triton"])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--impl", choices=["torch", "reference", "triton"], help="sequence_logps(impl=...)")
+    target.add_argument("--peer", help="a benchmarks.peers.PEERS entry: its T-SPIN loss (rows = 3B)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--T", type=int, default=1024)
     p.add_argument("--D", type=int, default=256)
@@ -79,9 +82,17 @@ def main(argv=None) -> int:
     labels = torch.randint(0, a.V, (a.rows, a.T), generator=g)
     labels[:, : a.T // 2] = -100
 
-    def step():
-        out = sequence_logps(hidden, weight, labels, impl=a.impl)
-        out.sum().backward()
+    if a.peer is not None:
+        from benchmarks.peers import PEERS
+
+        if a.peer not in PEERS or a.rows % 3:
+            p.error(f"--peer: expected one of {sorted(PEERS)} with --rows a multiple of 3, got {a.peer!r}, {a.rows}")
+
+        def step():
+            PEERS[a.peer](hidden, weight, labels, True).backward()
+    else:
+        def step():
+            sequence_logps(hidden, weight, labels, impl=a.impl).sum().backward()
 
     if a.warmup:
         step()
@@ -94,7 +105,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     peak = peak_rss(ok)
     res = {
-        "impl": a.impl, "rows": a.rows, "T": a.T, "D": a.D, "V": a.V, "dtype": a.dtype, "warmup": a.warmup,
+        "impl": a.impl or a.peer, "rows": a.rows, "T": a.T, "D": a.D, "V": a.V, "dtype": a.dtype, "warmup": a.warmup,
         "baseline_rss": baseline, "peak_rss": peak, "rise_bytes": max(0, peak - baseline), "seconds": seconds,
         "method": "VmHWM after clear_refs" if ok else "ru_maxrss", "threads": torch.get_num_threads(),
     }

@@ -105,7 +105,8 @@ def run_case(benchmark, shape: common.Shape, impl: str, mode: str, head: str, de
         benchmark, device, impl=impl, shape=shape.name, mode=mode, head=head, peak_mem_bytes=peak,
         tflops=common.effective_tflops(shape, mode, trainable, seconds), dtype=str(dtype).replace("torch.", ""),
         D=shape.D, V=shape.V, B=shape.B, T=shape.T, n_counted=shape.counted,
-        work_units=common.work_units(mode, trainable), rel_err_vs_reference=errs,
+        work_units=common.work_units(mode, trainable), path_units=common.path_units(impl, mode, trainable, shape),
+        rel_err_vs_reference=errs,
     )
 
 
