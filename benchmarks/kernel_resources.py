@@ -88,6 +88,24 @@ def _variants(dt):
     ]
 
 
+def _epilogue_variants(dt):
+    """The fused loss path's Triton epilogues (``kernels/fused_loss.py``): row work between cuBLAS products, no
+    products of their own (mma "none"), compiled with the blocks their launcher uses."""
+    from triton.runtime.jit import MockTensor
+
+    from tspin_kernels.kernels import fused_loss as E
+
+    logits, i64, f32 = MockTensor(torch.float32, [NC_, V_]), MockTensor(torch.int64), MockTensor(torch.float32)
+    out = MockTensor(dt, [NC_, V_])
+    lse = (logits, i64, f32, f32, NC_, V_, V_)
+    dl = (logits, i64, f32, f32, out, f32, NC_, V_, V_, V_)
+    return [
+        ("fused loss: row log-sum-exp", E._row_lse_kernel, lse, E._blocks("lse")),
+        ("fused loss: dlogits", E._loss_dlogits_kernel, dl, dict(E._blocks("dlogits"), HAS_COLSUM=False)),
+        ("fused loss: dlogits+bias", E._loss_dlogits_kernel, dl, dict(E._blocks("dlogits"), HAS_COLSUM=True)),
+    ]
+
+
 def _cubin_usage(cubin: bytes) -> dict:
     """Registers and local memory (spills), and the machine code's atomics and memory barriers (SASS)."""
     import triton
@@ -138,11 +156,13 @@ def _compile_variants(arch, label, limit, dname, dt, cfg) -> list[dict]:
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False,
                 DOT_PRECISION="tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     records = []
-    for name, kernel, args, constexprs in _variants(dt):
-        rec = dict(arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name, shared_limit=limit,
-                   config="{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg))
+    tiles = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
+    variants = [(n, k, a, dict(c, **meta), tiles) for n, k, a, c in _variants(dt)]
+    variants += [(n, k, a, c, "{BLOCK_M}x{BLOCK_V} w{num_warps}".format(**c)) for n, k, a, c in _epilogue_variants(dt)]
+    for name, kernel, args, constexprs, config in variants:
+        rec = dict(arch=f"sm_{arch}", gpus=label, dtype=dname, kernel=name, shared_limit=limit, config=config)
         try:
-            compiled = kernel.warmup(*args, grid=(1,), **constexprs, **meta)
+            compiled = kernel.warmup(*args, grid=(1,), **constexprs)
         except Exception as e:  # a compiler crash for this target is a finding, not the end of the report
             records.append(dict(rec, error=f"{type(e).__name__}: {str(e)[:200]}"))
             continue

@@ -31,10 +31,10 @@ def _ref_logps(R):
     return torch.linspace(-30.0, -10.0, R)
 
 
-def run_loss(inputs, loss, impl, *, dtype=None, weight_grad=True, fused=None, **opts):
-    """Forward + backward of the loss; returns (loss, logps, {name: grad}) in float64."""
-    t = {k: (v.detach().clone().to(dtype or v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-             else v) for k, v in inputs.items()}
+def run_loss(inputs, loss, impl, *, dtype=None, weight_grad=True, fused=None, device="cpu", **opts):
+    """Forward + backward of the loss; returns (loss, logps, {name: grad}) in float64 on the CPU."""
+    t = {k: (v.detach().clone().to(device, dtype or v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+             else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     t["hidden"].requires_grad_(True)
     t["weight"].requires_grad_(weight_grad)
     if t.get("bias") is not None:
@@ -44,23 +44,25 @@ def run_loss(inputs, loss, impl, *, dtype=None, weight_grad=True, fused=None, **
         out = tspin_loss(t["hidden"], t["weight"], t["labels"], alpha=ALPHA, beta=BETA, **kw)
     else:
         R = t["cu_seqlens"].numel() - 1 if t.get("cu_seqlens") is not None else t["hidden"].shape[0]
-        out = spin_loss(t["hidden"], t["weight"], t["labels"], _ref_logps(R), beta=BETA, **kw)
+        out = spin_loss(t["hidden"], t["weight"], t["labels"], _ref_logps(R).to(device), beta=BETA, **kw)
     (out.loss * 1.7).backward()  # an incoming gradient other than 1: the backward must scale
-    grads = {k: t[k].grad.double() for k in ("hidden", "weight", "bias") if t.get(k) is not None
+    grads = {k: t[k].grad.double().cpu() for k in ("hidden", "weight", "bias") if t.get(k) is not None
              and t[k].grad is not None}
-    return out.loss.detach().double(), torch.cat(out[1:]).detach().double(), grads
+    return out.loss.detach().double().cpu(), torch.cat(out[1:]).detach().double().cpu(), grads
 
 
 def _err(a, b):
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def check_fused(case, loss, impl, dtype, weight_grad=True, **opts):
+def check_fused(case, loss, impl, dtype, weight_grad=True, device="cpu", **opts):
+    """``opts`` (chunk_elements=, ...) go to the fused path only; the oracle and naive run on ``device`` too."""
     R, T, D, V, mk, lo = case
     inputs = make_inputs(R, T, D, V, torch.float64, **mk)
-    ref = run_loss(inputs, loss, "reference", weight_grad=weight_grad, **lo)
-    base = run_loss(inputs, loss, "reference", dtype=dtype, weight_grad=weight_grad, **lo)
-    ours = run_loss(inputs, loss, impl, dtype=dtype, weight_grad=weight_grad, fused=True, **lo, **opts)
+    kw = dict(weight_grad=weight_grad, device=device, **lo)
+    ref = run_loss(inputs, loss, "reference", **kw)
+    base = run_loss(inputs, loss, "reference", dtype=dtype, **kw)
+    ours = run_loss(inputs, loss, impl, dtype=dtype, fused=True, **kw, **opts)
     factor, margin = (1.5, 1e-5) if dtype == torch.float32 else (1.5, 2e-3)
     for what, a, b, r in (("loss", ours[0], base[0], ref[0]), ("logps", ours[1], base[1], ref[1])):
         scale = max(1.0, r.abs().max().item())

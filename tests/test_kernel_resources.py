@@ -33,11 +33,11 @@ def compiled(tmp_path_factory):
 def test_every_config_compiles_fits_and_does_not_spill(compiled):
     proc, records = compiled
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    kernels = {name for name, *_ in kr._variants(torch.bfloat16)}
+    kernels = {name for name, *_ in kr._variants(torch.bfloat16) + kr._epilogue_variants(torch.bfloat16)}
     assert {(r["arch"], r["dtype"], r["kernel"]) for r in records} == {
         (f"sm_{a}", d, k) for a in kr.ARCHS for d in kr.DTYPES for k in kernels}
     for r in records:
-        assert 0 < r["shared_bytes"] <= r["shared_limit"], r
+        assert (0 if r["kernel"].startswith("fused loss") else 1) <= r["shared_bytes"] <= r["shared_limit"], r
         assert r["local_bytes"] == 0 and 0 < r["registers"] <= 255, r
         # the backward sums gradients with fire-and-forget REDs: no ATOM round trips, GPU-wide MEMBARs or L1
         # invalidates (what Triton's default acq_rel atomic_add compiles to)
@@ -50,8 +50,8 @@ def test_every_gpu_generation_uses_its_tensor_cores(compiled):
     _, records = compiled
     expected = {"sm_80": "mma.sync", "sm_86": "mma.sync", "sm_90": "wgmma", "sm_100": "tcgen05", "sm_120": "mma.sync"}
     assert {r["arch"] for r in records} == set(expected)
-    for r in records:
-        assert r["mma"] == expected[r["arch"]], r
+    for r in records:  # the fused loss path's epilogues do row work only (their products are cuBLAS)
+        assert r["mma"] == ("none" if r["kernel"].startswith("fused loss") else expected[r["arch"]]), r
 
 
 def test_problems_names_the_kernel_and_the_limit():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.test_fused_loss import check_fused
 from tests.test_sequence_logps import check_against_oracle
 from tspin_kernels import sequence_logps
 
@@ -111,3 +112,27 @@ def test_one_host_sync_per_call_when_the_caller_vouches(backward, packed):
 
     assert syncs(validate=False) == 1
     assert syncs(validate=True) == 2
+
+
+# the fused loss path on CUDA: cuBLAS products + the Triton epilogues (rows divisible by 6: triplets and pairs)
+FUSED_GPU_CASES = {
+    "odd": (6, 257, 520, 5003, {}, {}),
+    "bias_shift": (6, 130, 256, 32001, dict(bias=True), dict(shift=True)),
+    "packed_avg": (12, 97, 384, 7777, dict(packed=True), dict(shift=True, average=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("loss", ["tspin", "spin"])
+@pytest.mark.parametrize("case", list(FUSED_GPU_CASES))
+def test_fused_loss_on_gpu_against_float64(case, loss, dtype):
+    check_fused(FUSED_GPU_CASES[case], loss, "triton", dtype, device="cuda")
+    check_fused(FUSED_GPU_CASES[case], loss, "torch", dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_fused_loss_on_gpu_chunks_and_frozen_head(dtype):
+    case = FUSED_GPU_CASES["odd"]
+    for cap in (300 * 5003, 40 * 5003):  # one triplet per chunk; triplets in two-pass row sub-chunks
+        check_fused(case, "tspin", "triton", dtype, device="cuda", chunk_elements=cap)
+    check_fused(case, "tspin", "triton", dtype, weight_grad=False, device="cuda")
