@@ -240,3 +240,20 @@ def test_bad_fused_option():
         tspin_loss(inp["hidden"], inp["weight"], inp["labels"], fused="yes")
     with pytest.raises(ValueError, match="fused: impl='reference' is the full-logits oracle"):
         spin_loss(inp["hidden"], inp["weight"], inp["labels"], torch.zeros(6), impl="reference", fused=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_fp32_master_weight(impl):
+    """Mixed precision: fp32 master weight, bf16 autocast; the fused path's gradients reach the fp32 weight."""
+    inp = make_inputs(6, 8, 16, 40, torch.float32)
+    w = inp["weight"].clone().requires_grad_()
+    h = inp["hidden"].bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tspin_loss(h, w, inp["labels"], impl=impl, fused=True)
+    out.loss.backward()
+    w16 = w.detach().bfloat16().requires_grad_()
+    ref = tspin_loss(h.detach(), w16, inp["labels"], impl="torch", fused=False)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-3)
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(w.grad, w16.grad.float(), rtol=2e-2, atol=2e-2)
