@@ -38,7 +38,7 @@ bench-cpu: install
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 TRITON_INTERPRET=1 $(PY) -m pytest -q benchmarks -m "not gpu" -p no:cacheprovider $(BENCH_ARGS)
 	$(PY) benchmarks/plot.py --markdown
 
-# The loss paths side by side at mid-size CPU shapes (issue 17): interleaved rounds, ~15 min on a quiet machine.
+# The loss paths side by side at mid-size CPU shapes (issue 17): interleaved rounds, ~30 min on a quiet machine.
 bench-cpu-mid: install
 	uptime
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TSPIN_BENCH=1 $(PY) -m pytest -q benchmarks/test_loss_paths_cpu.py --runslow -k mid -p no:cacheprovider $(BENCH_ARGS)

@@ -58,6 +58,23 @@ def peak_rss(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def in_fresh_process(*args: str, threads: int | None = None, timeout: int = 1800) -> dict:
+    """Run this probe with ``args`` in a fresh Python process (cwd: the repository) and return its JSON line."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the measured paths do not use Triton; keep the child's import light
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "benchmarks.rss_probe", *args]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     target = p.add_mutually_exclusive_group(required=True)
