@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | checks | tile-sweep | kernels-mistral | kernels-llama3 | kernels-qwen | e2e-llama | e2e-mistral-tspin |
-#       e2e-mistral-naive | layouts (a T-SPIN step with padded / packed / shared-prefix batches, sdpa and flex),
-#       or any pytest -k expression. `checks` is not a benchmark: the GPU correctness tests
+# PART: all | checks | tile-sweep | kernels-mistral | kernels-llama3 | kernels-qwen | loss-paths | e2e-llama |
+#       e2e-mistral-tspin | e2e-mistral-naive | layouts (a T-SPIN step with padded / packed / shared-prefix batches,
+#       sdpa and flex), or any pytest -k expression. `loss-paths`: forward+backward with a trainable head at the
+#       three shapes for every peer (the fused loss path `triton_fused` vs the recompute ones). `checks` is not a
+#       benchmark: the GPU correctness tests
 #       (`pytest tests -m gpu`: kernels vs float64 on CUDA, int64 addressing, one-GPU FSDP2) and the Mistral-7B LoRA
 #       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too.
 #       `tile-sweep` times the forward and backward kernels under a grid of tile configs at llama3-8b
@@ -46,6 +48,7 @@ case "$PART" in
   kernels-mistral) SEL="matmul_peak_gpu or (kernel_gpu and mistral)" ;;
   kernels-llama3) SEL="matmul_peak_gpu or (kernel_gpu and llama3)" ;;
   kernels-qwen) SEL="matmul_peak_gpu or (kernel_gpu and qwen)" ;;
+  loss-paths) SEL="matmul_peak_gpu or (kernel_gpu and fwd_bwd and trainable)" ;;  # fused vs recompute, 3 shapes
   e2e-llama) SEL="e2e_gpu_throughput or (e2e_gpu_max_batch and llama)" ;;
   e2e-mistral-tspin) SEL="e2e_gpu_max_batch and mistral and tspin" ;;
   e2e-mistral-naive) SEL="e2e_gpu_max_batch and mistral and naive_hf" ;;
