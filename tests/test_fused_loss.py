@@ -117,6 +117,11 @@ def test_three_units_one_logits_product_per_row(monkeypatch):
     assert sum(seen) == counted and len(seen) == 1
     seen, counted = _logit_rows(monkeypatch, chunk_elements=7 * 203)
     assert sum(seen) == 2 * counted and max(seen) <= 7
+    monkeypatch.setenv("TSPIN_CHUNK_ELEMENTS", str(7 * 203))  # the variable sets the fused path's cap too
+    seen, counted = _logit_rows(monkeypatch)
+    assert sum(seen) == 2 * counted and max(seen) <= 7
+    seen, counted = _logit_rows(monkeypatch, chunk_elements=10**6)  # an explicit cap wins
+    assert sum(seen) == counted
 
 
 def test_plan_chunks():
