@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from tests._oracle import make_inputs, spy
-from tspin_kernels import fused_loss, spin_loss, tspin_loss
+from tests.test_counted_positions import make_positions, padded_oracle
+from tspin_kernels import (
+    CountedPositions,
+    fused_loss,
+    spin_loss,
+    spin_loss_from_logps,
+    tspin_loss,
+    tspin_loss_from_logps,
+)
 from tspin_kernels._inputs import Compacted
 from tspin_kernels._options import resolve_options
 
@@ -63,15 +71,18 @@ def check_fused(case, loss, impl, dtype, weight_grad=True, device="cpu", **opts)
     ref = run_loss(inputs, loss, "reference", **kw)
     base = run_loss(inputs, loss, "reference", dtype=dtype, **kw)
     ours = run_loss(inputs, loss, impl, dtype=dtype, fused=True, **kw, **opts)
+    assert_within_rule(ours, base, ref, dtype)
+
+
+def assert_within_rule(ours, base, ref, dtype):
+    """(loss, logps, {name: grad}) of ours and of naive torch in ``dtype`` against the float64 ``ref``."""
     factor, margin = (1.5, 1e-5) if dtype == torch.float32 else (1.5, 2e-3)
-    for what, a, b, r in (("loss", ours[0], base[0], ref[0]), ("logps", ours[1], base[1], ref[1])):
+    named = [("loss", ours[0], base[0], ref[0]), ("logps", ours[1], base[1], ref[1])]
+    assert set(ours[2]) == set(ref[2]), f"gradients present {set(ours[2])} vs {set(ref[2])}"
+    named += [(f"grad {name}", ours[2][name], base[2][name], r) for name, r in ref[2].items()]
+    for what, a, b, r in named:
         scale = max(1.0, r.abs().max().item())
         assert _err(a, r) <= factor * _err(b, r) + margin * scale, f"{what}: err {_err(a, r)} vs naive {_err(b, r)}"
-    assert set(ours[2]) == set(ref[2]), f"gradients present {set(ours[2])} vs {set(ref[2])}"
-    for name, r in ref[2].items():
-        scale = max(1.0, r.abs().max().item())
-        e, e0 = _err(ours[2][name], r), _err(base[2][name], r)
-        assert e <= factor * e0 + margin * scale, f"grad {name}: err {e} vs naive {e0}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -262,3 +273,158 @@ def test_autocast_fp32_master_weight(impl):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-3)
     assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
     torch.testing.assert_close(w.grad, w16.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counted positions (the shared-prefix layout): rows that repeat, against the float64 padded oracle
+# ---------------------------------------------------------------------------------------------------------------
+
+# name: (N, D, V, S, triples, options), S = 6 sequences: two triplets or three pairs
+POSITION_CASES = {
+    "odd": (23, 40, 203, 6, 37, {}),
+    "bias_avg": (11, 33, 97, 6, 25, dict(bias=True, average=True)),
+    "hot_row": (9, 24, 131, 6, 70, dict(hot=40)),  # one row counted 40 times, in every sequence
+    "empty_seq": (12, 16, 67, 6, 15, dict(empty_seq=2, average=True)),
+}
+
+
+def _positions_run(inputs, loss, fn, dtype, weight_grad=True, average=False):
+    """(loss, logps, grads) in float64 of ``fn(hidden, weight, positions, bias) -> (loss, logps)``."""
+    t = {k: (v.detach().to(dtype).clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    t["hidden"].requires_grad_(True)
+    t["weight"].requires_grad_(weight_grad)
+    if t["bias"] is not None:
+        t["bias"].requires_grad_(True)
+    out, logps = fn(t["hidden"], t["weight"], t["positions"], t["bias"], average)
+    (out * 1.7).backward()
+    grads = {k: t[k].grad.double() for k in ("hidden", "weight", "bias") if t[k] is not None and t[k].grad is not None}
+    return out.detach().double(), logps.detach().double(), grads
+
+
+def _oracle_loss(loss):
+    """The padded oracle's log-probs (each triple's hidden row gathered into its sequence's row, so a repeated row
+    becomes copies whose gradients autograd sums), then the loss formula on them."""
+    def fn(h, w, pos, b, average):
+        lp = padded_oracle(h, w, pos, bias=b, average=average).float()
+        if loss == "tspin":
+            return tspin_loss_from_logps(*lp.chunk(3), alpha=ALPHA, beta=BETA), lp
+        return spin_loss_from_logps(*lp.chunk(2), *_ref_logps(lp.numel()).chunk(2), beta=BETA), lp
+    return fn
+
+
+def _fused_positions_loss(loss, impl, **opts):
+    def fn(h, w, pos, b, average):
+        if loss == "tspin":
+            out = tspin_loss(h, w, pos, bias=b, average=average, alpha=ALPHA, beta=BETA, impl=impl, fused=True, **opts)
+        else:
+            out = spin_loss(h, w, pos, _ref_logps(pos.num_seqs), bias=b, average=average, beta=BETA, impl=impl,
+                            fused=True, **opts)
+        return out.loss, torch.cat(out[1:])
+    return fn
+
+
+def check_positions(case, loss, impl, dtype, weight_grad=True, **opts):
+    N, D, V, S, n, o = case
+    o = dict(o)
+    average = o.pop("average", False)
+    inputs = make_positions(N, D, V, S, n, **o)
+    ref = _positions_run(inputs, loss, _oracle_loss(loss), torch.float64, weight_grad, average)
+    base = _positions_run(inputs, loss, _oracle_loss(loss), dtype, weight_grad, average)
+    ours = _positions_run(inputs, loss, _fused_positions_loss(loss, impl, **opts), dtype, weight_grad, average)
+    assert_within_rule(ours, base, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", ["tspin", "spin"])
+@pytest.mark.parametrize("case", list(POSITION_CASES), ids=str)
+def test_counted_positions_against_float64_padded_oracle(case, loss, impl, dtype):
+    check_positions(POSITION_CASES[case], loss, impl, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_counted_positions_frozen_head_and_two_pass_chunks(impl, dtype):
+    """The hot row's repeats land in different row sub-chunks of a two-pass triplet (cap of 3 rows)."""
+    case = POSITION_CASES["hot_row"]
+    check_positions(case, "tspin", impl, dtype, weight_grad=False)
+    check_positions(case, "tspin", impl, dtype, chunk_elements=3 * case[2])
+    check_positions(case, "spin", impl, dtype, chunk_elements=3 * case[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seq_counts: the caller's plan of the chunks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _counts_of(labels, cu_seqlens=None, shift=True):
+    """Counted positions per sequence, on the host, as a caller counts them while building the batch."""
+    if isinstance(labels, CountedPositions):
+        return torch.zeros(labels.num_seqs, dtype=torch.long).index_add_(
+            0, labels.seq_ids, torch.ones_like(labels.seq_ids)).tolist()
+    rows = labels.split(torch.diff(cu_seqlens).tolist()) if cu_seqlens is not None else labels
+    return [int((r[1:] if shift else r).ne(-100).sum()) for r in rows]
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 6, 14], ids=["one_chunk", "sub_chunks", "tuple_chunks"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["padded", "packed", "positions"])
+def test_seq_counts_give_the_same_results(impl, layout, rows_per_chunk):
+    """Chunk caps of a few rows make the plan depend on every count (which tuple each chunk holds, which tuples
+    take two passes): counts read from the device and counts given by the caller must give identical results."""
+    if layout == "positions":
+        p = make_positions(12, 16, 67, 6, 30, hot=5)
+        h, w, labels, kw = p["hidden"].float(), p["weight"].float(), p["positions"], {}
+    else:
+        inp = make_inputs(6, 13, 24, 131, torch.float32, packed=layout == "packed", empty_row=2)
+        h, w, labels = inp["hidden"], inp["weight"], inp["labels"]
+        kw = dict(cu_seqlens=inp.get("cu_seqlens"), shift=True)
+    if rows_per_chunk:
+        kw["chunk_elements"] = rows_per_chunk * w.shape[0]
+    counts = _counts_of(labels, kw.get("cu_seqlens"))
+    for loss in ("tspin", "spin"):
+        outs = []
+        for fused, given in ((False, None), (True, None), (True, counts), (True, torch.tensor(counts))):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            if loss == "tspin":
+                out = tspin_loss(hh, ww, labels, impl=impl, fused=fused, seq_counts=given, validate=False, **kw)
+            else:
+                out = spin_loss(hh, ww, labels, _ref_logps(6), impl=impl, fused=fused, seq_counts=given,
+                                validate=False, **kw)
+            out.loss.backward()
+            outs.append((out.loss, torch.cat(out[1:]), hh.grad, ww.grad))
+        for a, b in zip(outs[0], outs[1]):  # the fused path itself, against the recompute path
+            torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+        for other in outs[2:]:  # the caller's plan: exactly the plan read from the device
+            for a, b in zip(outs[1], other):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_seq_counts_are_checked():
+    inp = make_inputs(6, 13, 24, 131, torch.float32)
+    h, w, lab = inp["hidden"], inp["weight"], inp["labels"]
+    counts = _counts_of(lab, shift=False)
+
+    def call(seq_counts, validate=False, fused=True):
+        return tspin_loss(h, w, lab, impl="torch", fused=fused, seq_counts=seq_counts, validate=validate)
+
+    with pytest.raises(ValueError, match=r"seq_counts: expected one count per sequence \(6\), got 5"):
+        call(counts[:5])
+    with pytest.raises(ValueError, match="seq_counts: counts must be >= 0"):
+        call([-1] + counts[1:])
+    with pytest.raises(TypeError, match="seq_counts: expected a list or tuple of ints"):
+        call([float(c) for c in counts])
+    with pytest.raises(TypeError, match="seq_counts: expected host integers"):
+        call(torch.tensor(counts, dtype=torch.float32))
+    with pytest.raises(ValueError, match="seq_counts: expected one count per sequence"):
+        call(counts[:5], fused=False)  # checked on the recompute path too (free), though unused there
+    # the total is checked always (free: the host knows how many positions count)
+    with pytest.raises(ValueError, match=r"seq_counts: they add up to \d+ counted positions, the labels hold \d+"):
+        call([c + 1 for c in counts])
+    # a wrong split with the right total: only validate=True (which reads the counts) can see it
+    moved = [counts[0] + 1, counts[1] - 1] + counts[2:]
+    with pytest.raises(ValueError, match=f"seq_counts: sequence 0 has {counts[0]} counted positions in the labels, "
+                                         f"seq_counts says {counts[0] + 1}"):
+        call(moved, validate=True)
+    call(moved, validate=False)  # the caller vouched: no read, no check (undefined gradients, documented)
+    call(counts, validate=True)

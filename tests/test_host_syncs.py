@@ -1,7 +1,9 @@
 """Host syncs on the trainer-facing path: with ``validate=False`` our code makes exactly one per call, the
 ``nonzero`` that compacts counted positions (its output size is data-dependent, so it cannot be avoided without
-giving up compaction); the fused loss path adds one, the per-triplet row counts that size its chunks.
-``validate=True`` adds exactly one: every value check read back together.
+giving up compaction); the fused loss path adds one, the per-triplet row counts that size its chunks, unless the
+caller passes them (``seq_counts``, known on the CPU when the batch is built). Counted positions
+(``CountedPositions``) need no compaction: no ``nonzero``. ``validate=True`` adds exactly one: every value check
+read back together.
 
 Counted on the CPU by tests/_host_syncs.py (the operations that block the host on CUDA); on a GPU,
 test_kernels_gpu.py checks the same with torch.cuda.set_sync_debug_mode.
@@ -15,6 +17,8 @@ import torch
 from tests._hf_tiny import tiny_llama, triplet_batch
 from tests._host_syncs import HostSyncCounter
 from tests._oracle import make_inputs
+from tests.test_counted_positions import make_positions
+from tests.test_fused_loss import _counts_of
 from tspin_kernels import spin_loss, tspin_loss, tspin_loss_from_logps
 from tspin_kernels.integrations import CausalLMLogps, pack_padded, packed_position_ids
 from tspin_kernels.kernels import fused_logps
@@ -83,6 +87,33 @@ def test_kernel_api_syncs_once_when_the_caller_vouches(counter, impl, layout, ba
     assert _step(counter, loss(validate=False), h, w, b) == base
     assert _step(counter, loss(validate=True), h, w, b) == base + Counter(tolist=1)
     assert _step(counter, loss(validate=True, check_finite=True), h, w, b) == base + Counter(tolist=1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "positions"])
+def test_seq_counts_take_the_fused_path_to_the_recompute_paths_syncs(counter, impl, layout):
+    """With the caller's seq_counts the fused path reads nothing back: one nonzero for labels, nothing at all for
+    counted positions, as on the recompute path; with validate=True it reads the counts to check them."""
+    if layout == "positions":
+        p = make_positions(12, 16, 50, 6, 30, hot=5)
+        h, w, labels, kw = p["hidden"].float().requires_grad_(), p["weight"].float().requires_grad_(), \
+            p["positions"], {}
+        base = Counter()
+    else:
+        inp = make_inputs(6, 9, 16, 50, torch.float32, packed=layout == "packed")
+        h, w, labels = inp["hidden"].requires_grad_(), inp["weight"].requires_grad_(), inp["labels"]
+        kw = dict(cu_seqlens=inp.get("cu_seqlens"), shift=True)
+        base = ONE_NONZERO
+    counts = _counts_of(labels, kw.get("cu_seqlens"))
+
+    def loss(fused, seq_counts=None, validate=False):
+        return lambda: tspin_loss(h, w, labels, impl=impl, fused=fused, seq_counts=seq_counts, validate=validate,
+                                  **kw).loss
+
+    assert _step(counter, loss(False), h, w) == base
+    assert _step(counter, loss(True), h, w) == base + Counter(tolist=1)
+    assert _step(counter, loss(True, counts), h, w) == base
+    assert _step(counter, loss(True, counts, validate=True), h, w) == base + Counter(tolist=2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

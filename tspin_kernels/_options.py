@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from . import _defaults
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -132,6 +134,27 @@ def check_fused(value, what: str = "fused") -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{what}: expected None, True or False, got {value!r}")
     return value
+
+
+def check_seq_counts(value, num_seqs: int) -> tuple[int, ...] | None:
+    """``seq_counts`` of tspin_loss / spin_loss: None, or each sequence's number of counted positions as host
+    integers (a list, tuple or CPU tensor of ``num_seqs`` non-negative ints). Free: nothing on a device is read."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.dim() != 1 or value.dtype.is_floating_point \
+                or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"seq_counts: expected host integers (a list, tuple or 1-D CPU integer tensor), got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"seq_counts: expected a list or tuple of ints, got {type(value).__name__}")
+    if len(value) != num_seqs:
+        raise ValueError(f"seq_counts: expected one count per sequence ({num_seqs}), got {len(value)}")
+    if any(v < 0 for v in value):
+        raise ValueError(f"seq_counts: counts must be >= 0, got {min(value)}")
+    return tuple(int(v) for v in value)
 
 
 def check_flag(name: str, value) -> bool:

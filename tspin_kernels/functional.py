@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _defaults, _device
 from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
-from ._options import check_flag, check_fused, check_real, resolve_options
+from ._options import check_flag, check_fused, check_real, check_seq_counts, resolve_options
 from .fused_loss import TupleLoss, run_fused
 from .positions import CountedPositions, compact_positions
 from .reference import ChunkedSequenceLogps, acc_dtype, naive_positions_logps, naive_sequence_logps
@@ -98,7 +98,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
     else:
         c = compact(hidden, labels, cu_seqlens, ignore_index, shift, average)
     if _loss is not None:  # tspin_loss / spin_loss on the fused path: (loss, detached log-probs)
-        return run_fused(_loss, c, weight, bias, impl, options)
+        return run_fused(_loss, c, weight, bias, impl, options, validate)
     if impl == "triton":
         from .functions import TritonSequenceLogps  # imports triton lazily: the torch path works without it
 
@@ -202,8 +202,18 @@ def _fused_options(options: dict) -> dict:
     return options
 
 
+def _run_fused_loss(hidden, weight, labels, K: int, terms, fused, seq_counts, rows, options: dict):
+    """``(loss, detached log-probs)`` of the fused path, or None when the recompute path is to run. ``seq_counts``
+    is checked whichever path runs (free), and used only by the fused one."""
+    counts = check_seq_counts(seq_counts, rows) if rows is not None else None
+    if not _fused_loss_path(fused, hidden, options):
+        return None
+    spec = TupleLoss(K, terms, counts)
+    return sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
+
+
 def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1, fused: bool | None = None,
-               **options) -> TSPINOutput:
+               seq_counts=None, **options) -> TSPINOutput:
     """T-SPIN loss over 3B rows ordered ``[real_0..real_{B-1}, generated_0.., proto_0..]``.
 
     ``options``: the keyword options of :func:`sequence_logps` (bias, cu_seqlens, ignore_index, shift, average,
@@ -216,15 +226,24 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
     returned log-probs are detached diagnostics. ``False``: per-sequence log-probs with their own backward (the
     recompute path, 4 units), the loss on top; everything returned is differentiable. ``None`` (default):
     ``TSPIN_FUSED`` if set, else fused for ``impl="torch"`` and not for ``impl="triton"`` / ``"reference"``.
+
+    ``seq_counts``: each sequence's number of counted positions (after ``shift``), as host integers (a list,
+    tuple or CPU tensor), when the caller knows them (e.g. counted while building the batch on the CPU). The
+    fused path sizes its chunks of whole triplets from them; without them it reads them back from the device (one
+    host sync). Their total is always checked (free); with ``validate=True`` each count is checked against the
+    labels too. Wrong counts with the right total under ``validate=False`` give undefined gradients. The recompute
+    path does not use them.
     """
     alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
+    rows = None
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
         rows = _rows(hidden, labels, options.get("cu_seqlens"))
         if rows == 0 or rows % 3:
             raise ValueError(f"hidden: tspin_loss needs 3B rows [real; generated; proto] with B>=1, got {rows} rows")
-    if _fused_loss_path(fused, hidden, options):
-        spec = TupleLoss(3, lambda x, t: _tspin_terms(x[0], x[1], x[2], alpha, beta))
-        loss, logps = sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
+    fused_out = _run_fused_loss(hidden, weight, labels, 3, lambda x, t: _tspin_terms(x[0], x[1], x[2], alpha, beta),
+                                fused, seq_counts, rows, options)
+    if fused_out is not None:
+        loss, logps = fused_out
         return TSPINOutput(loss, *logps.chunk(3))
     logps = sequence_logps(hidden, weight, labels, **options)
     real, generated, proto = logps.chunk(3)
@@ -232,14 +251,16 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
 
 
 def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bool | None = None,
-              **options) -> SPINOutput:
+              seq_counts=None, **options) -> SPINOutput:
     """SPIN loss over 2B rows ``[real; generated]``; ``ref_logps`` (2B,) are the frozen start-of-iteration log-probs.
 
-    ``options`` and ``fused`` as in :func:`tspin_loss` (the fused path chunks by pairs). With ``validate=True``
+    ``options``, ``fused`` and ``seq_counts`` as in :func:`tspin_loss` (the fused path chunks by pairs). With
+    ``validate=True``
     (default) NaN/Inf in ``ref_logps`` raise (one more host sync when they live on the GPU); ``validate=False``
     skips that check.
     """
     beta = check_real("beta", beta)
+    rows = None
     if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
         rows = _rows(hidden, labels, options.get("cu_seqlens"))
         if rows == 0 or rows % 2:
@@ -251,11 +272,14 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bo
             raise fail_type("ref_logps", "a floating dtype", ref_logps.dtype)
         if check_flag("validate", options.get("validate", True)) and not bool(torch.isfinite(ref_logps).all()):
             raise ValueError("ref_logps: contains NaN or Inf (reference log-probs must be finite)")
-    if _fused_loss_path(fused, hidden, options):
+    if rows is not None:
         ref2 = ref_logps.detach().to(hidden.device, acc_dtype(hidden.dtype)).view(2, -1)
-        spec = TupleLoss(2, lambda x, t: _spin_terms(x[0], x[1], ref2[0, t], ref2[1, t], beta))
-        loss, logps = sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
-        return SPINOutput(loss, *logps.chunk(2))
+        fused_out = _run_fused_loss(hidden, weight, labels, 2,
+                                    lambda x, t: _spin_terms(x[0], x[1], ref2[0, t], ref2[1, t], beta),
+                                    fused, seq_counts, rows, options)
+        if fused_out is not None:
+            loss, logps = fused_out
+            return SPINOutput(loss, *logps.chunk(2))
     logps = sequence_logps(hidden, weight, labels, **options)
     real, generated = logps.chunk(2)
     ref = ref_logps.detach().float().to(logps.device)

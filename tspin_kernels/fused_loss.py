@@ -47,10 +47,14 @@ TARGET_ELEMENTS = CHUNK_ELEMENTS
 @dataclass(frozen=True)
 class TupleLoss:
     """A loss that is the mean over B tuples of K sequences of ``terms(x, t)``: ``x`` the (K, b) log-probs of the
-    tuples ``t`` (b,), row k holding sequence ``k*B + t``; returns the (b,) per-tuple losses."""
+    tuples ``t`` (b,), row k holding sequence ``k*B + t``; returns the (b,) per-tuple losses.
+
+    ``seq_counts``: each sequence's number of counted positions, known on the host (the caller's plan), or None
+    (then they are read back from the device: one host sync)."""
 
     K: int
     terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    seq_counts: tuple[int, ...] | None = None
 
     def loss(self, logps: torch.Tensor) -> torch.Tensor:
         B = logps.numel() // self.K
@@ -150,7 +154,7 @@ class FusedTupleLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, row_idx, target, seq_id, token_scale, num_seqs: int, options,
-                spec: TupleLoss, engine, track: bool):
+                spec: TupleLoss, engine, track: bool, validate: bool):
         acc = acc_dtype(hidden2d.dtype)
         dev = hidden2d.device
         V, D = weight.shape
@@ -166,7 +170,7 @@ class FusedTupleLoss(torch.autograd.Function):
         order = torch.argsort(tup, stable=True)
         rows, tgt, seq = row_idx[order], target[order], seq_id[order]
         scale = token_scale[order].to(acc)
-        counts = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, tup, torch.ones_like(tup)).tolist()
+        counts = _tuple_counts(spec, seq_id, num_seqs, validate)
 
         logps = torch.zeros(num_seqs, dtype=acc, device=dev)
         gh = torch.zeros((rows.numel(), D), dtype=acc, device=dev) if need_h else None
@@ -240,10 +244,33 @@ class FusedTupleLoss(torch.autograd.Function):
             grad_w = gw.mul_(g.to(gw.dtype)).to(ctx.weight_dtype)
         if gb is not None:
             grad_b = gb.mul_(g.to(gb.dtype)).to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
-def run_fused(spec: TupleLoss, c, weight, bias, impl: str, options) -> tuple[torch.Tensor, torch.Tensor]:
+def _tuple_counts(spec: TupleLoss, seq_id: torch.Tensor, num_seqs: int, validate: bool) -> list[int]:
+    """Counted positions per tuple, on the host: they size the chunks.
+
+    From the caller's ``spec.seq_counts`` when given (no host sync; their total is checked against the number of
+    counted positions, which the host knows), else read back from the device (one host sync). With ``validate``
+    the device counts are read anyway and must equal the caller's."""
+    B = num_seqs // spec.K
+    given = spec.seq_counts
+    if given is not None and sum(given) != seq_id.numel():
+        raise ValueError(f"seq_counts: they add up to {sum(given)} counted positions, the labels hold "
+                         f"{seq_id.numel()}")
+    if given is None or validate:
+        per_seq = torch.zeros(num_seqs, dtype=torch.long, device=seq_id.device)
+        per_seq = per_seq.index_add_(0, seq_id, torch.ones_like(seq_id)).tolist()  # the one host sync
+        if given is not None and list(given) != per_seq:
+            s = next(i for i, (a, b) in enumerate(zip(given, per_seq)) if a != b)
+            raise ValueError(f"seq_counts: sequence {s} has {per_seq[s]} counted positions in the labels, "
+                             f"seq_counts says {given[s]}")
+        given = per_seq
+    return [sum(given[k * B + t] for k in range(spec.K)) for t in range(B)]
+
+
+def run_fused(spec: TupleLoss, c, weight, bias, impl: str, options,
+              validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, detached per-sequence log-probs) of ``spec`` over the compacted rows ``c`` (``_inputs.Compacted``)."""
     if impl == "triton":
         from .kernels.fused_loss import TritonEngine  # imports triton lazily: the torch path works without it
@@ -252,4 +279,4 @@ def run_fused(spec: TupleLoss, c, weight, bias, impl: str, options) -> tuple[tor
     else:
         engine = TorchEngine
     return FusedTupleLoss.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs,
-                                options, spec, engine, torch.is_grad_enabled())
+                                options, spec, engine, torch.is_grad_enabled(), validate)
