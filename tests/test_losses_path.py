@@ -55,17 +55,23 @@ def test_policy_logps_matches_naive_values_and_grads(setup, layout, impl):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=f"grad of {n}")
 
 
-def test_lm_head_never_runs_over_the_sequence(setup):
+def _shapes(out):
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else tuple(tuple(t.shape) for t in out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lm_head_never_runs_over_the_sequence(setup, fused):
     d, tok, feats = setup
     model = tiny_policy(d)
     _, head = backbone_and_head(model.model)
     outputs = []
-    head.register_forward_hook(lambda module, args, out: outputs.append(tuple(out.shape)))
+    head.register_forward_hook(lambda module, args, out: outputs.append(_shapes(out)))
     batch = collate(feats, FIELDS, tok.pad_token_id)
-    compute_loss(model, batch, method="tspin")[0].backward()
+    compute_loss(model, batch, method="tspin", fused=fused)[0].backward()
     # the head's module is called (FSDP2 gathers its weight around that call), but its fused forward hands back
-    # one log-prob per row: no [rows x tokens x vocab] logits
-    assert outputs == [(batch.input_ids.shape[0],)]
+    # one log-prob per row (and with the fused loss, the loss): no [rows x tokens x vocab] logits
+    B = batch.num_examples
+    assert outputs == [((), (B,), (B,), (B,)) if fused else (3 * B,)]
     model.model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook does see a plain forward's logits
     assert outputs[-1] == (1, 3, len(tok))
 
@@ -129,3 +135,48 @@ def test_wrapped_policy_is_called_and_matches_the_plain_model(setup, layout):
     torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
     with pytest.raises(TypeError, match="model: expected the training policy"):
         policy_logps(policy.model, batch)  # a bare HF model would skip DDP's / FSDP2's hooks
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prefix"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("method", ["tspin", "spin"])
+def test_fused_loss_equals_loss_on_logps(setup, layout, impl, method):
+    """The trainer's fused path (the loss inside the head's forward) against log-probs then the loss: same loss,
+    same metrics, same gradient on every parameter of the model."""
+    d, tok, feats = setup
+    fields = FIELDS if method == "tspin" else FIELDS[:2]
+    if method == "spin":
+        feats = [dict(f, ref={"real": -3.0 - i, "generated": -4.0 + i}) for i, f in enumerate(feats)]
+    batch = collate(feats, fields, tok.pad_token_id, layout)
+    runs = []
+    for fused in (False, True):
+        model = tiny_policy(d)
+        loss, m = compute_loss(model, batch, method=method, alpha=0.7, beta=0.3, spin_lambda=0.2, impl=impl,
+                               fused=fused)
+        loss.backward()
+        runs.append((loss.detach(), m, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, m0, g0), (l1, m1, g1) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert m1.keys() == m0.keys()
+    for k in m0:
+        torch.testing.assert_close(m1[k], m0[k], rtol=1e-5, atol=1e-5, msg=k)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=f"grad of {n}")
+
+
+def test_loss_spec_refuses_bad_arguments(setup):
+    from tspin_kernels.integrations import LossSpec, causal_lm_sequence_logps
+
+    with pytest.raises(ValueError, match="method: expected 'tspin' or 'spin'"):
+        LossSpec("dpo")
+    with pytest.raises(TypeError, match="ref_logps: method='spin' needs"):
+        LossSpec("spin")
+    with pytest.raises(ValueError, match="ref_logps: T-SPIN is reference-free"):
+        LossSpec("tspin", ref_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match="alpha"):
+        LossSpec("tspin", alpha=float("nan"))
+    d, tok, feats = setup
+    b = collate(feats, FIELDS, tok.pad_token_id)
+    with pytest.raises(TypeError, match="loss: expected a tspin_kernels.integrations.LossSpec"):
+        causal_lm_sequence_logps(tiny_policy(d).model, b.input_ids, b.labels, attention_mask=b.attention_mask,
+                                 loss="tspin")

@@ -76,12 +76,15 @@ def _features(tok, method: str, n: int = 12) -> list[dict]:
     return feats
 
 
-@pytest.mark.parametrize("method, layout", [("tspin", "padded"), ("spin", "packed"), ("sft", "padded")])
-def test_one_host_read_per_optimizer_step(model_dir, tmp_path, host_reads, method, layout):
+@pytest.mark.parametrize("method, layout, fused_loss", [
+    ("tspin", "padded", "true"), ("tspin", "padded", "false"), ("spin", "packed", "true"),
+    ("tspin", "shared_prefix", "true"), ("sft", "padded", "auto")])
+def test_one_host_read_per_optimizer_step(model_dir, tmp_path, host_reads, method, layout, fused_loss):
+    """The fused loss path plans its chunks from the counts collate took on the CPU: no read of its own."""
     tok = load_tokenizer(str(model_dir))
     # 12 examples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 steps, a line every 3rd
     cfg = tiny_cfg(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2.0,
-                   logging_steps=3, layout=layout, loss_impl="torch")
+                   logging_steps=3, layout=layout, loss_impl="torch", fused_loss=fused_loss)
     train_loop(tiny_policy(model_dir), tok, _features(tok, method), cfg, method=method, out_dir=tmp_path / "run",
                metrics=MetricsWriter(tmp_path / "metrics.jsonl"))
     lines = read_jsonl(tmp_path / "metrics.jsonl")

@@ -50,17 +50,23 @@ def _triplets(path: Path, n: int = 8) -> Path:
                                "generated": s, "proto": s[::-1]} for i, s in enumerate(words)])
 
 
-@pytest.mark.parametrize("strategy,lora_rank,layout", [
-    ("ddp", 0, "padded"), ("fsdp2", 0, "padded"), ("ddp", 4, "padded"), ("fsdp2", 4, "padded"),
-    ("ddp", 0, "shared_prefix"), ("fsdp2", 4, "shared_prefix")])
-def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank, layout):
+@pytest.mark.parametrize("strategy,lora_rank,layout,method,fused_loss", [
+    ("ddp", 0, "padded", "tspin", "true"), ("fsdp2", 0, "padded", "tspin", "true"),
+    ("ddp", 4, "padded", "tspin", "true"), ("fsdp2", 4, "padded", "tspin", "true"),
+    ("ddp", 0, "shared_prefix", "tspin", "true"), ("fsdp2", 4, "shared_prefix", "tspin", "true"),
+    ("ddp", 0, "packed", "spin", "true"), ("ddp", 0, "padded", "tspin", "false")])
+def test_train_under_torchrun_equals_one_process(model_dir, tmp_path, strategy, lora_rank, layout, method,
+                                                 fused_loss):
     """2 ranks x 2 triplets per micro-batch take the steps of 1 process x 4 triplets: same weights at the end
-    (with LoRA: rank 0's adapter init is broadcast, and it is the one-process init)."""
+    (with LoRA: rank 0's adapter init is broadcast, and it is the one-process init). The fused loss runs inside
+    the LM head's forward, where DDP and FSDP2 see it; the one-process run takes the recompute path (fused_loss
+    false), so each case also checks the fused path against it."""
     data = _triplets(tmp_path / "triplets.jsonl")
-    common = dict(method="tspin", model_name_or_path=str(model_dir), data_path=str(data), learning_rate=1e-2,
+    common = dict(method=method, model_name_or_path=str(model_dir), data_path=str(data), learning_rate=1e-2,
                   loss_impl="torch", gradient_accumulation_steps=1, num_train_epochs=2.0, max_grad_norm=0.5,
                   lora_rank=lora_rank, lora_alpha=8.0, layout=layout)
-    train(tiny_cfg(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    train(tiny_cfg(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), fused_loss="false", **common))
+    common["fused_loss"] = fused_loss
     torchrun("train", tiny_cfg(per_device_train_batch_size=2, strategy=strategy, output_dir=str(tmp_path / "two"),
                                **common), tmp_path)
     name = "adapter_model.safetensors" if lora_rank else "model.safetensors"

@@ -32,6 +32,9 @@ class Batch:
     num_input_tokens: int  # tokens of the sequences (padding excluded; a shared prompt counted per response)
     ref_logps: torch.Tensor | None = None  # (R,) float32 in row order (SPIN)
     shared: SharedPrefixBatch | None = None  # shared_prefix: rows, positions and counted triples
+    # per sequence (row order) the positions the kernels count: labels after the first that are not ignored.
+    # Known here for free; the fused loss path plans its chunks from them instead of reading them from the device
+    seq_counts: tuple[int, ...] = ()
 
     def to(self, device) -> Batch:
         movable = (torch.Tensor, SharedPrefixBatch)
@@ -83,7 +86,10 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
         raise ValueError("features: a batch needs at least one example")
     _check(seqs, pad_token_id, vocab_size)
     num_tokens, num_input_tokens = count_tokens(features, fields)
-    counts = dict(num_examples=len(features), num_tokens=num_tokens, num_input_tokens=num_input_tokens)
+    # labels[0] never counts: position t predicts labels[t + 1] (the kernels' shift, the shared prefix's rule)
+    seq_counts = tuple(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in seqs)
+    counts = dict(num_examples=len(features), num_tokens=num_tokens, num_input_tokens=num_input_tokens,
+                  seq_counts=seq_counts)
     ref = None
     if all("ref" in feat for feat in features):
         ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)

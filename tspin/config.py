@@ -18,6 +18,7 @@ METHODS = ("tspin", "spin", "sft")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed", "shared_prefix")
+FUSED_LOSS = ("auto", "true", "false")
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -58,6 +59,10 @@ class Config:
     spin_mix_previous: bool = _f(False, "SPIN: train iteration t on the synthetic data of iterations t-1 and t.")
     average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (an option; the method sums).")
     loss_impl: str = _f("auto", "tspin_kernels impl: auto | triton | torch | reference.")
+    fused_loss: str = _f("auto", "tspin, spin: form the LM head's gradients inside the loss's forward, one chunk of "
+                                 "whole triplets (pairs) at a time: 3 passes over the head instead of 4. auto: "
+                                 "where loss_impl resolves to torch (CPU), as tspin_kernels decides; true: always "
+                                 "(not with loss_impl reference); false: log-probs, then the loss on them.")
     layout: str = _f("padded", "Batch layout: padded rows; packed padding-free rows with cu_seqlens/position_ids; "
                                "shared_prefix (tspin, spin): each prompt runs through the backbone once for all "
                                "its responses, exactly (needs sdpa, eager or flex_attention; sft uses packed).")
@@ -107,6 +112,10 @@ class Config:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
     progress: bool = _f(True, "Show tqdm progress bars.")
 
+    def __post_init__(self):
+        if isinstance(self.fused_loss, (bool, str)):  # YAML's true / false arrive as True / False
+            self.fused_loss = str(self.fused_loss).strip().lower()
+
     # ------------------------------------------------------------------
     def validate(self) -> Config:
         def bad(name, msg):
@@ -118,7 +127,8 @@ class Config:
             if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
                 bad(name, "must be a finite number (within float32's range, |x| <= 3.4e38)")
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
-                   "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES}
+                   "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES,
+                   "fused_loss": FUSED_LOSS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"expected one of {', '.join(allowed)}")
@@ -169,7 +179,13 @@ class Config:
                 bad(name, "must be in [0, 2**32)")
         if not DEVICE.fullmatch(self.device):
             bad("device", "expected auto, cpu, cuda or cuda:N")
+        if self.fused_loss == "true" and self.loss_impl == "reference":
+            bad("fused_loss", "loss_impl 'reference' (the full-logits oracle) has no fused path; use auto or false")
         return self
+
+    def fused_loss_option(self) -> bool | None:
+        """``fused_loss`` as tspin_kernels' ``fused=`` argument: None (auto), True or False."""
+        return {"auto": None, "true": True, "false": False}[self.fused_loss]
 
     def lora_target_modules_list(self) -> str | list[str]:
         """peft's target_modules: the string 'all-linear' or a list of module names."""

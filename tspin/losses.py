@@ -2,7 +2,11 @@
 
 The policy (:func:`tspin.wrapping.wrap_model`) runs the backbone for the last hidden states and sends them with the
 LM-head weight to tspin_kernels: the LM head is never applied to the full sequence, so no [tokens x vocab] logits
-exist, forward or backward. Metrics stay tensors on the device; the training loop reads them once per logged step.
+exist, forward or backward. For T-SPIN and SPIN the loss itself can run inside the head's forward
+(``fused_loss``: a :class:`tspin_kernels.integrations.LossSpec`), where the fused path forms the head's gradients
+while the logits are at hand (3 passes over the head instead of 4); its log-probs are then detached diagnostics,
+which is all the metrics need. Metrics stay tensors on the device; the training loop reads them once per logged
+step.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import contextlib
 import torch
 
 from tspin_kernels import spin_loss_from_logps, tspin_loss_from_logps
-from tspin_kernels.integrations import shared_prefix_attention_mask
+from tspin_kernels.integrations import LossSpec, shared_prefix_attention_mask
 
 from .batch import Batch, collate
 from .wrapping import policy_of
@@ -25,8 +29,9 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = False) -> torch.Tensor:
-    """Per-row sum (or mean) of response-token log-probs, float32 (R,), differentiable w.r.t. the model.
+def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = False, loss: LossSpec | None = None):
+    """Per-row sum (or mean) of response-token log-probs, float32 (R,), differentiable w.r.t. the model; with
+    ``loss`` the loss's output computed from them inside the head's forward (``TSPINOutput`` / ``SPINOutput``).
 
     `model` is the training policy (one process, DDP or FSDP2). It is *called*, so DDP's gradient all-reduce and
     FSDP2's unshard hooks run. Padded rows use the attention mask; a packed row (1, N) uses position_ids restarting
@@ -38,34 +43,57 @@ def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = Fal
     if batch.shared is not None:  # the counted triples and the layout's mask, in the form the attention takes
         sp = batch.shared
         mask = shared_prefix_attention_mask(sp, policy.model)
-        return model(sp.input_ids, sp.positions, mask, sp.position_ids, average=average, impl=impl, validate=False)
+        return model(sp.input_ids, sp.positions, mask, sp.position_ids, average=average, impl=impl, validate=False,
+                     loss=loss)
     return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
-                 average=average, impl=impl, validate=False)
+                 average=average, impl=impl, validate=False, loss=loss)
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().mean()
 
 
+def _loss_and_logps(model, batch: Batch, *, method: str, alpha: float, beta: float, spin_lambda: float, impl: str,
+                    average: bool, fused: bool | None):
+    """(mean loss over the batch's examples, per-row log-probs). ``fused`` False: the policy's differentiable
+    log-probs, the loss on top; None (auto) / True: the loss in the head's forward (``LossSpec``), the log-probs
+    its diagnostics (detached on the fused path)."""
+    if fused is False:
+        logps = policy_logps(model, batch, impl=impl, average=average)
+        if method == "tspin":
+            return tspin_loss_from_logps(*logps.chunk(3), alpha=alpha, beta=beta), logps
+        ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
+        return spin_loss_from_logps(*logps.chunk(2), ref_real, ref_gen, beta=spin_lambda), logps
+    spec = LossSpec(method, alpha=alpha, beta=beta if method == "tspin" else spin_lambda, fused=fused,
+                    ref_logps=batch.ref_logps if method == "spin" else None, seq_counts=batch.seq_counts or None)
+    out = policy_logps(model, batch, impl=impl, average=average, loss=spec)
+    return out.loss, torch.cat(out[1:])
+
+
 def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: float = 0.1,
-                 spin_lambda: float = 0.1, impl: str = "auto", average: bool = False):
+                 spin_lambda: float = 0.1, impl: str = "auto", average: bool = False, fused: bool | None = None):
     """(loss summed over the batch's examples, or tokens for SFT; metrics as 0-d tensors). Dividing by the
     example/token count of the whole accumulation window is the caller's job: that keeps gradient accumulation
-    exact."""
+    exact (the fused loss is a mean over the micro-batch's examples: times their number, a sum again).
+
+    ``fused`` (T-SPIN, SPIN; the config's ``fused_loss``): None lets tspin_kernels decide (fused where ``impl``
+    resolves to torch), True always, False never (log-probs, then the loss on them)."""
     if method not in ("tspin", "spin", "sft"):
         raise ValueError(f"method={method!r}: expected tspin, spin or sft")
     if method == "spin" and batch.ref_logps is None:
         raise ValueError("SPIN batch has no ref_logps: compute them with the start-of-iteration policy first")
-    logps = policy_logps(model, batch, impl=impl, average=average)
     n = batch.num_examples
     if method == "sft":
+        logps = policy_logps(model, batch, impl=impl, average=average)
         loss = -logps.sum()  # summed token NLL; divided by the window's token count
         # float64 like the Python float it replaces: the logged numbers do not depend on where they are reduced
         nll = loss.detach().double() / max(batch.num_tokens, 1)
         return loss, {"logps/real": _mean(logps), "nll/token": nll}
+    mean_loss, logps = _loss_and_logps(model, batch, method=method, alpha=alpha, beta=beta, spin_lambda=spin_lambda,
+                                       impl=impl, average=average, fused=fused)
+    loss = mean_loss * n
     if method == "tspin":
         real, gen, proto = logps.chunk(3)
-        loss = tspin_loss_from_logps(real, gen, proto, alpha=alpha, beta=beta) * n
         current, history = real - gen, gen - proto
         return loss, {
             "logps/real": _mean(real), "logps/generated": _mean(gen), "logps/proto": _mean(proto),
@@ -77,7 +105,6 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
         }
     real, gen = logps.chunk(2)
     ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
-    loss = spin_loss_from_logps(real, gen, ref_real, ref_gen, beta=spin_lambda) * n
     r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)
     return loss, {
         "logps/real": _mean(real), "logps/generated": _mean(gen),

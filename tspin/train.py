@@ -151,7 +151,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):
                     loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
-                                           spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps)
+                                           spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps,
+                                           fused=cfg.fused_loss_option())
                 (loss / denom if w else loss * 0.0).backward()
             window_loss = window_loss + loss.detach().double() * w / denom / world_size
             avg.add(m, int(w) * batch.num_examples)

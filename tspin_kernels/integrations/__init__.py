@@ -2,6 +2,7 @@
 
 from .hf import (
     CausalLMLogps,
+    LossSpec,
     backbone_and_head,
     causal_lm_sequence_logps,
     install_fused_head,
@@ -19,7 +20,8 @@ from .shared_prefix import (
 )
 
 __all__ = [
-    "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
+    "CausalLMLogps", "LossSpec", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head",
+    "install_fused_head",
     "packed_position_ids", "pack_padded", "packing_attn_implementation", "install_fused_loss",
     "SharedPrefixBatch", "build_shared_prefix_batch", "shared_prefix_attention_mask", "shared_prefix_sequence_logps",
 ]

@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 
 from .._inputs import check_cu_seqlens_layout, cu_seqlens_checks, raise_first
-from .._options import check_flag, check_impl, check_options
-from ..functional import sequence_logps
+from .._options import check_flag, check_fused, check_impl, check_options, check_real
+from ..functional import sequence_logps, spin_loss, tspin_loss
 from ..positions import CountedPositions
 
 __all__ = [
     "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
-    "packed_position_ids", "pack_padded", "packing_attn_implementation",
+    "packed_position_ids", "pack_padded", "packing_attn_implementation", "LossSpec",
 ]
 
 
@@ -79,21 +79,76 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _head_logps(hidden, weight, bias, labels, **options):
+class LossSpec:
+    """The loss the LM head computes instead of per-sequence log-probs: pass it as ``loss=`` to
+    :class:`CausalLMLogps` (or :func:`causal_lm_sequence_logps`, or the fused head itself).
+
+    ``method="tspin"``: :func:`tspin_kernels.tspin_loss` with ``alpha`` / ``beta`` over rows ``[real; generated;
+    proto]``; ``method="spin"``: :func:`tspin_kernels.spin_loss` with ``beta`` and ``ref_logps`` ``(2B,)`` over
+    ``[real; generated]``. ``fused`` / ``seq_counts``: as in those functions (``fused=True`` forms the head's and
+    the hidden states' gradients inside the head's forward; ``seq_counts``, each sequence's counted positions on
+    the host, spare that path its one read of them). The call returns the loss's ``TSPINOutput`` /
+    ``SPINOutput``; on the fused path only ``.loss`` is differentiable (the log-probs are detached diagnostics).
+
+    Computing the loss inside the head's forward is what lets it take the fused path under FSDP2 (the head's
+    weight is gathered only around that forward) and keeps DDP, LoRA and gradient checkpointing unchanged.
+
+    A plain object on purpose, not a dataclass or a tuple: DDP and FSDP2 walk the tensors inside a forward's
+    arguments, and FSDP2's mixed precision casts the floating ones to the parameter dtype; ``ref_logps`` must
+    reach the loss in float32.
+    """
+
+    __slots__ = ("method", "alpha", "beta", "ref_logps", "seq_counts", "fused")
+
+    def __init__(self, method: str, *, alpha: float = 1.0, beta: float = 0.1, ref_logps: torch.Tensor | None = None,
+                 seq_counts=None, fused: bool | None = None):
+        if method not in ("tspin", "spin"):
+            raise ValueError(f"method: expected 'tspin' or 'spin', got {method!r}")
+        if method == "spin" and not isinstance(ref_logps, torch.Tensor):
+            raise TypeError(f"ref_logps: method='spin' needs the reference log-probs as a tensor (2B,), got "
+                            f"{type(ref_logps).__name__}")
+        if method == "tspin" and ref_logps is not None:
+            raise ValueError("ref_logps: T-SPIN is reference-free; pass ref_logps=None")
+        self.method, self.ref_logps, self.seq_counts = method, ref_logps, seq_counts
+        self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
+        self.fused = check_fused(fused)
+
+    def __call__(self, hidden, weight, labels, **options):
+        """The loss on the head's inputs; ``options``: those of :func:`tspin_kernels.sequence_logps`."""
+        common = dict(fused=self.fused, seq_counts=self.seq_counts, **options)
+        if self.method == "tspin":
+            return tspin_loss(hidden, weight, labels, alpha=self.alpha, beta=self.beta, **common)
+        return spin_loss(hidden, weight, labels, self.ref_logps.to(hidden.device), beta=self.beta, **common)
+
+    def __repr__(self) -> str:
+        return (f"LossSpec({self.method!r}, alpha={self.alpha}, beta={self.beta}, fused={self.fused}, "
+                f"ref_logps={'given' if self.ref_logps is not None else None}, "
+                f"seq_counts={'given' if self.seq_counts is not None else None})")
+
+
+def _head_logps(hidden, weight, bias, labels, loss: LossSpec | None = None, **options):
     if weight.dtype != hidden.dtype:  # autocast / mixed precision hand back hidden states in the compute dtype
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
+    if loss is not None:
+        if not isinstance(loss, LossSpec):
+            raise TypeError(f"loss: expected a tspin_kernels.integrations.LossSpec or None, got "
+                            f"{type(loss).__name__}")
+        return loss(hidden, weight, labels, bias=bias, **options)
     return sequence_logps(hidden, weight, labels, bias=bias, **options)
 
 
 class _FusedLogpsHead:
-    """Mixin placed before ``nn.Linear`` in the head's class: ``forward(h, labels=...)`` returns log-probs."""
+    """Mixin placed before ``nn.Linear`` in the head's class: ``forward(h, labels=...)`` returns log-probs, or
+    with ``loss=`` (a :class:`LossSpec`) the loss computed from them."""
 
-    def forward(self, input, labels=None, *, shift: bool = True, **options):
+    def forward(self, input, labels=None, *, loss: LossSpec | None = None, shift: bool = True, **options):
         """``options``: the keyword options of :func:`tspin_kernels.sequence_logps` (cu_seqlens, impl, ...)."""
         if labels is None:
+            if loss is not None:
+                raise ValueError("loss: the head computes a loss only together with labels")
             return super().forward(input)
-        return _head_logps(input, self.weight, self.bias, labels, shift=shift, **options)
+        return _head_logps(input, self.weight, self.bias, labels, loss=loss, shift=shift, **options)
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -249,8 +304,10 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
                              cu_seqlens: torch.Tensor | None = None, shift: bool = True, average: bool = False,
                              ignore_index: int = -100, impl: str = "auto", backward: str | None = None,
                              grad_filter_eps: float | None = None, tiles: dict | None = None,
-                             chunk_elements: int | None = None, validate: bool = True) -> torch.Tensor:
-    """Per-sequence sum (or mean) of label-token log-probs of a Hugging Face causal LM, float32 ``(S,)``.
+                             chunk_elements: int | None = None, validate: bool = True,
+                             loss: LossSpec | None = None):
+    """Per-sequence sum (or mean) of label-token log-probs of a Hugging Face causal LM, float32 ``(S,)``; with
+    ``loss=`` (a :class:`LossSpec`) the T-SPIN / SPIN loss's output computed from them inside the head's forward.
 
     Args:
         model: a ``*ForCausalLM`` (or a PEFT / DDP / compiled wrapper of one). Under FSDP2 call the wrapped
@@ -270,6 +327,7 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
             and ``position_ids`` restarting per sequence (host syncs). ``False``: the caller vouches for them (e.g.
             checked on the CPU at collation); only types and shapes are checked, and this function adds no host
             sync of its own besides the kernels' one ``nonzero`` (the backbone's own, if any, are transformers').
+        loss: a :class:`LossSpec`: return its ``TSPINOutput`` / ``SPINOutput`` instead of the log-probs.
     """
     _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, check_flag("validate", validate))
     decoder, head = backbone_and_head(model)
@@ -296,8 +354,8 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
                 backward=backward, grad_filter_eps=grad_filter_eps, tiles=tiles, chunk_elements=chunk_elements,
                 validate=validate)
     if isinstance(head, _FusedLogpsHead):
-        return head(hidden, labels, **opts)  # through the module call, so FSDP2's hooks run around it
-    return _head_logps(hidden, head.weight, getattr(head, "bias", None), labels, **opts)
+        return head(hidden, labels, loss=loss, **opts)  # through the module call, so FSDP2's hooks run around it
+    return _head_logps(hidden, head.weight, getattr(head, "bias", None), labels, loss=loss, **opts)
 
 
 class CausalLMLogps(nn.Module):
@@ -324,13 +382,15 @@ class CausalLMLogps(nn.Module):
         install_fused_head(model)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None, *,
-                shift: bool = True, average: bool = False, impl: str | None = None, validate: bool | None = None):
-        """``impl`` / ``validate``: this call's, instead of the constructor's (``None``: the constructor's)."""
+                shift: bool = True, average: bool = False, impl: str | None = None, validate: bool | None = None,
+                loss: LossSpec | None = None):
+        """``impl`` / ``validate``: this call's, instead of the constructor's (``None``: the constructor's).
+        ``loss``: a :class:`LossSpec`; the call then returns the loss's output (computed in the head's forward)."""
         return causal_lm_sequence_logps(
             self.model, input_ids, labels, attention_mask=attention_mask, position_ids=position_ids,
             cu_seqlens=cu_seqlens, shift=shift, average=average, ignore_index=self.ignore_index,
             impl=self.impl if impl is None else impl, validate=self.validate if validate is None else validate,
-            **self.kernel_options)
+            loss=loss, **self.kernel_options)
 
     def generate(self, *args, **kwargs):
         if self.synced_generation:  # ranks finish at different steps; keep running forwards until all are done
