@@ -41,7 +41,7 @@ class Shape:
         return self.rows * (self.T - self.T // 2)
 
 
-# SPEC section 3 (bf16 on the GPU).
+# The GPU benchmark shapes of docs/contract.md (bf16 on the GPU).
 GPU_SHAPES = (
     Shape("mistral-7b", 4096, 32000, 4, 1024),
     Shape("llama3-8b", 4096, 128256, 2, 2048),
@@ -217,7 +217,7 @@ def median_seconds(benchmark) -> float | None:
 
 
 def record(benchmark, device, **info) -> None:
-    """Write the SPEC ``extra_info`` fields (plus any extra ones) onto a benchmark record measured on ``device``."""
+    """Write the contract's ``extra_info`` fields (and any extra ones) on a record measured on ``device``."""
     benchmark.extra_info.update(provenance())
     benchmark.extra_info["device"] = _device.device_name(torch.device(device))
     benchmark.extra_info.update(info)

@@ -36,7 +36,7 @@ ARCHS = {80: ((8, 0), "A100"), 86: ((8, 6), "RTX 30xx/40xx, A10, L4"), 90: ((9, 
 # the tensor-core instruction each generation should use (PTX): anything else is a slow fallback
 MMA = {"wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma", "mma.sync": "mma.sync"}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# (D, V, counted rows): the llama3-8b SPEC shape; only divisibility by 16 and == 1 reach the compiler
+# (D, V, counted rows): the llama3-8b benchmark shape; only divisibility by 16 and == 1 reach the compiler
 D_, V_, NC_ = 4096, 128256, 8190
 
 

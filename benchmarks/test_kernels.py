@@ -1,8 +1,8 @@
 """Kernel benchmarks: T-SPIN loss (and gradients) from hidden states + LM head, ours vs the peers.
 
-GPU (``-m gpu``): the three SPEC shapes in bf16. CPU: one tiny float32 shape (CI runs it with benchmarking disabled,
-so every peer that can run on CPU is still executed and checked). Every peer is checked against
-``impl="reference"`` (loss and gradients) before it is timed.
+GPU (``-m gpu``): the three benchmark shapes of docs/contract.md in bf16. CPU: one tiny float32 shape (CI runs it
+with benchmarking disabled, so every peer that can run on CPU is still executed and checked). Every peer is checked
+against ``impl="reference"`` (loss and gradients) before it is timed.
 
 Modes: ``forward`` (training forward, graph kept), ``backward`` (backward only; the forward runs untimed in setup)
 and ``fwd_bwd``. Heads: ``trainable`` (grad of W) and ``frozen`` (``W.requires_grad=False``, e.g. LoRA).

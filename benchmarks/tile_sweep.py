@@ -1,4 +1,4 @@
-"""Time the fused forward and backward kernels under several tile configs at one SPEC shape, on this GPU.
+"""Time the fused forward and backward kernels under several tile configs at one benchmark shape, on this GPU.
 
 Kernels: ``fwd``, ``bwd`` (the atomic backward) and ``bwd_mm`` (``backward="matmul"``, whose tiles are those of its
 dlogits kernel; its cuBLAS products do not change). Every candidate is first checked against the built-in config's
