@@ -1,17 +1,9 @@
 """Model-facing integrations of the fused log-prob kernel (Hugging Face causal LMs)."""
 
-from .hf import (
-    CausalLMLogps,
-    LossSpec,
-    backbone_and_head,
-    causal_lm_sequence_logps,
-    install_fused_head,
-    pack_padded,
-    packed_position_ids,
-    packing_attn_implementation,
-    unwrap_causal_lm,
-)
+from .hf import CausalLMLogps, backbone_and_head, causal_lm_sequence_logps, install_fused_head, unwrap_causal_lm
 from .hf_trainer import install_fused_loss
+from .loss_spec import LossSpec
+from .packing import pack_padded, packed_position_ids, packing_attn_implementation
 from .shared_prefix import (
     SharedPrefixBatch,
     build_shared_prefix_batch,

@@ -21,13 +21,14 @@ import torch
 import torch.nn as nn
 
 from .._inputs import check_cu_seqlens_layout, cu_seqlens_checks, raise_first
-from .._options import check_flag, check_fused, check_impl, check_options, check_real
-from ..functional import sequence_logps, spin_loss, tspin_loss
+from .._options import check_flag, check_impl, check_options
+from ..functional import sequence_logps
 from ..positions import CountedPositions
+from .loss_spec import LossSpec
+from .packing import packed_position_ids
 
 __all__ = [
     "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
-    "packed_position_ids", "pack_padded", "packing_attn_implementation", "LossSpec",
 ]
 
 
@@ -79,53 +80,6 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class LossSpec:
-    """The loss the LM head computes instead of per-sequence log-probs: pass it as ``loss=`` to
-    :class:`CausalLMLogps` (or :func:`causal_lm_sequence_logps`, or the fused head itself).
-
-    ``method="tspin"``: :func:`tspin_kernels.tspin_loss` with ``alpha`` / ``beta`` over rows ``[real; generated;
-    proto]``; ``method="spin"``: :func:`tspin_kernels.spin_loss` with ``beta`` and ``ref_logps`` ``(2B,)`` over
-    ``[real; generated]``. ``fused`` / ``seq_counts``: as in those functions (``fused=True`` forms the head's and
-    the hidden states' gradients inside the head's forward; ``seq_counts``, each sequence's counted positions on
-    the host, spare that path its one read of them). The call returns the loss's ``TSPINOutput`` /
-    ``SPINOutput``; on the fused path only ``.loss`` is differentiable (the log-probs are detached diagnostics).
-
-    Computing the loss inside the head's forward is what lets it take the fused path under FSDP2 (the head's
-    weight is gathered only around that forward) and keeps DDP, LoRA and gradient checkpointing unchanged.
-
-    A plain object on purpose, not a dataclass or a tuple: DDP and FSDP2 walk the tensors inside a forward's
-    arguments, and FSDP2's mixed precision casts the floating ones to the parameter dtype; ``ref_logps`` must
-    reach the loss in float32.
-    """
-
-    __slots__ = ("method", "alpha", "beta", "ref_logps", "seq_counts", "fused")
-
-    def __init__(self, method: str, *, alpha: float = 1.0, beta: float = 0.1, ref_logps: torch.Tensor | None = None,
-                 seq_counts=None, fused: bool | None = None):
-        if method not in ("tspin", "spin"):
-            raise ValueError(f"method: expected 'tspin' or 'spin', got {method!r}")
-        if method == "spin" and not isinstance(ref_logps, torch.Tensor):
-            raise TypeError(f"ref_logps: method='spin' needs the reference log-probs as a tensor (2B,), got "
-                            f"{type(ref_logps).__name__}")
-        if method == "tspin" and ref_logps is not None:
-            raise ValueError("ref_logps: T-SPIN is reference-free; pass ref_logps=None")
-        self.method, self.ref_logps, self.seq_counts = method, ref_logps, seq_counts
-        self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
-        self.fused = check_fused(fused)
-
-    def __call__(self, hidden, weight, labels, **options):
-        """The loss on the head's inputs; ``options``: those of :func:`tspin_kernels.sequence_logps`."""
-        common = dict(fused=self.fused, seq_counts=self.seq_counts, **options)
-        if self.method == "tspin":
-            return tspin_loss(hidden, weight, labels, alpha=self.alpha, beta=self.beta, **common)
-        return spin_loss(hidden, weight, labels, self.ref_logps.to(hidden.device), beta=self.beta, **common)
-
-    def __repr__(self) -> str:
-        return (f"LossSpec({self.method!r}, alpha={self.alpha}, beta={self.beta}, fused={self.fused}, "
-                f"ref_logps={'given' if self.ref_logps is not None else None}, "
-                f"seq_counts={'given' if self.seq_counts is not None else None})")
-
-
 def _head_logps(hidden, weight, bias, labels, loss: LossSpec | None = None, **options):
     if weight.dtype != hidden.dtype:  # autocast / mixed precision hand back hidden states in the compute dtype
         weight = weight.to(hidden.dtype)
@@ -174,53 +128,6 @@ def install_fused_head(model: nn.Module) -> nn.Module:
         _FUSED_CLASSES[cls] = type(f"FusedLogps{cls.__name__}", (_FusedLogpsHead, cls), {})
     head.__class__ = _FUSED_CLASSES[cls]
     return head
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Packing helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def packed_position_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """``(N,)`` int64 positions restarting at 0 at every offset of ``cu_seqlens``. Pass ``total`` (= N, known from
-    the batch's shape) to skip reading ``cu_seqlens[-1]`` back from the device."""
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    n = int(cu[-1]) if total is None else total
-    return torch.arange(n, device=cu.device) - torch.repeat_interleave(cu[:-1], lengths, output_size=n)
-
-
-def pack_padded(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
-    """Right-padded ``(R, T)`` rows -> one packed row: ``(input_ids (1,N), labels (1,N), position_ids (1,N),
-    cu_seqlens (R+1,) int32)``. Padding (``attention_mask == 0``) is dropped; rows must be right-padded."""
-    if input_ids.dim() != 2 or labels.shape != input_ids.shape or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"input_ids, labels, attention_mask: expected the same (R, T) shape, got {tuple(input_ids.shape)}, "
-            f"{tuple(labels.shape)}, {tuple(attention_mask.shape)}"
-        )
-    keep = attention_mask.bool()
-    lengths = keep.sum(1)
-    right_padded = (keep == (torch.arange(keep.shape[1], device=keep.device) < lengths[:, None])).all()
-    if not bool(right_padded):
-        raise ValueError("attention_mask: pack_padded expects right-padded rows (ones first, then zeros)")
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
-    cu[1:] = lengths.cumsum(0)
-    return input_ids[keep][None], labels[keep][None], packed_position_ids(cu)[None], cu
-
-
-def packing_attn_implementation(device: torch.device | str | None = None) -> str:
-    """``"flash_attention_2"`` where flash-attn varlen can run (CUDA + package installed), else ``"sdpa"``.
-
-    Pass it as ``attn_implementation=`` to ``from_pretrained`` / ``from_config`` for padding-free batches.
-    """
-    dev = torch.device(device) if device is not None else None
-    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
-        try:
-            import flash_attn  # noqa: F401
-        except Exception:
-            return "sdpa"
-        return "flash_attention_2"
-    return "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------------------------
