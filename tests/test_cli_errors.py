@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,14 @@ CASES = [
     ("top-p-nan", "generate {base} --top_p=nan --out={out}/g.jsonl", "top_p=nan", 2),
     ("top-p-zero", "train {base} --top_p=0", "top_p=0.0: must be in (0, 1]", 2),
     ("top-k-negative", "train {base} --top_k=-1", "top_k=-1: must be >= 0", 2),
+    ("generation-backend-unknown", "train {base} --generation_backend=vlm",
+     "generation_backend='vlm': expected one of hf, vllm", 2),
+    ("vllm-memory-zero", "iterate {base} --vllm_gpu_memory_utilization=0",
+     "vllm_gpu_memory_utilization=0.0: must be in (0, 1]", 2),
+    ("vllm-memory-nan", "generate {base} --vllm_gpu_memory_utilization=nan --out={out}/g.jsonl",
+     "vllm_gpu_memory_utilization=nan", 2),
+    pytest.param("vllm-not-installed", "iterate {base} --generation_backend=vllm", "pip install 'tspin[vllm]'", 2,
+                 marks=pytest.mark.skipif(find_spec("vllm") is not None, reason="vLLM is installed here")),
     ("spin-lambda-inf", "train {base} --method=spin --spin_lambda=-inf", "spin_lambda=-inf", 2),
     ("beta-iter0-nan", "iterate {base} --beta_iter0=nan", "beta_iter0=nan", 2),
     ("data-fraction-nan", "train {base} --data_fraction=nan", "data_fraction=nan", 2),

@@ -8,7 +8,8 @@ from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir, tiny_policy  
 
 from tspin.data import load_records
 from tspin.demo import make_task
-from tspin.generation import generate_field, generate_texts
+from tspin.generation import generate_field, generate_samples, generate_texts
+from tspin.io import read_jsonl
 from tspin.models import load_tokenizer
 
 PROMPTS = [r["prompt"] for r in make_task(11, seed=5)]  # lengths differ: left padding matters
@@ -75,3 +76,34 @@ def test_generate_field_writes_atomically_and_caches(mt, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["proto.jsonl"]  # no temp files left behind
     # cached: a second call reads the file and never touches the model
     assert generate_field(None, tok, recs, out, "proto", cfg, seed=0) == load_records(out)
+
+
+def test_samples_record_truncation_and_token_counts(mt, tmp_path):
+    """A sample cut at max_new_tokens is flagged and has max_new_tokens tokens; one that stopped counts its EOS,
+    which its text does not hold. generate_field writes the flag next to the field; a partial file written without
+    the flags (an older version) is sampled again, not trusted."""
+    model, tok = mt
+    kw = dict(template="paper", max_prompt_length=24, max_new_tokens=6, batch_size=4, temperature=1.0, seed=3,
+              progress=False)
+    samples = generate_samples(model, tok, PROMPTS * 3, **kw)
+    assert {s.truncated for s in samples} == {True, False}  # both endings occur
+    for s in samples:  # the text holds at most the tokens before the EOS (other special tokens are dropped)
+        assert s.num_tokens == 6 if s.truncated else 1 <= s.num_tokens <= 6
+        assert len(tok(s.text, add_special_tokens=False)["input_ids"]) <= s.num_tokens - (not s.truncated)
+    assert [s.text for s in samples] == gen(mt, PROMPTS * 3, temperature=1.0, seed=3)
+
+    recs = [{"prompt_id": str(i), "prompt": p, "real": "x"} for i, p in enumerate(PROMPTS * 3)]
+    rows = generate_field(model, tok, recs, tmp_path / "g.jsonl", "generated", tiny_cfg(generation_batch_size=4),
+                          seed=3)
+    written = read_jsonl(tmp_path / "g.jsonl")
+    assert [r["generated_truncated"] for r in written] == [r["generated_truncated"] for r in rows]
+    assert [r["generated_truncated"] for r in written] == [s.truncated for s in samples]
+
+    part = tmp_path / "old.partial"
+    generate_samples(model, tok, PROMPTS * 3, partial_path=part, **kw)
+    old = [{k: v for k, v in json.loads(x).items() if k in ("batch", "index", "text")}
+           for x in part.read_text().splitlines()]
+    old[0]["text"] = ["OLD"] * len(old[0]["text"])
+    part.write_text("".join(json.dumps(x) + "\n" for x in old))
+    assert generate_samples(model, tok, PROMPTS * 3, partial_path=part, **kw) == samples
+    assert all("truncated" in json.loads(x) for x in part.read_text().splitlines())

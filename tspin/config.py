@@ -20,6 +20,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed", "shared_prefix")
 FUSED_LOSS = ("auto", "true", "false")
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
+GENERATION_BACKENDS = ("hf", "vllm")  # = tspin.generation.BACKENDS
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
@@ -99,7 +100,13 @@ class Config:
     top_p: float = _f(1.0, "Nucleus sampling p.")
     top_k: int = _f(0, "Top-k sampling (0: off; transformers would otherwise apply its default of 50).")
     max_new_tokens: int = _f(256, "New tokens per generated response.")
-    generation_batch_size: int = _f(16, "Prompts per generate() call.")
+    generation_batch_size: int = _f(16, "Prompts per generate() call (backend hf; vLLM schedules its own batches).")
+    generation_backend: str = _f("hf", "hf | vllm: who samples the proto, each iteration's y' and evaluation's greedy "
+                                       "answers. vllm needs the extra: pip install 'tspin[vllm]' (README "
+                                       "'Fast sampling with vLLM'); it samples from the saved policy directories.")
+    vllm_gpu_memory_utilization: float = _f(0.45, "vllm on GPU: fraction of the GPU's memory the engine may take "
+                                                  "(weights + KV cache) next to the trainer; the engine sleeps "
+                                                  "between uses. In (0, 1].")
     # --- evaluation
     eval_max_new_tokens: int | None = _f(None, "Greedy tokens per held-out answer; defaults to max_new_tokens.")
     eval_batch_size: int = _f(32, "Prompts per evaluation batch.")
@@ -128,7 +135,7 @@ class Config:
                 bad(name, "must be a finite number (within float32's range, |x| <= 3.4e38)")
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
                    "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES,
-                   "fused_loss": FUSED_LOSS}
+                   "fused_loss": FUSED_LOSS, "generation_backend": GENERATION_BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"expected one of {', '.join(allowed)}")
@@ -161,6 +168,8 @@ class Config:
             bad("beta_iter0", "must be >= 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            bad("vllm_gpu_memory_utilization", "must be in (0, 1]")
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", "must be in [0, 1)")
         if self.learning_rate <= 0:

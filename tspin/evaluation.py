@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import Config
 from .data import IGNORE_INDEX, build_features
-from .generation import generate_texts
+from .generation import backend_kwargs, generate_texts
 from .io import atomic_write_jsonl
 from .losses import autocast, batched_logps
 from .ranks import on_main
@@ -17,15 +17,18 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def evaluate(model, tokenizer, records: list[dict], cfg: Config, out_path: Path | None = None) -> dict:
-    """The ``eval/*`` metrics of the policy on held-out ``records``; the greedy answers go to ``out_path``."""
+def evaluate(model, tokenizer, records: list[dict], cfg: Config, out_path: Path | None = None, *,
+             weights: str | Path | None = None) -> dict:
+    """The ``eval/*`` metrics of the policy on held-out ``records``; the greedy answers go to ``out_path``.
+    ``weights``: the saved policy ``model`` holds (what generation_backend 'vllm' samples the answers from)."""
     if not records:
         return {}
     device = next(model.parameters()).device
     greedy = generate_texts(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
                             max_prompt_length=cfg.max_prompt_length,
                             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=0.0,
-                            batch_size=cfg.eval_batch_size, progress=cfg.progress, desc="evaluate")
+                            batch_size=cfg.eval_batch_size, progress=cfg.progress, desc="evaluate",
+                            **backend_kwargs(cfg, weights))
     rows = [{**r, "generated": g} for r, g in zip(records, greedy)]
     feats = build_features(rows, tokenizer, ("real", "generated"), template=cfg.prompt_template,
                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)

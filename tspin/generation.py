@@ -1,9 +1,10 @@
-"""Batched, seeded, resumable generation with Hugging Face `generate` (KV cache, left padding), shared out over
-the ranks under torchrun.
+"""Batched, seeded, resumable generation, shared out over the ranks under torchrun: Hugging Face `generate` (KV
+cache, left padding; here) or vLLM (`generation_backend: vllm`, :mod:`tspin.generation_vllm`).
 
 Each finished batch is appended to `<out>.partial` (flushed and fsynced); a restarted run keeps those and goes on
 from the next batch. Every batch seeds its own sampling from (seed, batch index), so a resumed run writes exactly
-what an uninterrupted one would. The final file appears in one rename.
+what an uninterrupted one would. The final file appears in one rename. Every sample records whether it was cut at
+`max_new_tokens` (`truncated`) and how many tokens it has (EOS included when it stopped).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +23,18 @@ from .data import encode_prompts
 from .io import append_jsonl, atomic_write_jsonl
 from .ranks import on_main, world
 from .wrapping import policy_of
+
+BACKENDS = ("hf", "vllm")  # = tspin.config.GENERATION_BACKENDS
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One response: its text (special tokens dropped), whether it was cut at max_new_tokens instead of ending with
+    EOS, and its token count (EOS included when it stopped)."""
+
+    text: str
+    truncated: bool
+    num_tokens: int
 
 
 def _read_partial(path: Path) -> list[dict]:
@@ -36,14 +50,30 @@ def _read_partial(path: Path) -> list[dict]:
     return done
 
 
-def generate_texts(model, tokenizer, prompts: list[str], *, seed: int = 0, partial_path: str | Path | None = None,
-                   progress: bool = True, **kwargs) -> list[str]:
+def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
     """Responses to `prompts` (raw instructions; the template is applied here), in input order; kwargs as
-    `_generate_local`. `model`: the training policy (tspin.wrapping.wrap_model: one process, DDP, FSDP2).
+    `generate_samples`."""
+    return [s.text for s in generate_samples(model, tokenizer, prompts, **kwargs)]
 
-    Under torchrun every rank must call this: each samples its share of the prompts (its own seed stream) and all
-    get the full list. The partial file (resume inside a generation) is single-process only: ranks would share it.
+
+def generate_samples(model, tokenizer, prompts: list[str], *, seed: int = 0, partial_path: str | Path | None = None,
+                     progress: bool = True, backend: str = "hf", weights: str | Path | None = None,
+                     engine: dict | None = None, **kwargs) -> list[Sample]:
+    """Samples for `prompts`, in input order; kwargs as `_generate_local`. Backend 'hf' samples with `model`, the
+    training policy (tspin.wrapping.wrap_model: one process, DDP, FSDP2); backend 'vllm' samples from the saved
+    policy in `weights` (a save_pretrained or LoRA-adapter directory; `engine`: tspin.vllm_engine.EngineOptions
+    fields) and ignores `model`.
+
+    Under torchrun every rank must call this: each samples its share of the prompts and all get the full list. The
+    partial file (resume inside a generation) is single-process only: ranks would share it.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from .generation_vllm import generate_samples as vllm_samples
+
+        return vllm_samples(weights, tokenizer, prompts, seed=seed, partial_path=partial_path, progress=progress,
+                            engine=engine, **kwargs)
     policy = policy_of(model)  # DDP has no generate; under FSDP2 the policy's generate gathers the root's weights
     rank, world_size = world()
     if world_size == 1:
@@ -51,6 +81,36 @@ def generate_texts(model, tokenizer, prompts: list[str], *, seed: int = 0, parti
                                **kwargs)
     return sharded_generate(prompts, lambda ps: _generate_local(policy, tokenizer, ps, seed=seed + 7919 * rank,
                                                                 progress=progress and rank == 0, **kwargs))
+
+
+def resume_partial(partial: Path | None, chunks: list[list[int]]) -> list[dict]:
+    """The lines of `partial` made with this very chunking (a changed batch size or data starts over; so does a
+    file without the truncation flags), rewritten in place (a line torn by a kill is dropped), ready for
+    `append_partial`."""
+    done = _read_partial(partial) if partial else []
+    n = 0
+    while (n < min(len(done), len(chunks)) and done[n].get("index") == chunks[n]
+           and {"text", "truncated", "num_tokens"} <= set(done[n])):
+        n += 1
+    done = done[:n]
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "w") as f:
+            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in done)
+    return done
+
+
+def append_partial(partial: Path | None, chunk: int, index: list[int], samples: list[Sample]) -> None:
+    """One finished chunk, flushed and fsynced: a kill never loses it."""
+    if partial:
+        append_jsonl(partial, {"batch": chunk, "index": index, "text": [s.text for s in samples],
+                               "truncated": [s.truncated for s in samples],
+                               "num_tokens": [s.num_tokens for s in samples]})
+
+
+def samples_of(line: dict) -> list[Sample]:
+    """The samples of one partial-file line."""
+    return [Sample(*x) for x in zip(line["text"], line["truncated"], line["num_tokens"])]
 
 
 def sharded_generate(items: Sequence, generate_fn: Callable[[list], Sequence]) -> list:
@@ -89,32 +149,24 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    batch_size: int = 16,
                    seed: int = 0, partial_path: str | Path | None = None, progress: bool = True,
-                   desc: str = "generate") -> list[str]:
-    """This process's responses to `prompts`, in input order."""
+                   desc: str = "generate") -> list[Sample]:
+    """This process's samples for `prompts`, in input order."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     ids = encode_prompts(tokenizer, prompts, template, max_prompt_length)
     # longest first: batches of similar length waste less padding; the order is fixed, so resume stays exact
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     partial = Path(partial_path) if partial_path else None
-    done = _read_partial(partial) if partial else []
-    # keep only the prefix made with this very batching (a changed batch size or data starts over)
-    n_done_batches = 0
-    while n_done_batches < min(len(done), len(batches)) and done[n_done_batches]["index"] == batches[n_done_batches]:
-        n_done_batches += 1
-    done = done[:n_done_batches]
-    if partial:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        # rewrite what survived (drops a torn last line), then append batch by batch
-        with open(partial, "w") as f:
-            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in done)
-    results: dict[int, str] = {i: t for d in done for i, t in zip(d["index"], d["text"])}
+    done = resume_partial(partial, batches)
+    n_done_batches = len(done)
+    results: dict[int, Sample] = {i: s for d in done for i, s in zip(d["index"], samples_of(d))}
     was_training = model.training
     model.eval()
     sample = temperature > 0
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad, eos_token_id=eos,
+                      use_cache=True)
     if sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:  # greedy: silence the model's default sampling settings
@@ -131,33 +183,56 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
             input_ids[r, T - len(ids[i]):] = torch.tensor(ids[i])
             mask[r, T - len(ids[i]):] = 1
         torch.manual_seed(seed * 1_000_003 + b)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-        texts = tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
-        for i, t in zip(idx, texts):
-            results[i] = t
-        if partial:
-            append_jsonl(partial, {"batch": b, "index": idx, "text": texts})
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **gen_kwargs)[:, T:]
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        # a row without EOS ran to max_new_tokens (generation only stops early once every row has its EOS)
+        ends = [row.index(eos) + 1 if eos in row else None for row in out.tolist()]
+        samples = [Sample(t, e is None, e or max_new_tokens) for t, e in zip(texts, ends)]
+        results.update(zip(idx, samples))
+        append_partial(partial, b, idx, samples)
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return [results[i] for i in range(len(prompts))]
 
 
+def backend_kwargs(cfg, weights: str | Path | None) -> dict:
+    """generate_samples' backend keywords for a run's config; `weights`: the saved policy the in-memory one was
+    loaded from or saved to (what backend 'vllm' samples from)."""
+    return dict(backend=cfg.generation_backend, weights=weights, engine=engine_options(cfg))
+
+
+def engine_options(cfg) -> dict:
+    """tspin.vllm_engine.EngineOptions fields from a run's config."""
+    return dict(base_model=cfg.model_name_or_path, lora_rank=cfg.lora_rank, bf16=cfg.bf16, device=cfg.device,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+
+
+def check_backend(cfg) -> None:
+    """Before a command loads anything: the configured backend can sample the run's initial policy (vLLM installed,
+    model_name_or_path a saved model it serves)."""
+    if cfg.generation_backend == "vllm":
+        from .generation_vllm import check_policy
+
+        check_policy(cfg.model_name_or_path, engine_options(cfg), label="config: model_name_or_path")
+
+
 def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str, cfg, *, seed: int,
-                   desc: str | None = None) -> list[dict]:
-    """Write `records` + `field` (sampled responses) to `out_path` (JSONL, atomic, resumable); cached if it exists."""
+                   desc: str | None = None, weights: str | Path | None = None) -> list[dict]:
+    """Write `records` + `field` (sampled responses) + `<field>_truncated` to `out_path` (JSONL, atomic,
+    resumable); cached if it exists. `weights`: as `backend_kwargs`."""
     out_path = Path(out_path)
     if out_path.exists():
         from .data import load_records
 
         return load_records(out_path, require_response=False)
     partial = out_path.with_name(out_path.name + ".partial")
-    texts = generate_texts(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
-                           max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           batch_size=cfg.generation_batch_size,
-                           seed=seed, partial_path=partial, progress=cfg.progress, desc=desc or f"generate {field}")
-    rows = [{**r, field: t} for r, t in zip(records, texts)]
+    samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
+                               max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               batch_size=cfg.generation_batch_size, seed=seed, partial_path=partial,
+                               progress=cfg.progress, desc=desc or f"generate {field}", **backend_kwargs(cfg, weights))
+    rows = [{**r, field: s.text, f"{field}_truncated": s.truncated} for r, s in zip(records, samples)]
     on_main(_finish, out_path, rows, partial)
     return rows
 

@@ -51,9 +51,10 @@ def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, i
         if t == 0 and cfg.reuse_proto_at_iter0 and proto_rows is not None:
             gen = [p["proto"] for p in proto_rows]
         else:
+            start = cfg.model_name_or_path if t == 0 else out / f"iter{t - 1}" / "model"  # the policy sampling y'
             gen = [r["generated"] for r in generate_field(model, tokenizer, records, it_dir / "generated.jsonl",
                                                           "generated", cfg, seed=cfg.seed + 1 + t,
-                                                          desc=f"iter{t} generate")]
+                                                          desc=f"iter{t} generate", weights=start)]
         rows = [{**r, "generated": g} for r, g in zip(records, gen)]
         if proto_rows is not None:
             for r, p in zip(rows, proto_rows):

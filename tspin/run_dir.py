@@ -24,8 +24,9 @@ from .ranks import barrier, on_main
 CONFIG_FILE = "config.yaml"
 INPUTS_FILE = "inputs.json"
 # Keys a resumed run may change: they alter how the run is shown, saved or how far it goes, not what it computes.
+# The generation backend too: files already sampled are kept, the rest is sampled by the backend now configured.
 RESUME_FREE_KEYS = {"progress", "device", "logging_steps", "save_steps", "save_total_limit", "num_iterations",
-                    "eval_batch_size", "generation_batch_size"}
+                    "eval_batch_size", "generation_batch_size", "generation_backend", "vllm_gpu_memory_utilization"}
 # Where the run lives: not part of its identity.
 LOCATION_KEYS = {"output_dir"}
 # Inputs named by a path or Hub id: compared through inputs.json (what they hold), not by how they are spelled.

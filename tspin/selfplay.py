@@ -25,12 +25,12 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_features, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
-from .generation import generate_field
+from .generation import check_backend, generate_field
 from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_jsonl
 from .iteration_data import expand_spin_mix, iteration_data, spin_refs
 from .metrics import MetricsWriter
 from .models import check_source, load_policy, load_tokenizer
-from .ranks import on_main
+from .ranks import init_distributed, on_main
 from .run_dir import check_output_dir, check_same_inputs, input_fingerprints, open_run, record_run
 from .train import train_loop
 
@@ -80,6 +80,7 @@ def _check_sources(cfg: Config) -> None:
     check_source("model_name_or_path", cfg.model_name_or_path)
     if cfg.tokenizer_name_or_path:
         check_source("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
+    check_backend(cfg)  # generation_backend 'vllm': installed, and the initial policy a saved model it serves
 
 
 def _tokenizer(cfg: Config):
@@ -87,12 +88,13 @@ def _tokenizer(cfg: Config):
 
 
 def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: MetricsWriter, path: Path,
-                   iteration: int, generations: Path | None = None) -> dict:
+                   iteration: int, weights: str | Path, generations: Path | None = None) -> dict:
     """The evaluation stored at `path`: computed and logged once, read back on resume. A run killed between its
-    metric line and `path` drops that line before logging the evaluation again."""
+    metric line and `path` drops that line before logging the evaluation again. `weights`: the saved policy
+    `model` holds (generation_backend 'vllm' samples from it)."""
     if path.exists():
         return json.loads(path.read_text())
-    e = {"iteration": iteration, **evaluate(model, tokenizer, held, cfg, generations)}
+    e = {"iteration": iteration, **evaluate(model, tokenizer, held, cfg, generations, weights=weights)}
     metrics.rewind(lambda r: not (r.get("phase") == "eval" and r.get("iteration") == iteration))
     metrics.write(phase="eval", method=cfg.method, **e)
     on_main(atomic_write_json, path, e)
@@ -112,14 +114,15 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
 
     evals = []
     if held:
-        evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval_init.json", -1))
+        evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval_init.json", -1,
+                                    cfg.model_name_or_path))
 
     proto_rows = None
     needs_proto = cfg.method == "tspin" and not cfg.no_history or (cfg.method != "sft" and cfg.reuse_proto_at_iter0)
     if needs_proto:
         proto_path = Path(cfg.proto_path) if cfg.proto_path else out / "proto.jsonl"
         proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", cfg, seed=cfg.seed,
-                                    desc="proto (pi_0)")
+                                    desc="proto (pi_0)", weights=cfg.model_name_or_path)
         if [p["prompt_id"] for p in proto_rows] != [r["prompt_id"] for r in records]:
             raise ValueError(f"proto_path {proto_path}: its prompts do not match the training subset")
 
@@ -133,7 +136,7 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
             load_checkpoint(it_dir / "model", model)
         if held:
             evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, it_dir / "eval.json", t,
-                                        it_dir / "eval_generations.jsonl"))
+                                        it_dir / "model", it_dir / "eval_generations.jsonl"))
         else:
             evals.append({"iteration": t})
         if (it_dir / "train_summary.json").exists():  # the iteration's last-epoch training diagnostics
@@ -161,7 +164,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                    desc=f"train {cfg.method}")
     result = {"method": cfg.method, "model": str(out / "model")}
     if held:  # once: a resumed finished run reads it back instead of logging it again
-        e = _evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval.json", 0, out / "eval_generations.jsonl")
+        e = _evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval.json", 0, out / "model",
+                           out / "eval_generations.jsonl")
         result.update({k: v for k, v in e.items() if k.startswith("eval/")})
     on_main(atomic_write_json, out / "summary.json", result)
     return result
@@ -193,7 +197,11 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
             raise FileExistsError(f"--out {out}: the file exists and is not this command's output (the {field!r} "
                                   "column for the same prompts); remove it or choose another --out")
     tokenizer = _tokenizer(cfg)
-    model = load_policy(cfg)  # joins the process group under torchrun: then rank 0 alone cleans
+    if cfg.generation_backend == "hf":
+        model = load_policy(cfg)  # joins the process group under torchrun: then rank 0 alone cleans
+    else:  # vLLM loads the weights itself: no trainer copy in memory
+        init_distributed()
+        model = None
     on_main(clean_stale_temps, out.parent, {out.name})
-    generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed)
+    generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed, weights=cfg.model_name_or_path)
     return out
