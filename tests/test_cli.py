@@ -134,6 +134,7 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
     assert {r["run"] for r in rows} == set(summary["runs"]) and any("logps/proto" in r for r in rows)
     assert (d / "curves.png").stat().st_size > 1000
     assert "exact_match" in out and "tspin" in out
+    assert f"[demo] generation backend: {summary['generation_backend']}" in out  # says who sampled, and records it
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
     assert rc == 2 and "pass --resume" in err
     # `make demo` passes --resume: a second run on the finished demo skips every stage and prints the table again

@@ -52,6 +52,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
             sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
             sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+            sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
+                            help="who samples: auto (vLLM when it is installed, else HF generate), hf or vllm "
+                                 "(on a CPU vLLM is slower here: one engine start per policy)")
             sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
-                     threads=args.threads)
+                     threads=args.threads, backend=args.backend)
             return 0
         cfg = config_from_args(args, rest)
         _run(args, cfg)

@@ -38,13 +38,14 @@ def make_task(n: int, seed: int, min_len: int = 4, max_len: int = 8) -> list[dic
     return rows
 
 
-def build_tokenizer():
-    """Character-level WordLevel tokenizer; the template markers and op names are single added tokens."""
+def build_tokenizer(fillers: int = 0):
+    """Character-level WordLevel tokenizer; the template markers and op names are single added tokens. `fillers`
+    more tokens (never produced by encoding) make a model-sized vocabulary for benchmarks."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = list(LETTERS) + [" ", ":", "\n", "#"]
-    vocab = {t: i for i, t in enumerate(SPECIAL + chars)}
+    vocab = {t: i for i, t in enumerate(SPECIAL + chars + [f"<f{i}>" for i in range(fillers)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     tok.decoder = decoders.Fuse()
@@ -86,11 +87,11 @@ def demo_config(**overrides) -> Config:
     return Config(**base).validate()
 
 
-def _runs(out: Path, s: dict, progress: bool) -> list[tuple[str, str, Config]]:
+def _runs(out: Path, s: dict, progress: bool, backend: str = "hf") -> list[tuple[str, str, Config]]:
     data, base = out / "data" / "train.jsonl", out / "base"
     pi0 = str(out / "sft25" / "model")
     common = dict(data_path=str(data), eval_data_path=str(out / "data" / "eval.jsonl"), progress=progress,
-                  tokenizer_name_or_path=str(base))
+                  tokenizer_name_or_path=str(base), generation_backend=backend)
     q = dict(data_fraction=0.25, **common)
     sp = dict(model_name_or_path=pi0, num_iterations=s["iterations"], num_train_epochs=s["selfplay_epochs"],
               learning_rate=s["selfplay_lr"], **q)
@@ -159,8 +160,28 @@ def _plot(summary: dict, path: Path) -> str | None:
     return None
 
 
+def pick_backend(backend: str = "auto") -> tuple[str, str]:
+    """(backend, a line saying which one samples and why): 'auto' is vLLM when it is installed, else HF generate."""
+    from . import vllm_engine
+
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"--backend={backend!r}: expected auto, hf or vllm")
+    if backend == "vllm" and not vllm_engine.available():
+        vllm_engine.require_vllm()  # VLLMNotInstalledError, naming the extra
+    if backend == "vllm" or (backend == "auto" and vllm_engine.available()):
+        # the demo runs on the CPU, where a vLLM engine takes ~30-60 s to start, and its models have tied
+        # embeddings, which vLLM 0.32 cannot reload in place (tspin.vllm_engine): one engine start per policy
+        why = "picked by --backend auto because it is installed" if backend == "auto" else "chosen with --backend vllm"
+        return "vllm", (f"vllm ({vllm_engine.version()}, {why}; on this CPU demo it is slower than hf: each of its "
+                        "tied-embedding policies needs a fresh vLLM engine, ~30-60 s to start; --backend hf avoids "
+                        "that)")
+    why = ("chosen with --backend hf" if backend == "hf"
+           else "vLLM is not installed; pip install 'tspin[vllm]' to sample with it")
+    return "hf", f"hf (transformers generate; {why})"
+
+
 def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, progress: bool = True,
-             threads: int = 1) -> dict:
+             threads: int = 1, backend: str = "auto") -> dict:
     import torch
 
     from .run_dir import check_same_config
@@ -176,14 +197,15 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
 
     out = Path(out)
     s = dict(DEMO_SETTINGS)
-    if quick:  # a smoke-sized run for tests
-        s.update(n_train=64, n_eval=16, model=dict(hidden=32, layers=1, heads=2), sft_epochs=1.0, iterations=2)
+    if quick:  # a smoke-sized run for tests (head_dim 32: the smallest vLLM's CPU attention takes)
+        s.update(n_train=64, n_eval=16, model=dict(hidden=32, layers=1, heads=1), sft_epochs=1.0, iterations=2)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     if previous is not None and not resume:
         raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
     if previous is not None and previous.get("settings") != json.loads(json.dumps(s)):
         raise FileExistsError(f"{out} holds a demo with other settings ({'--quick' if quick else 'full size'} asked, "
                               "the directory has the other one); choose another --out")
+    backend, backend_line = pick_backend(backend)
     t0 = time.time()
     (out / "data").mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "eval.jsonl").exists():
@@ -198,9 +220,10 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
 
-    summary = {"settings": s, "threads": threads, "runs": {}, "seconds": {}}
+    print(f"[demo] generation backend: {backend_line}", flush=True)
+    summary = {"settings": s, "threads": threads, "generation_backend": backend_line, "runs": {}, "seconds": {}}
     skipped = []
-    for name, kind, cfg in _runs(out, s, progress=progress):
+    for name, kind, cfg in _runs(out, s, progress=progress, backend=backend):
         t1 = time.time()
         print(f"[demo] {name}: {kind} {cfg.method} -> {cfg.output_dir}", flush=True)
         done = (Path(cfg.output_dir) / "summary.json").exists()
