@@ -302,6 +302,13 @@ def test_iterate_samples_every_stage_with_vllm_from_the_saved_policies(tmp_path)
     assert len(proto) == 24 and all(isinstance(r["proto_truncated"], bool) for r in proto)
     gen = [json.loads(x) for x in (out / "iter1" / "generated.jsonl").read_text().splitlines()]
     assert len(gen) == 24 and all("generated_truncated" in r for r in gen)
+    # the proto is pi_0's sample, iteration 1's y' the sample of the policy iteration 0 saved (seeds per prompt)
+    train = [r["prompt"] for r in make_task(24, seed=1)]
+    sampling = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                    max_prompt_length=cfg.max_prompt_length)
+    assert [r["proto"] for r in proto] == [s.text for s in vllm_samples(base, train, seed=cfg.seed, **sampling)]
+    assert [r["generated"] for r in gen] == [s.text for s in vllm_samples(out / "iter0" / "model", train,
+                                                                          seed=cfg.seed + 2, **sampling)]
     # each evaluation's greedy answers are those of the policy saved by that iteration (not a stale engine's)
     prompts = [r["prompt"] for r in make_task(12, seed=2)]
     opts = dict(max_new_tokens=cfg.eval_max_new_tokens, max_prompt_length=cfg.max_prompt_length)
