@@ -53,8 +53,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
             sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
             sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
-                            help="who samples: auto (vLLM when it is installed, else HF generate), hf or vllm "
-                                 "(on a CPU vLLM is slower here: one engine start per policy)")
+                            help="who samples: auto (HF generate: this CPU demo is faster with it), hf, or vllm "
+                                 "(slower here: one vLLM engine start per policy)")
             sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
