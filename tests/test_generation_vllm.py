@@ -3,7 +3,8 @@
 with large random weights, so answers depend on the prompt; some end with EOS within max_new_tokens, some are cut.
 
 Engine starts cost ~30 s on a 2-core box: the tests share this process's engine, in file order (one engine for the
-tied demo model, one for the untied models whose weights are swapped in place, the run's included, one with LoRA).
+tied demo model, one for another tied model, one for the untied models whose weights are swapped in place, the
+run's included, one with LoRA).
 In the main environment (no vLLM) only the config and 'not installed' checks run.
 """
 
@@ -255,6 +256,17 @@ def test_torchrun_ranks_each_run_an_engine_on_their_share(demo, tmp_path):
 
 
 # ----------------------------------------------------------------------------- weight hand-off
+@needs_vllm
+def test_a_new_tied_policy_gets_a_fresh_engine(demo, tmp_path):
+    """vLLM 0.32's in-place reload leaves a tied output layer stale: another tied-embedding policy is not loaded
+    into the running engine (its answers would no longer be its own), a fresh engine serves it."""
+    assert vllm_samples(demo, temperature=0.0) == hf_samples(demo, temperature=0.0)
+    engine = vllm_engine.current_engine()
+    other = model_dir(tmp_path / "other", seed=4)
+    assert vllm_samples(other, temperature=0.0) == hf_samples(other, temperature=0.0)
+    assert vllm_engine.current_engine() is not engine
+
+
 @needs_vllm
 def test_new_weights_are_loaded_in_place(tmp_path):
     a = model_dir(tmp_path / "a", seed=11, tied=False)
