@@ -123,24 +123,29 @@ def test_console_script_help_lists_every_config_key_with_help_and_default():
     assert "(default: 5e-07)" in flat and "(default: rmsprop)" in flat
 
 
-def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
+def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
     rc, out, _ = run(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"], capsys)
     assert rc == 0
     d = tmp_path / "demo"
     summary = json.loads((d / "summary.json").read_text())
-    assert set(summary["runs"]) == {"sft25", "tspin", "tspin_nohist", "spin", "sft25_cont", "sft100"}
-    assert [e["iteration"] for e in summary["runs"]["tspin"]] == [-1, 0, 1]
-    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert {r["run"] for r in rows} == set(summary["runs"]) and any("logps/proto" in r for r in rows)
+    r = summary["result"]
+    assert set(r["methods"]) == {"tspin", "tspin_nohist", "spin", "sft25_cont"}
+    assert set(r["sft"]) == {"pi_0", "sft100", "sft25_matched"}
+    tspin = r["methods"]["tspin"]
+    assert len(tspin["test"]) == 3 and len(tspin["steps"]) == 2 and len(tspin["y_eq_real"]) == 2
+    assert r["sft"]["sft25_matched"]["steps"] == r["sft"]["sft100"]["steps_to_best"]  # matched optimizer steps
+    assert r["methods"]["sft25_cont"]["y_eq_real"] is None
+    # per-prompt test outcomes of every chosen policy, one line per test prompt
+    assert len((d / "seed0" / "test" / "tspin" / "tspin__iter1.jsonl").read_text().splitlines()) == 16
     assert (d / "curves.png").stat().st_size > 1000
-    assert "exact_match" in out and "tspin" in out
+    assert "test EM" in out and "tspin iter1" in out
     assert f"[demo] generation backend: {summary['generation_backend']}" in out  # says who sampled, and records it
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
     assert rc == 2 and "pass --resume" in err
     # `make demo` passes --resume: a second run on the finished demo skips every stage and prints the table again
     rc, again, _ = run(["demo", "--out", str(d), "--quick", "--no-progress", "--resume"], capsys)
     assert rc == 0 and out.splitlines()[-2] == again.splitlines()[-2]  # the table's last row
-    assert json.loads((d / "summary.json").read_text()) == summary  # same numbers and recorded runtimes
+    assert json.loads((d / "summary.json").read_text()) == summary  # same numbers and recorded runtime
     # matplotlib is the optional extra `plot`: without it the demo says so in one line and writes the rest
     (d / "curves.png").unlink()
     with pytest.MonkeyPatch.context() as mp:
@@ -155,7 +160,8 @@ def test_demo_quick_writes_metrics_summary_plot_and_table(tmp_path, capsys):
 def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
     from pathlib import Path
 
-    from tspin.demo import DEMO_SETTINGS, _runs
+    from tspin.demo import settings
+    from tspin.demo_runs import selfplay_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = {p.name: load_config(p) for p in sorted(root.glob("*.yaml"))}
@@ -164,6 +170,9 @@ def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
     assert (z.optimizer, z.weight_decay, z.warmup_ratio, z.lr_scheduler, z.max_length, z.max_new_tokens,
             z.per_device_train_batch_size * z.gradient_accumulation_steps, z.num_iterations, z.data_count) == \
         ("rmsprop", 0.0, 0.1, "linear", 2048, 256, 64, 5, 50000)
-    demo = {n: c for n, _, c in _runs(Path("runs/demo"), DEMO_SETTINGS, True)}["tspin"].to_dict()
+    s = settings()
+    demo = selfplay_config(out="runs/demo/seed0/runs/tspin", data="runs/demo/data", s=s, seed=0,
+                           pi0="runs/demo/seed0/sft25/best", proto_path="runs/demo/seed0/proto/proto.jsonl",
+                           method="tspin", params=s["chosen"]["tspin"], progress=True).to_dict()
     mine = recipes["demo-tspin.yaml"].to_dict()
-    assert {k for k in demo if demo[k] != mine[k]} == {"output_dir", "proto_path"}
+    assert {k for k in demo if demo[k] != mine[k]} == {"output_dir"}

@@ -1,9 +1,10 @@
-"""Console script `tspin`: generate | train | iterate | demo.
+"""Console script `tspin`: generate | train | iterate | demo | study.
 
     tspin iterate --config configs/zephyr-7b-ultrachat-tspin.yaml --num_iterations=5 --output_dir=runs/z
     tspin train --config recipe.yaml --method=sft --resume
     tspin generate --config recipe.yaml --out gen.jsonl
     tspin demo --out runs/demo
+    tspin study --out runs/study --jobs 2
 
 Any config key can be given as `--key=value` (or `--key value`); it overrides the YAML file.
 `tspin <command> --help` lists every key with its help text and default.
@@ -25,7 +26,8 @@ COMMANDS = {
     "generate": "sample responses for a data file with the configured model",
     "train": "one training run (sft / tspin / spin) on a data file",
     "iterate": "the whole self-play loop: proto once, then generate -> train -> evaluate",
-    "demo": "the embedded T-SPIN vs SPIN vs SFT comparison (tiny Llama, CPU, ~6 min)",
+    "demo": "the embedded T-SPIN vs SPIN vs SFT comparison, one seed (tiny Llama, CPU, under 10 min)",
+    "study": "the demo's comparison with a validation grid, several seeds, paired tests and verdicts",
 }
 
 
@@ -45,17 +47,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = p.add_subparsers(dest="command", required=True)
     commands = {}
     for name, text in COMMANDS.items():
-        if name == "demo":
+        if name in ("demo", "study"):
             sp = sub.add_parser(name, help=text, description=text, exit_on_error=False)
-            sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-            sp.add_argument("--quick", action="store_true", help="smoke-sized demo (seconds, for tests)")
-            sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-            sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
-            sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-            sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
-                            help="who samples: auto (HF generate: this CPU demo is faster with it), hf, or vllm "
-                                 "(slower here: one vLLM engine start per policy)")
+            sp.add_argument("--out", default=f"runs/{name}", help=f"output directory (default runs/{name})")
+            sp.add_argument("--quick", action="store_true", help=f"smoke-sized {name} (seconds, for tests)")
+            sp.add_argument("--no-progress", action="store_true", help="hide progress bars and lines")
+            sp.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
             sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
+            sp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process "
+                                                                "(default 1; 2 on a free 2-core machine)")
+            if name == "demo":
+                sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+                sp.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
+                sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
+                                help="who samples: auto (HF generate: this CPU demo is faster with it), hf, or vllm "
+                                     "(slower here: one vLLM engine start per policy)")
+            else:
+                sp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3); a killed study "
+                                                                     "resumes when started again")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
             sp = sub.add_parser(name, help=text, description=text, parents=[config_keys()], allow_abbrev=False,
@@ -91,13 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # known before parsing, so that a parse error can show its traceback too
     try:
         args, rest = parse(argv)
-        if args.command == "demo":
+        if args.command in ("demo", "study"):
             if rest:
                 raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-            from .demo import run_demo
+            if args.jobs < 1 or args.threads < 1:
+                raise ValueError("--jobs and --threads must be >= 1")
+            if args.command == "demo":
+                from .demo import run_demo
 
-            run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
-                     threads=args.threads, backend=args.backend)
+                run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
+                         threads=args.threads, processes=args.jobs, seed=args.seed,
+                         backend=args.backend)
+            else:
+                from .study import run_study
+
+                if args.seeds < 2:
+                    raise ValueError("--seeds must be >= 2 (a verdict needs more than one seed)")
+                run_study(args.out, seeds=args.seeds, processes=args.jobs, threads=args.threads, quick=args.quick,
+                          progress=not args.no_progress)
             return 0
         cfg = config_from_args(args, rest)
         _run(args, cfg)

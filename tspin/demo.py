@@ -1,157 +1,141 @@
-"""`tspin demo`: the paper's comparison at laptop scale, end to end on CPU.
+"""`tspin demo`: the paper's comparison at laptop scale, end to end on CPU, for one seed with the settings the study
+(:mod:`tspin.study`) chose on the validation split.
 
-Task: string transformations with exact-match answers (reverse / sort / rotate a random letter string), generated
-deterministically from a seed. Model: a tiny Llama built from a config, with a character-level tokenizer built here.
-Runs: SFT on 25% of the data gives pi_0; T-SPIN, T-SPIN without the history term (the paper's ablation) and SPIN
-then self-play for 4 iterations on the same 25%; SFT on 100% (same init, same epochs) is the reference, and SFT
-continued from pi_0 on the same 25% for as many rounds and epochs as self-play is the control. Every policy is
-evaluated on the same held-out prompts.
+1. a tiny Llama is pretrained (causal LM) on raw, untemplated documents over a family of 12 string operations;
+2. instruction SFT on 25% of the annotations of 6 of them, early-stopped on validation -> pi_0; the same on 100%;
+   SFT on 25% for the optimizer steps SFT-100 took (matched steps);
+3. from pi_0, 4 iterations each of T-SPIN, T-SPIN without the history term, SPIN and SFT continued on the same 25%;
+4. every chosen policy is scored on 1000 test prompts (exact match), with exact McNemar tests between iterations.
+
+The world (task, tokenizer, model): :mod:`tspin.demo_task`; the runs as jobs: :mod:`tspin.demo_runs`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import random
 import time
 from pathlib import Path
 
-from .config import Config
-from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from .claims import steps
+from .demo_runs import METHODS, data_job, demo_config, read_outcomes, run_name, seed_jobs
+from .demo_task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
+from .io import atomic_write_json, atomic_write_text
+from .jobs import run_jobs
 
-LETTERS = "abcdefghijklmnop"
-OPS = {
-    "reverse": lambda s: s[::-1],
-    "sort": lambda s: "".join(sorted(s)),
-    "rotate": lambda s: s[1:] + s[:1],
-}
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-MARKERS = ["### Instruction: ", "\n\n### Response: "] + list(OPS)
+__all__ = ["DEMO_SETTINGS", "LETTERS", "build_model", "build_tokenizer", "demo_config", "make_task", "pick_backend",
+           "run_demo"]
 
-
-def make_task(n: int, seed: int, min_len: int = 4, max_len: int = 8) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        op = rng.choice(sorted(OPS))
-        s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
-        rows.append({"prompt_id": f"{seed}-{i:05d}", "prompt": f"{op} {s}", "response": OPS[op](s)})
-    return rows
-
-
-def build_tokenizer(fillers: int = 0):
-    """Character-level WordLevel tokenizer; the template markers and op names are single added tokens. `fillers`
-    more tokens (never produced by encoding) make a model-sized vocabulary for benchmarks."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(LETTERS) + [" ", ":", "\n", "#"]
-    vocab = {t: i for i, t in enumerate(SPECIAL + chars + [f"<f{i}>" for i in range(fillers)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL)
-    tok.add_tokens(MARKERS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def build_model(tokenizer, *, hidden: int = 96, layers: int = 3, heads: int = 4, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
-# Chosen so that pi_0 (SFT on 1000 examples) is weak but not hopeless (~20% exact match) and the whole comparison
-# fits in ~10 minutes on 2 CPU cores. Self-play lr: at 1e-4 both self-play methods lost accuracy from iteration 1
-# on (likelihood of the references fell); 2e-5 is the largest we tried where T-SPIN did not.
+# Sizes: the demo must finish within 10 minutes on 2 CPU cores. `chosen`: each self-play method's settings, chosen
+# by `tspin study` on the validation split (docs/results/study.json records the grid and the validation numbers).
 DEMO_SETTINGS = dict(
-    n_train=4000, n_eval=300, model=dict(hidden=128, layers=4, heads=4),
-    sft_epochs=5.0, sft_lr=2e-3, selfplay_epochs=2.0, selfplay_lr=2e-5, sft_cont_lr=5e-4, iterations=4,
+    n_train=4000, n_val=500, n_test=1000, n_corpus=48000, n_corpus_eval=500, min_len=4, max_len=8,
+    model=dict(hidden=128, layers=4, heads=4),
+    pretrain=dict(lr=3e-3, batch_size=32, epochs=1.0),
+    sft=dict(lr=5e-4, max_epochs=8, patience=2),
+    iterations=4, selfplay_epochs=1.0, temperature=1.0, beta=0.1, spin_mix_previous=True,
+    chosen={"tspin": {"learning_rate": 2e-5, "alpha": 1.0}, "tspin_nohist": {"learning_rate": 2e-5, "alpha": 1.0},
+            "spin": {"learning_rate": 2e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 5e-4}},
 )
+QUICK = dict(n_train=48, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=2),
+             sft=dict(lr=2e-3, max_epochs=2, patience=1), iterations=2)
 
 
-def demo_config(**overrides) -> Config:
-    base = dict(prompt_template="paper", max_length=40, max_prompt_length=24, max_new_tokens=10,
-                eval_max_new_tokens=10, temperature=1.0, top_p=1.0, generation_batch_size=256, eval_batch_size=256,
-                per_device_train_batch_size=32, gradient_accumulation_steps=1, optimizer="adamw", weight_decay=0.0,
-                lr_scheduler="linear", warmup_ratio=0.1, max_grad_norm=1.0, loss_impl="auto", seed=0, data_seed=0,
-                logging_steps=5, device="cpu", alpha=1.0, beta=0.1, beta_iter0=0.0, spin_lambda=0.1)
-    base.update(overrides)
-    return Config(**base).validate()
+def settings(quick: bool = False) -> dict:
+    return json.loads(json.dumps({**DEMO_SETTINGS, **(QUICK if quick else {})}))  # a deep copy, JSON-clean
 
 
-def _runs(out: Path, s: dict, progress: bool, backend: str = "hf") -> list[tuple[str, str, Config]]:
-    data, base = out / "data" / "train.jsonl", out / "base"
-    pi0 = str(out / "sft25" / "model")
-    common = dict(data_path=str(data), eval_data_path=str(out / "data" / "eval.jsonl"), progress=progress,
-                  tokenizer_name_or_path=str(base), generation_backend=backend)
-    q = dict(data_fraction=0.25, **common)
-    sp = dict(model_name_or_path=pi0, num_iterations=s["iterations"], num_train_epochs=s["selfplay_epochs"],
-              learning_rate=s["selfplay_lr"], **q)
-    return [
-        ("sft25", "train", demo_config(method="sft", model_name_or_path=str(base), num_train_epochs=s["sft_epochs"],
-                                       learning_rate=s["sft_lr"], output_dir=str(out / "sft25"), **q)),
-        ("tspin", "iterate", demo_config(method="tspin", output_dir=str(out / "tspin"), **sp)),
-        ("tspin_nohist", "iterate", demo_config(method="tspin", no_history=True, output_dir=str(out / "tspin_nohist"),
-                                                proto_path=str(out / "tspin" / "proto.jsonl"), **sp)),
-        ("spin", "iterate", demo_config(method="spin", output_dir=str(out / "spin"),
-                                        proto_path=str(out / "tspin" / "proto.jsonl"), **sp)),
-        ("sft25_cont", "iterate", demo_config(method="sft", output_dir=str(out / "sft25_cont"),
-                                              **{**sp, "learning_rate": s["sft_cont_lr"]})),
-        ("sft100", "train", demo_config(method="sft", model_name_or_path=str(base), num_train_epochs=s["sft_epochs"],
-                                        learning_rate=s["sft_lr"], output_dir=str(out / "sft100"), **common)),
-    ]
+# ----------------------------------------------------------------------------- one seed's numbers
+def outcome_reader(out: Path):
+    """(seed, label) -> the per-prompt test outcomes of that policy (labels: pi_0, sft100, sft25_matched,
+    <method>/iter<t>), read once."""
+    @functools.cache
+    def read(seed: int, label: str) -> tuple[bool, ...]:
+        method, _, it = label.partition("/")
+        return tuple(read_outcomes(out / f"seed{seed}" / "test" / (method if it else "sft"), label))
+
+    return read
 
 
-def _table(summary: dict) -> str:
-    """Held-out evaluation per run and iteration, with the iteration's last-epoch training diagnostics."""
-    cols = [("eval/exact_match", "exact_match", 11), ("eval/logps/real", "logp(real)", 10),
-            ("eval/margins/real_vs_greedy", "real-greedy", 11), ("train/rewards/accuracies", "train acc", 9),
-            ("train/margins/current", "cur margin", 10), ("train/margins/history", "hist margin", 11)]
-    head = f"{'run':<12} {'policy':<7}" + "".join(f" {name:>{w}}" for _, name, w in cols)
-    lines = [head, "-" * len(head)]
-    for run, evals in summary["runs"].items():
-        for e in evals:
-            label = f"iter{e['iteration']}" if e["iteration"] >= 0 else "pi_0"
-            label = "final" if run in ("sft25", "sft100") else label
-            cells = "".join(f" {e[k]:>{w}.3f}" if k in e else f" {'-':>{w}}" for k, _, w in cols)
-            lines.append(f"{run:<12} {label:<7}{cells}")
-    return "\n".join(lines)
+def collect_seed(out: Path, seed: int, s: dict, chosen: dict) -> dict:
+    """Everything measured for one seed: pretraining, the SFT models and each chosen method per iteration (test
+    exact match, validation exact match, y' = y on the training prompts, training diagnostics), plus exact McNemar
+    tests of every iteration against the one before it (iteration 0 against pi_0)."""
+    d = out / f"seed{seed}"
+    job = lambda name: json.loads((d / name / "job.json").read_text())  # noqa: E731
+    sft_test = job("test/sft")
+    r = {"seed": seed, "pretrain": {"raw_exact_match": job("pretrain")["eval/exact_match"]}, "sft": {},
+         "methods": {}, "proto_y_eq_real": job("proto")["y_eq_real"]}
+    for label, name in (("pi_0", "sft25"), ("sft100", "sft100"), ("sft25_matched", "sft25_matched")):
+        j = job(name)
+        r["sft"][label] = {"test": sft_test[label]["eval/exact_match"], "val": j["val_exact_match"],
+                           **{k: j[k] for k in ("best_epoch", "steps_to_best", "steps") if k in j}}
+    outcomes = outcome_reader(out)
+    for method, params in chosen.items():
+        run, test = job(f"runs/{run_name(method, params)}"), job(f"test/{method}")
+        labels = [f"{method}/iter{t}" for t in range(s["iterations"])]
+        r["methods"][method] = {
+            "params": params, "run": run_name(method, params),
+            "test": [sft_test["pi_0"]["eval/exact_match"]] + [test[x]["eval/exact_match"] for x in labels],
+            "test_logps_real": [sft_test["pi_0"]["eval/logps/real"]] + [test[x]["eval/logps/real"] for x in labels],
+            "val": run["val_exact_match"], "y_eq_real": run["y_eq_real"], "train": run["train"],
+            "steps": steps(outcomes, seed, method, s["iterations"]),
+        }
+    r["seconds"] = {p.parent.relative_to(d).as_posix(): json.loads(p.read_text())["seconds"]
+                    for p in sorted(d.rglob("job.json"))}
+    return r
 
 
-def _plot(summary: dict, path: Path) -> str | None:
-    """Write the curves to `path`, or return why not: matplotlib is the optional extra `plot`."""
+# ----------------------------------------------------------------------------- table and plot
+YEQ = "y'=y"
+
+
+def table(r: dict) -> str:
+    """One seed's test results: per policy, test exact match, validation exact match, y' = y, and the exact McNemar
+    p-value (two-sided) against the previous iteration."""
+    head = f"{'policy':<22} {'test EM':>8} {'val EM':>7} {YEQ:>6} {'p vs prev':>10}"
+    lines = [head, "-" * len(head), f"{'pretrained (raw fmt)':<22} {'-':>8} {'-':>7} {'-':>6} {'-':>10}"
+             f"   raw-format EM {r['pretrain']['raw_exact_match']:.3f}"]
+    for label, x in r["sft"].items():
+        val = x["val"][x.get("best_epoch", 0) - 1]  # the chosen epoch's (sft25_matched: the last one's)
+        y = r["proto_y_eq_real"] if label == "pi_0" else float("nan")
+        lines.append(f"{label:<22} {x['test']:>8.3f} {val:>7.3f} {y:>6.3f} {'-':>10}")
+    for method, m in r["methods"].items():
+        for t in range(len(m["test"]) - 1):
+            y = m["y_eq_real"][t] if m["y_eq_real"] else float("nan")
+            lines.append(f"{method + f' iter{t}':<22} {m['test'][t + 1]:>8.3f} {m['val'][t + 1]:>7.3f} {y:>6.3f} "
+                         f"{m['steps'][t]['p_two_sided']:>10.3g}")
+    return "\n".join(lines).replace("nan", "  -")
+
+
+def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float]], path: Path, *,
+                title: str) -> str | None:
+    """Mean +- sd over seeds of each method's test exact match per iteration (x = 0: pi_0), with horizontal
+    reference lines (mean over seeds); returns why not when matplotlib (the `plot` extra) is missing."""
     try:
         import matplotlib
     except ImportError:
         return "matplotlib is not installed (pip install 'tspin[plot]')"
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "eval/exact_match", "held-out exact match"),
-                           (axes[1], "eval/logps/real", "held-out log p(reference answer)")):
-        for run, evals in summary["runs"].items():
-            if run in ("sft25", "sft100"):
-                continue
-            xs = [e["iteration"] + 1 for e in evals]
-            ax.plot(xs, [e[key] for e in evals], marker="o", label=run)
-        ref = summary["runs"].get("sft100")
-        if ref:
-            ax.axhline(ref[-1][key], color="k", ls="--", label="SFT 100%")
-        ax.set_xticks(range(summary["settings"]["iterations"] + 1))
-        ax.set_xlabel("self-play iteration (0 = pi_0, SFT on 25%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in curves.items():
+        y = np.asarray(runs, dtype=float)
+        mean, sd = y.mean(0), (y.std(0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1]))
+        xs = np.arange(y.shape[1])
+        ax.plot(xs, mean, marker="o", label=method)
+        ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2)
+    for (label, values), style in zip(refs.items(), ("--", ":", "-.")):
+        ax.axhline(float(np.mean(values)), color="k", ls=style, lw=1, label=label)
+    ax.set_xticks(range(max(len(c[0]) for c in curves.values())))
+    ax.set_xlabel("self-play iteration (0 = pi_0: SFT on 25%)")
+    ax.set_ylabel("test exact match")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -160,6 +144,7 @@ def _plot(summary: dict, path: Path) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- the command
 def pick_backend(backend: str = "auto") -> tuple[str, str]:
     """(backend, a line saying which one samples and why). 'auto' is HF generate: the demo runs on the CPU, where
     vLLM samples its tiny models slower than HF (below), and the demo must stay a ~10-minute run; 'vllm' when asked."""
@@ -184,78 +169,41 @@ def pick_backend(backend: str = "auto") -> tuple[str, str]:
 
 
 def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, progress: bool = True,
-             threads: int = 1, backend: str = "auto") -> dict:
-    import torch
-
-    from .run_dir import check_same_config
-    from .selfplay import iterate, train
-
-    # one intra-op thread: this model's matmuls are too small to split, and on a shared 2-core box spinning
-    # OpenMP workers made steps up to 10x slower
-    torch.set_num_threads(threads)
+             threads: int = 1, processes: int = 1, seed: int = 0, backend: str = "auto") -> dict:
+    out = Path(out)
+    s = settings(quick)
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    if previous is not None and not resume:
+        raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
+    if previous is not None and (previous.get("settings"), previous.get("seed")) != (s, seed):
+        raise FileExistsError(f"{out} holds a demo with other settings ({'--quick' if quick else 'full size'}, seed "
+                              f"{seed} asked); choose another --out")
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-    out = Path(out)
-    s = dict(DEMO_SETTINGS)
-    if quick:  # a smoke-sized run for tests (head_dim 32: the smallest vLLM's CPU attention takes)
-        s.update(n_train=64, n_eval=16, model=dict(hidden=32, layers=1, heads=1), sft_epochs=1.0, iterations=2)
-    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
-    if previous is not None and not resume:
-        raise FileExistsError(f"{out} already holds a finished demo; pass --resume or choose another --out")
-    if previous is not None and previous.get("settings") != json.loads(json.dumps(s)):
-        raise FileExistsError(f"{out} holds a demo with other settings ({'--quick' if quick else 'full size'} asked, "
-                              "the directory has the other one); choose another --out")
     backend, backend_line = pick_backend(backend)
-    t0 = time.time()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    if not (out / "data" / "eval.jsonl").exists():
-        atomic_write_jsonl(out / "data" / "train.jsonl", make_task(s["n_train"], seed=1))
-        atomic_write_jsonl(out / "data" / "eval.jsonl", make_task(s["n_eval"], seed=2))
-    if not (out / "base" / "config.json").exists():
-        from .io import atomic_path
-
-        tok = build_tokenizer()
-        model = build_model(tok, **s["model"])
-        with atomic_path(out / "base") as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-
     print(f"[demo] generation backend: {backend_line}", flush=True)
-    summary = {"settings": s, "threads": threads, "generation_backend": backend_line, "runs": {}, "seconds": {}}
-    skipped = []
-    for name, kind, cfg in _runs(out, s, progress=progress, backend=backend):
-        t1 = time.time()
-        print(f"[demo] {name}: {kind} {cfg.method} -> {cfg.output_dir}", flush=True)
-        done = (Path(cfg.output_dir) / "summary.json").exists()
-        if (Path(cfg.output_dir) / "config.yaml").exists():  # a stage is reused only if it ran this very recipe
-            check_same_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        if kind == "train":
-            r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else train(cfg, resume=True)
-            summary["runs"][name] = [{"iteration": -1, **{k: v for k, v in r.items() if k.startswith("eval/")}}]
-        else:
-            r = json.loads((Path(cfg.output_dir) / "summary.json").read_text()) if done else iterate(cfg, resume=True)
-            summary["runs"][name] = r["evals"]
-        # a skipped stage keeps the time it took when it ran
-        summary["seconds"][name] = (previous["seconds"][name] if done and previous and name in previous["seconds"]
-                                    else round(time.time() - t1, 1))
-        skipped.append(done)
-    every_stage_skipped = previous is not None and all(skipped)  # a rerun of a finished demo: keep its runtime
-    summary["seconds"]["total"] = previous["seconds"]["total"] if every_stage_skipped else round(time.time() - t0, 1)
-
-    rows = []
-    for name, *_ in _runs(out, s, False):
-        rows += [{"run": name, **r} for r in read_jsonl(out / name / "metrics.jsonl")]
-    atomic_write_jsonl(out / "metrics.jsonl", rows)
+    t0 = time.time()
+    chosen = s["chosen"]
+    jobs = [data_job(out, s)] + seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen,
+                                          progress=progress and processes == 1)
+    all_done = all(j.done() for j in jobs)
+    run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
+    r = collect_seed(out, seed, s, chosen)
+    summary = {"settings": s, "seed": seed, "processes": processes, "threads": threads,
+               "generation_backend": backend_line, "result": r,
+               "seconds": previous["seconds"] if all_done and previous else round(time.time() - t0, 1)}
     atomic_write_json(out / "summary.json", summary)
-    table = _table(summary)
-    atomic_write_text(out / "table.txt", table + "\n")
-    no_plot = _plot(summary, out / "curves.png")
-    print(table)
-    files = "summary.json, metrics.jsonl" + ("" if no_plot else ", curves.png")
-    print(f"[demo] wrote {out}/{files} in {summary['seconds']['total']:.0f}s")
+    text = table(r)
+    atomic_write_text(out / "table.txt", text + "\n")
+    no_plot = plot_curves({m: [x["test"]] for m, x in r["methods"].items()},
+                          {"SFT 100%": [r["sft"]["sft100"]["test"]],
+                           "SFT 25%, matched steps": [r["sft"]["sft25_matched"]["test"]]},
+                          out / "curves.png", title=f"tspin demo, seed {seed}")
+    print(text)
+    print(f"[demo] wrote {out}/summary.json, table.txt{'' if no_plot else ', curves.png'} "
+          f"({summary['seconds']:.0f} s)")
     if no_plot:
         print(f"[demo] no curves.png: {no_plot}")
     return summary

@@ -1,0 +1,57 @@
+"""The job runner behind `tspin demo` / `tspin study`: dependency order, skipping finished jobs (resume), errors,
+and two worker processes."""
+
+import json
+import os
+
+import pytest
+
+from tspin.jobs import Job, run_jobs
+
+
+def record(*, out: str, name: str, fail: bool = False) -> dict:
+    """A job that appends its name to a shared log (to check the order) and returns its pid."""
+    if fail:
+        raise RuntimeError(f"job {name} failed")
+    with open(os.path.join(os.path.dirname(out), "order.log"), "a") as f:
+        f.write(name + "\n")
+    return {"name": name, "pid": os.getpid()}
+
+
+def _job(tmp_path, name, deps=(), **kw):
+    d = tmp_path / name
+    return Job(name, "test_jobs:record", d, dict(out=str(d), name=name, **kw), tuple(deps))
+
+
+def test_dependencies_first_and_finished_jobs_are_skipped(tmp_path):
+    jobs = [_job(tmp_path, "c", ["a", "b"]), _job(tmp_path, "b", ["a"]), _job(tmp_path, "a")]
+    lines = []
+    results = run_jobs(jobs, log=lines.append)
+    assert (tmp_path / "order.log").read_text().split() == ["a", "b", "c"]
+    assert results["c"]["name"] == "c" and results["c"]["seconds"] >= 0
+    assert json.loads((tmp_path / "c" / "job.json").read_text())["name"] == "c"
+    assert lines[-1].startswith("[jobs] 3/3 done: c")
+    # a second start runs nothing (what a resumed study relies on) and returns the same results
+    (tmp_path / "b" / "job.json").unlink()
+    lines.clear()
+    assert run_jobs(jobs, log=lines.append)["c"] == results["c"]
+    assert (tmp_path / "order.log").read_text().split() == ["a", "b", "c", "b"]
+    assert lines[0] == "[jobs] 2/3 jobs already done, 1 to run"
+
+
+def test_errors_unknown_dependency_cycle_and_failing_job(tmp_path):
+    with pytest.raises(ValueError, match="unknown dependencies"):
+        run_jobs([_job(tmp_path, "a", ["nope"])])
+    with pytest.raises(ValueError, match="cycle"):
+        run_jobs([_job(tmp_path, "a", ["b"]), _job(tmp_path, "b", ["a"])], log=lambda _: None)
+    with pytest.raises(RuntimeError, match="job x failed"):
+        run_jobs([_job(tmp_path, "x", fail=True)], log=lambda _: None)
+    assert not (tmp_path / "x" / "job.json").exists()  # a failed job is not marked done
+
+
+def test_two_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    jobs = [_job(tmp_path, "a"), _job(tmp_path, "b"), _job(tmp_path, "c", ["a", "b"])]
+    results = run_jobs(jobs, processes=2, log=lambda _: None)
+    assert {r["pid"] for r in results.values()} != {os.getpid()}  # ran in the workers
+    assert (tmp_path / "order.log").read_text().split()[-1] == "c"

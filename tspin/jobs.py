@@ -1,0 +1,120 @@
+"""A small runner for a graph of independent training jobs (the demo's and the study's runs): each job runs once its
+dependencies are done, in this process or in a pool of worker processes, and is skipped when it already finished.
+
+A job is a module-level function called with keyword arguments; its JSON-able result is written to
+``<dir>/job.json`` (atomically, with the job's wall time) when it returns, and that file marks it done. Everything
+a job trains resumes on its own (``tspin iterate`` / ``train`` with ``resume=True``), so a study killed at any
+point continues where it stopped when started again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import atomic_write_json
+
+DONE_FILE = "job.json"
+
+
+@dataclass
+class Job:
+    name: str  # unique, shown in progress lines
+    fn: str  # "module:function"
+    dir: Path  # the job's directory; DONE_FILE inside it marks the job done
+    kwargs: dict = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
+
+    def done(self) -> bool:
+        return (Path(self.dir) / DONE_FILE).exists()
+
+    def result(self) -> dict:
+        return json.loads((Path(self.dir) / DONE_FILE).read_text())
+
+
+def _resolve(fn: str) -> Callable:
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_job(fn: str, dir: str, kwargs: dict, threads: int = 1, quiet: bool = False) -> dict:  # noqa: A002
+    """Run one job here (also the worker processes' entry point) and record its result and wall time."""
+    import torch
+
+    torch.set_num_threads(threads)  # tiny models: one intra-op thread per process is fastest on a shared box
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    t0, c0 = time.time(), time.process_time()
+    result = _resolve(fn)(**kwargs)
+    # CPU seconds too: on a shared machine the wall time says little about what the job costs
+    result = {**result, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+    atomic_write_json(Path(dir) / DONE_FILE, result)
+    return result
+
+
+def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Callable[[str], None] = print,
+             prefix: str = "[jobs]") -> dict[str, dict]:
+    """Run every job not yet done, dependencies first, at most `processes` at a time; return every job's result.
+
+    With processes=1 the jobs run in this process (progress bars allowed); otherwise in spawned workers, quiet.
+    A failing job stops the run after the jobs in flight finish; finished jobs stay done for the next start.
+    """
+    by_name = {j.name: j for j in jobs}
+    if len(by_name) != len(jobs):
+        raise ValueError("jobs: names must be unique")
+    for j in jobs:
+        missing = [d for d in j.deps if d not in by_name]
+        if missing:
+            raise ValueError(f"job {j.name}: unknown dependencies {missing}")
+    done = {j.name for j in jobs if j.done()}
+    todo = [j for j in jobs if j.name not in done]
+    total, t0 = len(jobs), time.time()
+    if done:
+        log(f"{prefix} {len(done)}/{total} jobs already done, {len(todo)} to run")
+
+    def ready(j: Job) -> bool:
+        return all(d in done for d in j.deps)
+
+    def finished(j: Job, seconds: float) -> None:
+        done.add(j.name)
+        log(f"{prefix} {len(done)}/{total} done: {j.name} ({seconds:.0f} s; {time.time() - t0:.0f} s elapsed)")
+
+    if processes <= 1:
+        while todo:
+            j = next((j for j in todo if ready(j)), None)
+            if j is None:
+                raise ValueError(f"jobs: dependency cycle among {[j.name for j in todo]}")
+            todo.remove(j)
+            log(f"{prefix} start: {j.name}")
+            finished(j, run_job(j.fn, str(j.dir), j.kwargs, threads)["seconds"])
+        return {j.name: j.result() for j in jobs}
+
+    import multiprocessing
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while todo or running:
+            for j in [j for j in todo if ready(j)][: processes - len(running)]:
+                todo.remove(j)
+                log(f"{prefix} start: {j.name}")
+                running[pool.submit(run_job, j.fn, str(j.dir), j.kwargs, threads, True)] = j
+            if not running:
+                raise ValueError(f"jobs: dependency cycle among {[j.name for j in todo]}")
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished_now:
+                j = running.pop(fut)
+                try:
+                    finished(j, fut.result()["seconds"])
+                except Exception:
+                    todo.clear()  # let the others finish, then stop
+                    wait(running)
+                    raise
+    return {j.name: j.result() for j in jobs}
