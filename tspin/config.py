@@ -86,6 +86,9 @@ class Config:
     max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; null disables.")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    disable_dropout: bool = _f(True, "Set every dropout probability of the policy to 0 while training (as TRL does): "
+                                     "its log-probs are then those of eval mode, where generation, evaluation and "
+                                     "SPIN's reference log-probs are computed. false keeps the model's dropout.")
     # --- scale-out (README "Scaling")
     strategy: str = _f("none", "none | ddp | fsdp2: how each process holds the model. ddp/fsdp2 need a launcher "
                                "(torchrun / accelerate launch); every rank trains on its share of each step "

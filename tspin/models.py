@@ -83,6 +83,8 @@ def load_policy(cfg: Config) -> nn.Module:
         if cfg.lora_rank:
             model = apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha,
                                target_modules=cfg.lora_target_modules_list())
+        if cfg.disable_dropout:
+            disable_dropout(model)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model
@@ -175,6 +177,19 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float
     if head.weight.requires_grad:  # peft freezes the base; this guards against future defaults
         head.weight.requires_grad_(False)
     return peft_model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of `model` off, in the modules only (the saved config keeps its rates): ``nn.Dropout``
+    modules (what TRL's ``disable_dropout_in_model`` covers) and the float rates attention modules read in forward
+    (Llama/Mistral's ``attention_dropout``, handed to sdpa while training). Returns the model."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
