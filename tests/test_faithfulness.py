@@ -50,3 +50,53 @@ def test_dropout_is_off_while_training_unless_asked(tmp_path, module_dropout, at
         else:
             assert not torch.allclose(first, second)
     assert policy.model.config.resid_pdrop == module_dropout  # the saved config keeps the model's rates
+
+
+def test_tspin_without_history_runs_without_proto(tmp_path):
+    """no_history with reuse_proto_at_iter0=false: iteration 0 samples its own y', nothing needs y0, so none is
+    sampled and the examples are pairs (it used to stop with 'records lack field proto')."""
+    import json
+
+    from tspin.io import read_jsonl
+    from tspin.selfplay import iterate
+
+    model = tiny_model_dir(tmp_path / "m")
+    data = task_file(tmp_path / "d.jsonl", 12)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(model_name_or_path=str(model), data_path=str(data), method="tspin", no_history=True,
+                   reuse_proto_at_iter0=False, num_iterations=2, output_dir=str(out))
+    iterate(cfg)
+    assert not (out / "proto.jsonl").exists()
+    for t in range(2):
+        rows = read_jsonl(out / f"iter{t}" / "data.jsonl")
+        assert rows and all("generated" in r and "proto" not in r for r in rows)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r.get("phase") == "train"]
+    assert train and all("logps/generated" in r and "logps/proto" not in r and r["beta"] == 0 for r in train)
+
+
+@pytest.mark.parametrize("fused", [False, True])  # the loss on log-probs, and the loss inside the head's forward
+def test_tspin_pairs_loss_equals_triplets_with_beta_zero(tmp_path, fused):
+    from tspin.losses import compute_loss
+
+    tok = build_tokenizer()
+    rows = [{"prompt_id": str(i), "prompt": r["prompt"], "real": r["response"], "generated": r["response"][1:],
+             "proto": r["response"][::-1]} for i, r in enumerate(make_task(5, 3))]
+    policy = load_policy(tiny_cfg(model_name_or_path=str(tiny_model_dir(tmp_path / "m"))))
+    results = []
+    for fields in (("real", "generated"), ("real", "generated", "proto")):
+        feats = build_features(rows, tok, fields, template="paper", max_length=40, max_prompt_length=24)
+        policy.zero_grad()
+        loss, metrics = compute_loss(policy, collate(feats, fields, tok.pad_token_id), method="tspin", alpha=0.5,
+                                     beta=0.0, fused=fused)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()], metrics))
+    (pair_loss, pair_grads, pair_metrics), (trip_loss, trip_grads, trip_metrics) = results
+    torch.testing.assert_close(pair_loss, trip_loss)
+    for a, b in zip(pair_grads, trip_grads):
+        torch.testing.assert_close(a, b)
+    assert set(trip_metrics) - set(pair_metrics) == {"logps/proto", "rewards/proto", "margins/history",
+                                                      "rewards/history_accuracies"}
+    feats = build_features(rows, tok, ("real", "generated"), template="paper", max_length=40, max_prompt_length=24)
+    with pytest.raises(ValueError, match="needs the proto rows"):
+        compute_loss(policy, collate(feats, ("real", "generated"), tok.pad_token_id), method="tspin", beta=0.1)

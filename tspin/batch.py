@@ -42,9 +42,11 @@ class Batch:
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
 
 
-def fields_for(method: str) -> tuple[str, ...]:
+def fields_for(method: str, no_history: bool = False) -> tuple[str, ...]:
+    """The rows of one example. T-SPIN without the history term (beta = 0 throughout) never reads y0: its
+    examples are the pairs (y, y')."""
     if method == "tspin":
-        return ("real", "generated", "proto")
+        return ("real", "generated") if no_history else ("real", "generated", "proto")
     if method == "spin":
         return ("real", "generated")
     return ("real",)

@@ -55,7 +55,9 @@ class Config:
     alpha: float = _f(1.0, "T-SPIN entropy coefficient (scales both advantages).")
     beta: float = _f(0.1, "T-SPIN weight of the historical advantage.")
     beta_iter0: float | None = _f(0.0, "beta at iteration 0 (y' and y0 come from the same policy); null: use beta.")
-    no_history: bool = _f(False, "Ablation: T-SPIN without the history term (beta = 0 throughout).")
+    no_history: bool = _f(False, "Ablation: T-SPIN without the history term (beta = 0 throughout). It never reads the "
+                                 "proto y0: examples are pairs (y, y'), and y0 is sampled only to serve as y' at "
+                                 "iteration 0 (reuse_proto_at_iter0).")
     spin_lambda: float = _f(0.1, "SPIN lambda (the kernels' `beta` argument of spin_loss).")
     spin_mix_previous: bool = _f(False, "SPIN: train iteration t on the synthetic data of iterations t-1 and t.")
     average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (an option; the method sums).")

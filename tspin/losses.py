@@ -53,19 +53,30 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().mean()
 
 
+def _is_pairs(batch: Batch) -> bool:
+    """T-SPIN's batch holds pairs [real; generated] (no history term, no proto rows) rather than triplets."""
+    return len(batch.seq_counts) == 2 * batch.num_examples
+
+
 def _loss_and_logps(model, batch: Batch, *, method: str, alpha: float, beta: float, spin_lambda: float, impl: str,
                     average: bool, fused: bool | None):
     """(mean loss over the batch's examples, per-row log-probs). ``fused`` False: the policy's differentiable
     log-probs, the loss on top; None (auto) / True: the loss in the head's forward (``LossSpec``), the log-probs
     its diagnostics (detached on the fused path)."""
+    pairs = method == "tspin" and _is_pairs(batch)
     if fused is False:
         logps = policy_logps(model, batch, impl=impl, average=average)
         if method == "tspin":
-            return tspin_loss_from_logps(*logps.chunk(3), alpha=alpha, beta=beta), logps
+            real, gen, *proto = logps.chunk(2 if pairs else 3)
+            return tspin_loss_from_logps(real, gen, proto[0] if proto else gen, alpha=alpha, beta=beta), logps
         ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
         return spin_loss_from_logps(*logps.chunk(2), ref_real, ref_gen, beta=spin_lambda), logps
-    spec = LossSpec(method, alpha=alpha, beta=beta if method == "tspin" else spin_lambda, fused=fused,
-                    ref_logps=batch.ref_logps if method == "spin" else None, seq_counts=batch.seq_counts or None)
+    if pairs:  # beta = 0 on [real; generated]: -logsigmoid(alpha (real - gen)) is SPIN's loss with zero references
+        spec = LossSpec("spin", beta=alpha, ref_logps=torch.zeros(2 * batch.num_examples), fused=fused,
+                        seq_counts=batch.seq_counts or None)
+    else:
+        spec = LossSpec(method, alpha=alpha, beta=beta if method == "tspin" else spin_lambda, fused=fused,
+                        ref_logps=batch.ref_logps if method == "spin" else None, seq_counts=batch.seq_counts or None)
     out = policy_logps(model, batch, impl=impl, average=average, loss=spec)
     return out.loss, torch.cat(out[1:])
 
@@ -89,20 +100,25 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
         # float64 like the Python float it replaces: the logged numbers do not depend on where they are reduced
         nll = loss.detach().double() / max(batch.num_tokens, 1)
         return loss, {"logps/real": _mean(logps), "nll/token": nll}
+    if method == "tspin" and _is_pairs(batch) and beta != 0:
+        raise ValueError(f"beta={beta}: the history term needs the proto rows [real; generated; proto]")
     mean_loss, logps = _loss_and_logps(model, batch, method=method, alpha=alpha, beta=beta, spin_lambda=spin_lambda,
                                        impl=impl, average=average, fused=fused)
     loss = mean_loss * n
     if method == "tspin":
-        real, gen, proto = logps.chunk(3)
-        current, history = real - gen, gen - proto
-        return loss, {
-            "logps/real": _mean(real), "logps/generated": _mean(gen), "logps/proto": _mean(proto),
-            "rewards/real": _mean(alpha * real), "rewards/generated": _mean(alpha * gen),
-            "rewards/proto": _mean(alpha * proto),
-            "rewards/margins": _mean(alpha * current), "rewards/accuracies": _mean((current > 0).float()),
-            "margins/current": _mean(current), "margins/history": _mean(history),
-            "rewards/history_accuracies": _mean((history > 0).float()),
+        real, gen, *proto = logps.chunk(2 if _is_pairs(batch) else 3)  # pairs: T-SPIN without the history term
+        current = real - gen
+        metrics = {
+            "logps/real": _mean(real), "logps/generated": _mean(gen), "rewards/real": _mean(alpha * real),
+            "rewards/generated": _mean(alpha * gen), "rewards/margins": _mean(alpha * current),
+            "rewards/accuracies": _mean((current > 0).float()), "margins/current": _mean(current),
         }
+        if proto:
+            history = gen - proto[0]
+            metrics.update({"logps/proto": _mean(proto[0]), "rewards/proto": _mean(alpha * proto[0]),
+                            "margins/history": _mean(history),
+                            "rewards/history_accuracies": _mean((history > 0).float())})
+        return loss, metrics
     real, gen = logps.chunk(2)
     ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
     r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)

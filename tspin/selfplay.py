@@ -103,7 +103,8 @@ def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: Met
 
 def _features(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     rows = expand_spin_mix(rows) if cfg.method == "spin" else rows
-    return build_features(rows, tokenizer, fields_for(cfg.method), template=cfg.prompt_template,
+    fields = fields_for(cfg.method, cfg.no_history)
+    return build_features(rows, tokenizer, fields, template=cfg.prompt_template,
                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                           ref=cfg.method == "spin")
 

@@ -108,7 +108,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     rank, world_size = world()
-    fields = fields_for(method)
+    fields = fields_for(method, cfg.no_history)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
     beta = cfg.beta_at(iteration) if beta is None else beta
