@@ -19,6 +19,7 @@ OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed", "shared_prefix")
 FUSED_LOSS = ("auto", "true", "false")
+TRUNCATED_SAMPLES = ("keep_without_eos", "drop", "append_eos")  # what training does with a cut sample
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
 GENERATION_BACKENDS = ("hf", "vllm")  # = tspin.generation.BACKENDS
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -105,6 +106,11 @@ class Config:
     top_p: float = _f(1.0, "Nucleus sampling p.")
     top_k: int = _f(0, "Top-k sampling (0: off; transformers would otherwise apply its default of 50).")
     max_new_tokens: int = _f(256, "New tokens per generated response.")
+    truncated_samples: str = _f("keep_without_eos", "What training does with a y' / y0 cut at max_new_tokens (no "
+                                                    "stop token): keep_without_eos (train on the tokens sampled, "
+                                                    "nothing appended), drop (leave its example out of the "
+                                                    "iteration) or append_eos (end it with EOS as if it had "
+                                                    "finished). The files record <field>_truncated.")
     generation_batch_size: int = _f(16, "Prompts per generate() call (backend hf; vLLM schedules its own batches).")
     generation_backend: str = _f("hf", "hf | vllm: who samples the proto, each iteration's y' and evaluation's greedy "
                                        "answers. vllm needs the extra: pip install 'tspin[vllm]' (README "
@@ -140,7 +146,8 @@ class Config:
                 bad(name, "must be a finite number (within float32's range, |x| <= 3.4e38)")
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
                    "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES,
-                   "fused_loss": FUSED_LOSS, "generation_backend": GENERATION_BACKENDS}
+                   "fused_loss": FUSED_LOSS, "generation_backend": GENERATION_BACKENDS,
+                   "truncated_samples": TRUNCATED_SAMPLES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"expected one of {', '.join(allowed)}")

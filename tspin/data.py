@@ -14,8 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TRUNCATED_SAMPLES
+
 PAPER_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
 IGNORE_INDEX = -100
+# Responses sampled by a policy: their records may carry the sampled token ids (<field>_ids, the stop token
+# included when the sample stopped) and whether the sample was cut at max_new_tokens (<field>_truncated).
+SAMPLED_FIELDS = ("generated", "proto", "generated_prev")
 
 
 class DataError(ValueError):
@@ -130,7 +135,8 @@ def first_turn(messages, where: str) -> tuple[str, str | None]:
 
 
 def normalize_record(rec: dict, where: str, index: int, require_response: bool = True) -> dict:
-    """Any accepted record -> {prompt_id, prompt, real, [generated, proto, generated_prev, ref_*]}."""
+    """Any accepted record -> {prompt_id, prompt, real, [generated, proto, generated_prev (each with its sampled
+    token ids <field>_ids and <field>_truncated when the file has them), ref_*]}."""
     if rec.get("messages") is not None:
         prompt, real = first_turn(rec["messages"], where)
         if real is None and require_response:
@@ -143,9 +149,20 @@ def normalize_record(rec: dict, where: str, index: int, require_response: bool =
         raise DataError(f"{where}: field 'prompt' is empty")
     out = {"prompt_id": str(rec["prompt_id"]) if rec.get("prompt_id") is not None else f"{index:08d}",
            "prompt": prompt, "real": real}
-    for name in ("generated", "proto", "generated_prev"):
+    for name in SAMPLED_FIELDS:
         if rec.get(name) is not None:
             out[name] = _text(rec[name], where, name)
+            ids, truncated = rec.get(f"{name}_ids"), rec.get(f"{name}_truncated")
+            if ids is not None:
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                        for t in ids):
+                    raise DataError(f"{where}: field '{name}_ids' must be a list of token ids (ints >= 0)")
+                out[f"{name}_ids"] = list(ids)
+            if truncated is not None:
+                if not isinstance(truncated, bool):
+                    raise DataError(f"{where}: field '{name}_truncated' must be true or false, got "
+                                    f"{type(truncated).__name__}")
+                out[f"{name}_truncated"] = truncated
     for name, value in rec.items():
         if name.startswith("ref_") and value is not None:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -205,6 +222,36 @@ def format_prompt(tokenizer, prompt: str, template: str) -> str:
     return (PAPER_TEMPLATE if template == "paper" else template).replace("{prompt}", prompt)
 
 
+def end_of_turn_id(tokenizer, template: str) -> int | None:
+    """The token a finished response ends with: the chat template's end-of-turn token for template 'chat' (what
+    the template writes after an assistant message, e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, when that is one
+    special token), else the tokenizer's EOS."""
+    eos = tokenizer.eos_token_id
+    if template != "chat" or not getattr(tokenizer, "chat_template", None):
+        return eos
+    marker = "\x00tspin-end\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
+                                                                                  "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: fall back to EOS
+        return eos
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else eos
+
+
+def stop_token_ids(tokenizer, template: str, generation_config=None) -> list[int]:
+    """Every token that ends a sampled response: the model's generation-config EOS ids (an int or a list, e.g.
+    Llama-3's <|end_of_text|> and <|eot_id|>), the tokenizer's EOS and the chat template's end-of-turn token."""
+    ids = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    for extra in (tokenizer.eos_token_id, end_of_turn_id(tokenizer, template)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    return ids
+
+
 def encode_prompts(tokenizer, prompts: list[str], template: str, max_prompt_length: int) -> list[list[int]]:
     texts = [format_prompt(tokenizer, p, template) for p in prompts]
     # a chat template writes its own BOS; the plain templates get the tokenizer's special tokens
@@ -212,10 +259,28 @@ def encode_prompts(tokenizer, prompts: list[str], template: str, max_prompt_leng
     return [x[-max_prompt_length:] for x in ids]
 
 
-def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
-    ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [x + [eos] if eos is not None else x for x in ids]
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_joint(tokenizer, prompts: list[str], responses: list[str], template: str,
+                 max_prompt_length: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of each prompt + response tokenized as one text, as a tokenizer sees a written
+    example: with SentencePiece (Metaspace) or byte-level BPE, a response joined to a prompt ending in a space
+    starts with a word token that holds the space (``▁dcba``), not with the ids of the response tokenized alone.
+    The split is where the joint ids stop agreeing with the prompt's own ids; no end token is added."""
+    texts = [format_prompt(tokenizer, p, template) for p in prompts]
+    special = template != "chat"  # a chat template writes its own BOS
+    alone = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    joint = tokenizer([t + r for t, r in zip(texts, responses)], add_special_tokens=special)["input_ids"]
+    out = []
+    for p, j in zip(alone, joint):
+        k = _common_prefix(p, j)
+        out.append((j[:k][-max_prompt_length:], j[k:]))
+    return out
 
 
 def join(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -224,17 +289,35 @@ def join(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tup
 
 
 def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, template: str, max_length: int,
-                   max_prompt_length: int, ref: bool = False) -> list[dict]:
-    """Per record: {prompt_id, <field>: (input_ids, labels) for each field, [ref: {field: logp}]}."""
+                   max_prompt_length: int, ref: bool = False,
+                   truncated_samples: str = "keep_without_eos") -> list[dict]:
+    """Per record: {prompt_id, <field>: (input_ids, labels) for each field, [ref: {field: logp}]}.
+
+    The reference response is tokenized jointly with its prompt (:func:`encode_joint`) and ends with the end token
+    (:func:`end_of_turn_id`). A sampled response with its token ids (``<field>_ids``) is trained on exactly those
+    ids after the prompt ids the sampler saw, its stop token included; a truncated one (``<field>_truncated``:
+    cut at max_new_tokens) gets no end token unless `truncated_samples` is 'append_eos' ('drop' is the caller's:
+    :func:`drop_truncated`). A sampled response given as text only is tokenized like the reference.
+    """
+    if truncated_samples not in TRUNCATED_SAMPLES:
+        raise ValueError(f"truncated_samples={truncated_samples!r}: expected one of {', '.join(TRUNCATED_SAMPLES)}")
     for f in fields:
         missing = [r["prompt_id"] for r in records if r.get(f) is None]
         if missing:
             raise DataError(f"records lack field {f!r} (first prompt_id {missing[0]}, {len(missing)} in all)")
-    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records], template, max_prompt_length)
+    prompts = [r["prompt"] for r in records]
+    prompt_ids = encode_prompts(tokenizer, prompts, template, max_prompt_length)  # what the sampler saw
+    end = end_of_turn_id(tokenizer, template)
     feats = [{"prompt_id": r["prompt_id"]} for r in records]
     for f in fields:
-        for feat, p, resp in zip(feats, prompt_ids, encode_responses(tokenizer, [r[f] for r in records])):
-            feat[f] = join(p, resp, max_length)
+        joint = encode_joint(tokenizer, prompts, [r[f] for r in records], template, max_prompt_length)
+        for feat, r, p, (jp, jr) in zip(feats, records, prompt_ids, joint):
+            truncated = bool(r.get(f"{f}_truncated"))
+            tail = [end] if end is not None and (not truncated or truncated_samples == "append_eos") else []
+            if r.get(f"{f}_ids") is not None:  # a finished sample's ids end with the stop token it sampled
+                feat[f] = join(p, list(r[f"{f}_ids"]) + (tail if truncated else []), max_length)
+            else:
+                feat[f] = join(jp, jr + tail, max_length)
     if ref:
         for feat, r in zip(feats, records):
             try:
@@ -242,3 +325,8 @@ def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, t
             except KeyError as e:
                 raise DataError(f"record {r['prompt_id']}: missing reference log-prob field {e.args[0]!r}") from None
     return feats
+
+
+def drop_truncated(records: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """The records none of whose sampled `fields` was cut at max_new_tokens (``truncated_samples: drop``)."""
+    return [r for r in records if not any(r.get(f"{f}_truncated") for f in fields)]

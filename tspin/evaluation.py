@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import Config
 from .data import IGNORE_INDEX, build_features
-from .generation import backend_kwargs, generate_texts
+from .generation import backend_kwargs, generate_samples
 from .io import atomic_write_jsonl
 from .losses import autocast, batched_logps
 from .ranks import on_main
@@ -24,14 +24,17 @@ def evaluate(model, tokenizer, records: list[dict], cfg: Config, out_path: Path 
     if not records:
         return {}
     device = next(model.parameters()).device
-    greedy = generate_texts(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
-                            max_prompt_length=cfg.max_prompt_length,
-                            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=0.0,
-                            batch_size=cfg.eval_batch_size, progress=cfg.progress, desc="evaluate",
-                            **backend_kwargs(cfg, weights))
-    rows = [{**r, "generated": g} for r, g in zip(records, greedy)]
+    samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
+                               max_prompt_length=cfg.max_prompt_length,
+                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=0.0,
+                               batch_size=cfg.eval_batch_size, progress=cfg.progress, desc="evaluate",
+                               **backend_kwargs(cfg, weights))
+    greedy = [s.text for s in samples]
+    rows = [{**r, "generated": s.text, "generated_ids": s.token_ids, "generated_truncated": s.truncated}
+            for r, s in zip(records, samples)]
     feats = build_features(rows, tokenizer, ("real", "generated"), template=cfg.prompt_template,
-                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                           truncated_samples=cfg.truncated_samples)
     with autocast(device, cfg.bf16):
         lp = batched_logps(model, feats, ("real", "generated"), tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
                            impl=cfg.loss_impl, layout=cfg.layout)

@@ -3,8 +3,10 @@ cache, left padding; here) or vLLM (`generation_backend: vllm`, :mod:`tspin.gene
 
 Each finished batch is appended to `<out>.partial` (flushed and fsynced); a restarted run keeps those and goes on
 from the next batch. Every batch seeds its own sampling from (seed, batch index), so a resumed run writes exactly
-what an uninterrupted one would. The final file appears in one rename. Every sample records whether it was cut at
-`max_new_tokens` (`truncated`) and how many tokens it has (EOS included when it stopped).
+what an uninterrupted one would. The final file appears in one rename.
+
+A sample keeps its token ids (trained on as they are: re-tokenizing the text can give other ids) and whether it
+was cut at max_new_tokens. Sampling stops at any of the model's stop tokens (:func:`tspin.data.stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import encode_prompts
+from .data import encode_prompts, stop_token_ids
 from .io import append_jsonl, atomic_write_jsonl
 from .ranks import on_main, world
 from .wrapping import policy_of
@@ -29,12 +31,23 @@ BACKENDS = ("hf", "vllm")  # = tspin.config.GENERATION_BACKENDS
 
 @dataclass(frozen=True)
 class Sample:
-    """One response: its text (special tokens dropped), whether it was cut at max_new_tokens instead of ending with
-    EOS, and its token count (EOS included when it stopped)."""
+    """One response: its text (special tokens and the stop token dropped), whether it was cut at max_new_tokens
+    instead of ending with a stop token, and the sampled token ids (the stop token included when it stopped)."""
 
     text: str
     truncated: bool
-    num_tokens: int
+    token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def sample_of(ids: list[int], stops: Sequence[int], tokenizer) -> Sample:
+    """One generated row (anything after its first stop token, e.g. padding, dropped) as a Sample."""
+    end = next((k for k, t in enumerate(ids) if t in stops), None)
+    ids = list(ids) if end is None else list(ids[: end + 1])
+    return Sample(tokenizer.decode(ids if end is None else ids[:-1], skip_special_tokens=True), end is None, ids)
 
 
 def _read_partial(path: Path) -> list[dict]:
@@ -90,7 +103,7 @@ def resume_partial(partial: Path | None, chunks: list[list[int]]) -> list[dict]:
     done = _read_partial(partial) if partial else []
     n = 0
     while (n < min(len(done), len(chunks)) and done[n].get("index") == chunks[n]
-           and {"text", "truncated", "num_tokens"} <= set(done[n])):
+           and {"text", "truncated", "ids"} <= set(done[n])):
         n += 1
     done = done[:n]
     if partial:
@@ -105,12 +118,12 @@ def append_partial(partial: Path | None, chunk: int, index: list[int], samples: 
     if partial:
         append_jsonl(partial, {"batch": chunk, "index": index, "text": [s.text for s in samples],
                                "truncated": [s.truncated for s in samples],
-                               "num_tokens": [s.num_tokens for s in samples]})
+                               "ids": [s.token_ids for s in samples]})
 
 
 def samples_of(line: dict) -> list[Sample]:
     """The samples of one partial-file line."""
-    return [Sample(*x) for x in zip(line["text"], line["truncated"], line["num_tokens"])]
+    return [Sample(*x) for x in zip(line["text"], line["truncated"], line["ids"])]
 
 
 def sharded_generate(items: Sequence, generate_fn: Callable[[list], Sequence]) -> list:
@@ -153,7 +166,6 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
     """This process's samples for `prompts`, in input order."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
     ids = encode_prompts(tokenizer, prompts, template, max_prompt_length)
     # longest first: batches of similar length waste less padding; the order is fixed, so resume stays exact
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
@@ -165,7 +177,9 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
     was_training = model.training
     model.eval()
     sample = temperature > 0
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad, eos_token_id=eos,
+    hf_model = getattr(model, "model", model)  # the policy (CausalLMLogps) holds the HF model (PEFT or not)
+    stops = stop_token_ids(tokenizer, template, getattr(hf_model, "generation_config", None))
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad, eos_token_id=stops,
                       use_cache=True)
     if sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -184,10 +198,8 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
             mask[r, T - len(ids[i]):] = 1
         torch.manual_seed(seed * 1_000_003 + b)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **gen_kwargs)[:, T:]
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        # a row without EOS ran to max_new_tokens (generation only stops early once every row has its EOS)
-        ends = [row.index(eos) + 1 if eos in row else None for row in out.tolist()]
-        samples = [Sample(t, e is None, e or max_new_tokens) for t, e in zip(texts, ends)]
+        # a row without a stop token ran to max_new_tokens (generation stops early once every row has one)
+        samples = [sample_of(row, stops, tokenizer) for row in out.tolist()]
         results.update(zip(idx, samples))
         append_partial(partial, b, idx, samples)
         bar.update(len(idx))
@@ -219,8 +231,8 @@ def check_backend(cfg) -> None:
 
 def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str, cfg, *, seed: int,
                    desc: str | None = None, weights: str | Path | None = None) -> list[dict]:
-    """Write `records` + `field` (sampled responses) + `<field>_truncated` to `out_path` (JSONL, atomic,
-    resumable); cached if it exists. `weights`: as `backend_kwargs`."""
+    """Write `records` + `field` (sampled responses) + `<field>_ids` (their token ids) + `<field>_truncated` to
+    `out_path` (JSONL, atomic, resumable); cached if it exists. `weights`: as `backend_kwargs`."""
     out_path = Path(out_path)
     if out_path.exists():
         from .data import load_records
@@ -232,7 +244,8 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, seed=seed, partial_path=partial,
                                progress=cfg.progress, desc=desc or f"generate {field}", **backend_kwargs(cfg, weights))
-    rows = [{**r, field: s.text, f"{field}_truncated": s.truncated} for r, s in zip(records, samples)]
+    rows = [{**r, field: s.text, f"{field}_ids": s.token_ids, f"{field}_truncated": s.truncated}
+            for r, s in zip(records, samples)]
     on_main(_finish, out_path, rows, partial)
     return rows
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import encode_prompts
-from .generation import Sample, append_partial, resume_partial, samples_of, sharded_generate
+from .data import encode_prompts, stop_token_ids
+from .generation import Sample, append_partial, resume_partial, sample_of, samples_of, sharded_generate
 from .ranks import world
 from .vllm_engine import LORA_RANKS, EngineOptions, Policy, engine_for, on_cuda, require_vllm
 
@@ -105,7 +105,13 @@ def generate_samples(weights, tokenizer, prompts: list[str], *, template: str, m
     # from the settings, not from these prompts: the next call (same run, other prompts) reuses the engine
     needed = max(max_prompt_length + max_new_tokens, 512)
     max_model_len = min(needed, policy.config.get("max_position_embeddings") or needed)
-    run = dict(policy=policy, tokenizer=tokenizer, ids=ids, max_model_len=max_model_len, opts=opts,
+    gen_config = None
+    if (policy.model_dir / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        gen_config = GenerationConfig.from_pretrained(policy.model_dir)
+    stops = stop_token_ids(tokenizer, template, gen_config)  # as the HF backend's: every stop token
+    run = dict(policy=policy, tokenizer=tokenizer, ids=ids, stops=stops, max_model_len=max_model_len, opts=opts,
                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                chunk_size=chunk_size, desc=desc)
     rank, world_size = world()
@@ -116,7 +122,15 @@ def generate_samples(weights, tokenizer, prompts: list[str], *, template: str, m
                             lambda idx: _sample(idx, partial=None, progress=progress and rank == 0, **run))
 
 
-def _sample(index: list[int], *, policy: Policy, tokenizer, ids: list[list[int]], max_model_len: int,
+def _as_sample(out, stops: list[int], tokenizer) -> Sample:
+    """A vLLM completion as a Sample: its token ids with the stop token it ended on (what the policy sampled)."""
+    ids = list(out.token_ids)
+    if out.finish_reason != "length" and not (ids and ids[-1] in stops):  # stopped, the stop id not in the ids
+        ids.append(out.stop_reason if isinstance(out.stop_reason, int) else tokenizer.eos_token_id)
+    return sample_of(ids, stops, tokenizer)
+
+
+def _sample(index: list[int], *, policy: Policy, tokenizer, ids: list[list[int]], stops: list[int], max_model_len: int,
             opts: EngineOptions, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
             chunk_size: int, partial: Path | None, progress: bool, desc: str) -> list[Sample]:
     """Samples for the prompts `index` (positions in `ids`, which also seed them), chunk by chunk, resumable."""
@@ -129,7 +143,6 @@ def _sample(index: list[int], *, policy: Policy, tokenizer, ids: list[list[int]]
     from vllm.inputs import TokensPrompt
 
     eng = engine_for(policy, max_model_len, opts)
-    eos = tokenizer.eos_token_id
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(temperature=0.0)
     bar = tqdm(total=len(index), initial=sum(len(c) for c in chunks[:len(done)]), desc=f"{desc} (vllm)",
                disable=not progress, leave=False)
@@ -138,14 +151,11 @@ def _sample(index: list[int], *, policy: Policy, tokenizer, ids: list[list[int]]
         for c, idx in enumerate(chunks):
             if c < len(done):
                 continue
-            params = [SamplingParams(max_tokens=max_new_tokens, stop_token_ids=[eos] if eos is not None else [],
+            params = [SamplingParams(max_tokens=max_new_tokens, stop_token_ids=stops,
                                      detokenize=False, seed=_seed(seed, i), **sampling) for i in idx]
             outs = eng.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in idx], params, use_tqdm=False,
                                     lora_request=lora)
-            tokens = [list(o.outputs[0].token_ids) for o in outs]
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            samples = [Sample(t, o.outputs[0].finish_reason == "length", len(k))
-                       for t, o, k in zip(texts, outs, tokens)]
+            samples = [_as_sample(o.outputs[0], stops, tokenizer) for o in outs]
             results.update(zip(idx, samples))
             append_partial(partial, c, idx, samples)
             bar.update(len(idx))

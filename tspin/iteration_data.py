@@ -21,7 +21,7 @@ def spin_refs(model, tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     data: no second model lives in memory while training."""
     fields = ("real", "generated") + (("generated_prev",) if rows and "generated_prev" in rows[0] else ())
     feats = build_features(rows, tokenizer, fields, template=cfg.prompt_template, max_length=cfg.max_length,
-                           max_prompt_length=cfg.max_prompt_length)
+                           max_prompt_length=cfg.max_prompt_length, truncated_samples=cfg.truncated_samples)
     device = next(model.parameters()).device
     with autocast(device, cfg.bf16):
         lp = batched_logps(model, feats, fields, tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
@@ -36,9 +36,14 @@ def expand_spin_mix(rows: list[dict]) -> list[dict]:
     for r in rows:
         out.append(r)
         if r.get("generated_prev") is not None:
-            out.append({**r, "prompt_id": r["prompt_id"] + "/prev", "generated": r["generated_prev"],
+            out.append({**r, "prompt_id": r["prompt_id"] + "/prev", **_as(r, "generated_prev", "generated"),
                         "ref_generated": r.get("ref_generated_prev")})
     return out
+
+
+def _as(row: dict, src: str, dst: str) -> dict:
+    """A sampled response under another field name, with its token ids and truncation flag when it has them."""
+    return {dst + suffix: row[src + suffix] for suffix in ("", "_ids", "_truncated") if src + suffix in row}
 
 
 def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, it_dir: Path, out: Path) -> list[dict]:
@@ -49,20 +54,20 @@ def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, i
         rows = [dict(r) for r in records]
     else:
         if t == 0 and cfg.reuse_proto_at_iter0 and proto_rows is not None:
-            gen = [p["proto"] for p in proto_rows]
+            gen = [_as(p, "proto", "generated") for p in proto_rows]
         else:
             start = cfg.model_name_or_path if t == 0 else out / f"iter{t - 1}" / "model"  # the policy sampling y'
-            gen = [r["generated"] for r in generate_field(model, tokenizer, records, it_dir / "generated.jsonl",
-                                                          "generated", cfg, seed=cfg.seed + 1 + t,
-                                                          desc=f"iter{t} generate", weights=start)]
-        rows = [{**r, "generated": g} for r, g in zip(records, gen)]
+            gen = [_as(r, "generated", "generated") for r in generate_field(
+                model, tokenizer, records, it_dir / "generated.jsonl", "generated", cfg, seed=cfg.seed + 1 + t,
+                desc=f"iter{t} generate", weights=start)]
+        rows = [{**r, **g} for r, g in zip(records, gen)]
         if proto_rows is not None:
             for r, p in zip(rows, proto_rows):
-                r["proto"] = p["proto"]
+                r.update(_as(p, "proto", "proto"))
         if cfg.method == "spin" and cfg.spin_mix_previous and t > 0:
             prev = read_jsonl(out / f"iter{t - 1}" / "data.jsonl")
             for r, p in zip(rows, prev):
-                r["generated_prev"] = p["generated"]
+                r.update(_as(p, "generated", "generated_prev"))
         if cfg.method == "spin":
             rows = spin_refs(model, tokenizer, rows, cfg)
     on_main(atomic_write_jsonl, path, rows)

@@ -23,7 +23,7 @@ import torch
 from .batch import fields_for
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import build_features, format_prompt, load_records, select_subset, split_heldout
+from .data import DataError, build_features, drop_truncated, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
 from .generation import check_backend, generate_field
 from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_jsonl
@@ -104,9 +104,15 @@ def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: Met
 def _features(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     rows = expand_spin_mix(rows) if cfg.method == "spin" else rows
     fields = fields_for(cfg.method, cfg.no_history)
+    if cfg.truncated_samples == "drop":
+        kept = drop_truncated(rows, fields)
+        if not kept:
+            raise DataError(f"truncated_samples=drop: every sample was cut at max_new_tokens={cfg.max_new_tokens}; "
+                            "raise max_new_tokens or keep them (keep_without_eos)")
+        rows = kept
     return build_features(rows, tokenizer, fields, template=cfg.prompt_template,
                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                          ref=cfg.method == "spin")
+                          ref=cfg.method == "spin", truncated_samples=cfg.truncated_samples)
 
 
 def iterate(cfg: Config, resume: bool = False) -> dict:
