@@ -55,3 +55,13 @@ def test_two_worker_processes(tmp_path, monkeypatch):
     results = run_jobs(jobs, processes=2, log=lambda _: None)
     assert {r["pid"] for r in results.values()} != {os.getpid()}  # ran in the workers
     assert (tmp_path / "order.log").read_text().split()[-1] == "c"
+
+
+def test_makespan_replays_the_schedule(tmp_path):
+    from tspin.jobs import makespan
+
+    jobs = [_job(tmp_path, "a"), _job(tmp_path, "b", ["a"]), _job(tmp_path, "c", ["a"]), _job(tmp_path, "d", ["b"])]
+    seconds = {"a": 10, "b": 5, "c": 7, "d": 1}
+    assert makespan(jobs, seconds, 1) == 23  # one worker: the sum
+    assert makespan(jobs, seconds, 2) == 17  # a, then b and c side by side (c ends at 17), d after b (16)
+    assert makespan(jobs, seconds, 8) == 17  # the critical path a -> c

@@ -28,7 +28,7 @@ def _study(out: Path, capsys, *extra):
 
 def _numbers(study: dict) -> dict:
     """What a study measured, without the runtimes and provenance."""
-    keep = ("chosen", "grid_validation", "claims", "comparisons", "summary")
+    keep = ("chosen", "grid_validation", "claims", "comparisons", "summary", "settings", "grid")
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     return {**{k: study[k] for k in keep}, "per_seed": [strip(r) for r in study["per_seed"]]}
 
@@ -53,6 +53,9 @@ def test_quick_study_chooses_on_validation_tests_every_seed_and_resumes(tmp_path
     assert all(len(c["p_two_sided"]) == 2 for c in study["comparisons"])
     assert study["summary"]["methods"]["tspin"]["test"][0]["n"] == 2
     assert study["versions"]["torch"] and study["machine"]["cores"] and "commit" in study
+    rt = study["runtime"]
+    assert 0 < rt["estimated_seconds_on_2_free_cores"] <= rt["cpu_seconds_total"] + 1
+    assert set(rt["job_seconds"]) >= {"seed0/pretrain", "seed1/test/tspin"}
     assert (out / "study.png").stat().st_size > 1000 and "| claim | verdict |" in (out / "study.md").read_text()
     assert "| (b) T-SPIN on 25% matches or beats SFT on 100% |" in printed
     # a second start finds every job done and writes the same numbers

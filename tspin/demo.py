@@ -21,7 +21,7 @@ from .claims import steps
 from .demo_runs import METHODS, data_job, demo_config, read_outcomes, run_name, seed_jobs
 from .demo_task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
 from .io import atomic_write_json, atomic_write_text
-from .jobs import run_jobs
+from .jobs import makespan, run_jobs
 
 __all__ = ["DEMO_SETTINGS", "LETTERS", "build_model", "build_tokenizer", "demo_config", "make_task", "pick_backend",
            "run_demo"]
@@ -32,7 +32,7 @@ DEMO_SETTINGS = dict(
     n_train=4000, n_val=500, n_test=1000, n_corpus=48000, n_corpus_eval=500, min_len=4, max_len=8,
     model=dict(hidden=128, layers=4, heads=4),
     pretrain=dict(lr=3e-3, batch_size=32, epochs=1.0),
-    sft=dict(lr=5e-4, max_epochs=8, patience=2),
+    sft=dict(lr=5e-4, max_epochs=10, patience=2),
     iterations=4, selfplay_epochs=1.0, temperature=1.0, beta=0.1, spin_mix_previous=True,
     chosen={"tspin": {"learning_rate": 2e-5, "alpha": 1.0}, "tspin_nohist": {"learning_rate": 2e-5, "alpha": 1.0},
             "spin": {"learning_rate": 2e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 5e-4}},
@@ -189,11 +189,14 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     jobs = [data_job(out, s)] + seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen,
                                           progress=progress and processes == 1)
     all_done = all(j.done() for j in jobs)
-    run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
+    results = run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
     r = collect_seed(out, seed, s, chosen)
+    cpu = {name: x["cpu_seconds"] for name, x in results.items()}
     summary = {"settings": s, "seed": seed, "processes": processes, "threads": threads,
                "generation_backend": backend_line, "result": r,
-               "seconds": previous["seconds"] if all_done and previous else round(time.time() - t0, 1)}
+               "seconds": previous["seconds"] if all_done and previous else round(time.time() - t0, 1),
+               "cpu_seconds": round(sum(cpu.values()), 1),
+               "estimated_seconds_on_2_free_cores": round(makespan(jobs, cpu, 2), 1)}
     atomic_write_json(out / "summary.json", summary)
     text = table(r)
     atomic_write_text(out / "table.txt", text + "\n")
@@ -203,7 +206,8 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
                           out / "curves.png", title=f"tspin demo, seed {seed}")
     print(text)
     print(f"[demo] wrote {out}/summary.json, table.txt{'' if no_plot else ', curves.png'} "
-          f"({summary['seconds']:.0f} s)")
+          f"({summary['seconds']:.0f} s wall, {summary['cpu_seconds']:.0f} CPU s; on 2 free cores about "
+          f"{summary['estimated_seconds_on_2_free_cores']:.0f} s)")
     if no_plot:
         print(f"[demo] no curves.png: {no_plot}")
     return summary

@@ -60,6 +60,25 @@ def run_job(fn: str, dir: str, kwargs: dict, threads: int = 1, quiet: bool = Fal
     return result
 
 
+def makespan(jobs: list[Job], seconds: dict[str, float], processes: int) -> float:
+    """The wall time `jobs` would take with `processes` workers that each get a whole core, if job j takes
+    seconds[j] (e.g. its measured CPU seconds): the schedule run_jobs follows (ready jobs in list order), replayed.
+    On a shared machine the measured wall time says more about the neighbours than about the work."""
+    names = {j.name for j in jobs}
+    done_at: dict[str, float] = {d: 0.0 for j in jobs for d in j.deps if d not in names}  # done before these jobs
+    free = [0.0] * max(1, processes)
+    todo = list(jobs)
+    while todo:
+        ready = [j for j in todo if all(d in done_at for d in j.deps)]
+        # the next job starts when a worker is free and its dependencies are done
+        j = min(ready, key=lambda j: max([min(free)] + [done_at[d] for d in j.deps]))
+        k = free.index(min(free))
+        start = max([free[k]] + [done_at[d] for d in j.deps])
+        done_at[j.name] = free[k] = start + seconds.get(j.name, 0.0)
+        todo.remove(j)
+    return max(done_at.values(), default=0.0)
+
+
 def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Callable[[str], None] = print,
              prefix: str = "[jobs]") -> dict[str, dict]:
     """Run every job not yet done, dependencies first, at most `processes` at a time; return every job's result.

@@ -28,7 +28,7 @@ from .claims import comparisons, evaluate_claims
 from .demo import collect_seed, outcome_reader, plot_curves, settings
 from .demo_runs import COEF, METHODS, data_job, run_name, seed_jobs
 from .io import atomic_write_json, atomic_write_text
-from .jobs import run_jobs
+from .jobs import makespan, run_jobs
 from .stats import mean_sd
 
 GRID = {
@@ -146,22 +146,28 @@ def run_study(out: str | Path, *, seeds: int = 3, processes: int = 1, threads: i
     jobs = [data_job(out, s)] + seed_jobs(out, s, 0, points)
     for seed in range(1, seeds):
         jobs += seed_jobs(out, s, seed, {})
-    run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 1/2]")
+    results = run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 1/2]")
+    phase1 = jobs
     chosen, grid_table = choose(out, points)
     log(f"[study] chosen on validation: {json.dumps(chosen)}")
     # phase 2: the chosen runs for every seed, then the test evaluations of the chosen policies only
     jobs = [data_job(out, s)]
     for seed in range(seeds):
         jobs += seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen)
-    run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 2/2]")
+    results.update(run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 2/2]"))
+    phase2 = [j for j in jobs if j.name not in {p.name for p in phase1}]
+    cpu = {name: r["cpu_seconds"] for name, r in results.items()}
     per_seed = [collect_seed(out, seed, s, chosen) for seed in range(seeds)]
     study = {
         "command": "tspin study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
-        **provenance(), "wall_seconds_this_start": round(time.time() - t0, 1),
-        "job_seconds_total": round(sum(sum(r["seconds"].values()) for r in per_seed)
-                                   + sum(json.loads((out / "seed0" / "runs" / run_name(m, p) / "job.json")
-                                                    .read_text())["seconds"]
-                                         for m, pl in points.items() for p in pl if p != chosen[m]), 1),
+        **provenance(), "generation_backend": "hf",
+        "runtime": {"wall_seconds_this_start": round(time.time() - t0, 1),
+                    "job_wall_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
+                    "cpu_seconds_total": round(sum(cpu.values()), 1),
+                    # what the measured CPU seconds take with 2 workers on 2 free cores (the two phases in turn)
+                    "estimated_seconds_on_2_free_cores": round(makespan(phase1, cpu, 2) + makespan(phase2, cpu, 2),
+                                                               1),
+                    "job_seconds": {name: [r["seconds"], r["cpu_seconds"]] for name, r in results.items()}},
         "processes": processes, "threads": threads, "settings": s, "seeds": list(range(seeds)),
         "grid": grid, "selection_rule": SELECTION_RULE, "grid_validation": grid_table, "chosen": chosen,
         "claims": evaluate_claims(outcome_reader(out), list(range(seeds)), s["iterations"]),
