@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -104,7 +105,8 @@ def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Call
 
     def finished(j: Job, seconds: float) -> None:
         done.add(j.name)
-        log(f"{prefix} {len(done)}/{total} done: {j.name} ({seconds:.0f} s; {time.time() - t0:.0f} s elapsed)")
+        log(f"{prefix} {len(done)}/{total} done: {j.name} ({seconds:.0f} s; {time.time() - t0:.0f} s elapsed; "
+            f"load {os.getloadavg()[0]:.1f})")  # the load: on a shared machine it explains the wall times
 
     if processes <= 1:
         while todo:

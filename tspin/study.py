@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -84,8 +85,6 @@ def provenance() -> dict:
                     if line.startswith("model name")), None)
     except OSError:
         pass
-    import os
-
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
@@ -143,6 +142,8 @@ def run_study(out: str | Path, *, seeds: int = 3, processes: int = 1, threads: i
         raise FileExistsError(f"{out} holds a study with other settings, grid or seeds; choose another --out")
     atomic_write_json(recorded, {"settings": s, "grid": grid, "seeds": seeds})
     t0 = time.time()
+    # taken at the start: the code that ran, and how busy the (possibly shared) machine was
+    prov, load_start = provenance(), os.getloadavg()
     log = print if progress else (lambda _: None)
     # phase 1: everything that does not depend on the choice; nothing here reads the test prompts
     jobs = [data_job(out, s)] + seed_jobs(out, s, 0, points)
@@ -162,8 +163,11 @@ def run_study(out: str | Path, *, seeds: int = 3, processes: int = 1, threads: i
     per_seed = [collect_seed(out, seed, s, chosen) for seed in range(seeds)]
     study = {
         "command": "tspin study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
-        **provenance(), "generation_backend": "hf",
+        **prov, "generation_backend": "hf",
         "runtime": {"wall_seconds_this_start": round(time.time() - t0, 1),
+                    # 1, 5 and 15 minute load averages when this start began and when it ended
+                    "load_average": {"start": [round(x, 2) for x in load_start],
+                                     "end": [round(x, 2) for x in os.getloadavg()]},
                     "job_wall_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
                     "cpu_seconds_total": round(sum(cpu.values()), 1),
                     # what the measured CPU seconds take with 2 workers on 2 free cores (the two phases in turn)
