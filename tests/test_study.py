@@ -87,3 +87,23 @@ def test_killed_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys):
     assert not (out / "study.json").exists()
     resumed, _ = _study(out, capsys)
     assert _numbers(resumed) == _numbers(ref)
+
+
+def test_committed_study_is_the_demos_source_and_meets_the_protocol():
+    """docs/results/study.json (the README's numbers): settings chosen on validation, the demo runs exactly those
+    settings, at least 3 seeds and 1000 test prompts, a verdict per claim, the test outcomes of every seed."""
+    from tspin.demo import settings
+
+    study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
+    s = settings()
+    assert study["chosen"] == s.pop("chosen")  # `tspin demo` runs what the study chose on validation
+    assert study["settings"] == s
+    assert len(study["seeds"]) >= 3 and study["settings"]["n_test"] >= 1000
+    for method, rows in study["grid_validation"].items():
+        assert max(r["val_final"] for r in rows) == [r for r in rows if r["params"] == study["chosen"][method]][0][
+            "val_final"]
+    for key in ("a1", "a2", "a", "b", "c"):
+        assert study["claims"][key]["verdict"] in ("supported", "not supported", "contradicted")
+    steps = study["claims"]["a1"]["per_seed"][0]["steps"]
+    assert len(steps) == study["settings"]["iterations"] and all(x["n"] == 1000 for x in steps)
+    assert study["commit"] and study["runtime"]["load_average"]["start"]

@@ -34,8 +34,8 @@ DEMO_SETTINGS = dict(
     pretrain=dict(lr=3e-3, batch_size=32, epochs=1.0),
     sft=dict(lr=5e-4, max_epochs=10, patience=2),
     iterations=4, selfplay_epochs=1.0, temperature=1.0, beta=0.1, spin_mix_previous=True,
-    chosen={"tspin": {"learning_rate": 2e-5, "alpha": 1.0}, "tspin_nohist": {"learning_rate": 2e-5, "alpha": 1.0},
-            "spin": {"learning_rate": 2e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 5e-4}},
+    chosen={"tspin": {"learning_rate": 3e-5, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 3e-5, "alpha": 0.1},
+            "spin": {"learning_rate": 1e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 1e-4}},
 )
 QUICK = dict(n_train=48, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=2),
              sft=dict(lr=2e-3, max_epochs=2, patience=1), iterations=2)
@@ -130,8 +130,9 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
         ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2)
     for (label, values), style in zip(refs.items(), ("--", ":", "-.")):
         ax.axhline(float(np.mean(values)), color="k", ls=style, lw=1, label=label)
-    ax.set_xticks(range(max(len(c[0]) for c in curves.values())))
-    ax.set_xlabel("self-play iteration (0 = pi_0: SFT on 25%)")
+    n = max(len(c[0]) for c in curves.values())
+    ax.set_xticks(range(n), ["pi_0"] + [f"iter{t}" for t in range(n - 1)])  # the tables' labels
+    ax.set_xlabel("policy (pi_0: SFT on 25%; iter t: after self-play iteration t)")
     ax.set_ylabel("test exact match")
     ax.set_title(title)
     ax.grid(alpha=0.3)
