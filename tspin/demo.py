@@ -37,7 +37,8 @@ DEMO_SETTINGS = dict(
     chosen={"tspin": {"learning_rate": 3e-5, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 3e-5, "alpha": 0.1},
             "spin": {"learning_rate": 1e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 1e-4}},
 )
-QUICK = dict(n_train=48, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=2),
+# --quick: seconds, for tests (head_dim 32: the smallest vLLM's CPU attention takes, for --backend vllm)
+QUICK = dict(n_train=48, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=1),
              sft=dict(lr=2e-3, max_epochs=2, patience=1), iterations=2)
 
 
@@ -188,7 +189,7 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     t0 = time.time()
     chosen = s["chosen"]
     jobs = [data_job(out, s)] + seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen,
-                                          progress=progress and processes == 1)
+                                          progress=progress and processes == 1, backend=backend)
     all_done = all(j.done() for j in jobs)
     results = run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
     r = collect_seed(out, seed, s, chosen)

@@ -47,9 +47,10 @@ def run_name(method: str, params: dict) -> str:
     return "_".join(parts)
 
 
-def _cfg(s: dict, data: Path, seed: int, progress: bool, **kw) -> Config:
-    """A stage's config: training data and validation prompts of `data`, unless `kw` says otherwise."""
-    base = dict(seed=seed, progress=progress, data_path=str(data / "train.jsonl"),
+def _cfg(s: dict, data: Path, seed: int, progress: bool, backend: str = "hf", **kw) -> Config:
+    """A stage's config: training data and validation prompts of `data`, unless `kw` says otherwise; `backend`
+    samples (generation_backend)."""
+    base = dict(seed=seed, progress=progress, generation_backend=backend, data_path=str(data / "train.jsonl"),
                 eval_data_path=str(data / "val.jsonl"), logging_steps=25, temperature=s["temperature"])
     return demo_config(**{**base, **kw})
 
@@ -69,7 +70,7 @@ def make_data(*, out: str, s: dict) -> dict:
     return {k: len(v) for k, v in splits.items()}
 
 
-def pretrain(*, out: str, data: str, s: dict, seed: int, progress: bool = False) -> dict:
+def pretrain(*, out: str, data: str, s: dict, seed: int, progress: bool = False, backend: str = "hf") -> dict:
     """Base model (init seed `seed`) + causal-LM training on the raw corpus (template ``{prompt}``)."""
     from .demo_task import build_model, build_tokenizer
     from .selfplay import train
@@ -82,7 +83,7 @@ def pretrain(*, out: str, data: str, s: dict, seed: int, progress: bool = False)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     p = s["pretrain"]
-    cfg = _cfg(s, data, seed, progress, method="sft", model_name_or_path=str(out / "base"),
+    cfg = _cfg(s, data, seed, progress, backend, method="sft", model_name_or_path=str(out / "base"),
                data_path=str(data / "corpus.jsonl"), eval_data_path=str(data / "corpus_eval.jsonl"),
                prompt_template="{prompt}", learning_rate=p["lr"], num_train_epochs=p["epochs"],
                per_device_train_batch_size=p["batch_size"], lr_scheduler="cosine", warmup_ratio=0.05,
@@ -96,7 +97,7 @@ def _evals(summary: dict) -> list[float]:
 
 
 def _sft_rounds(out: str, data: str, s: dict, seed: int, model: str, fraction: float | None, rounds: int,
-                progress: bool, steps_per_round: int | None = None) -> list[float]:
+                progress: bool, steps_per_round: int | None = None, backend: str = "hf") -> list[float]:
     """`rounds` rounds of instruction SFT (``tspin iterate --method=sft``), each one epoch (or `steps_per_round`
     optimizer steps) at a constant learning rate, evaluated on validation after each; resumes, so rounds can be
     added. (Each round starts a fresh AdamW; at a constant rate and with bias correction that changes little.)"""
@@ -108,19 +109,19 @@ def _sft_rounds(out: str, data: str, s: dict, seed: int, model: str, fraction: f
         per_epoch = math.ceil(n / demo_config().per_device_train_batch_size)
         epochs = steps_per_round / per_epoch
         assert math.ceil(per_epoch * epochs) == steps_per_round  # the trainer takes exactly that many steps
-    cfg = _cfg(s, Path(data), seed, progress, method="sft", model_name_or_path=model, data_fraction=fraction,
+    cfg = _cfg(s, Path(data), seed, progress, backend, method="sft", model_name_or_path=model, data_fraction=fraction,
                learning_rate=s["sft"]["lr"], lr_scheduler="constant", warmup_ratio=0.0, num_train_epochs=epochs,
                num_iterations=rounds, output_dir=out)
     return _evals(iterate(cfg, resume=True))
 
 
 def sft_early_stopped(*, out: str, data: str, s: dict, seed: int, model: str, fraction: float | None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, backend: str = "hf") -> dict:
     """Instruction SFT epoch by epoch, stopped `patience` epochs after the best validation exact match (at most
     `max_epochs`); the best epoch's model, copied to OUT/best, is the result."""
     f = s["sft"]
     for epochs in range(1, f["max_epochs"] + 1):
-        ems = _sft_rounds(out, data, s, seed, model, fraction, epochs, progress)
+        ems = _sft_rounds(out, data, s, seed, model, fraction, epochs, progress, backend=backend)
         best = ems.index(max(ems))
         if len(ems) - 1 - best >= f["patience"]:
             break
@@ -141,20 +142,21 @@ def _keep_model(round_dir: Path, dest: Path) -> str:
 
 
 def sft_matched(*, out: str, data: str, s: dict, seed: int, model: str, reference: str,
-                progress: bool = False) -> dict:
+                progress: bool = False, backend: str = "hf") -> dict:
     """SFT on 25% for exactly the optimizer steps the `reference` SFT-100 job took to its chosen epoch, in rounds
     of its steps per epoch, no early stopping: the control that tells "more annotations" from "more steps"."""
     ref = json.loads((Path(reference) / "job.json").read_text())
-    ems = _sft_rounds(out, data, s, seed, model, 0.25, ref["best_epoch"], progress, ref["steps_per_epoch"])
+    ems = _sft_rounds(out, data, s, seed, model, 0.25, ref["best_epoch"], progress, ref["steps_per_epoch"],
+                      backend)
     return {"model": _keep_model(Path(out) / f"iter{ref['best_epoch'] - 1}", Path(out) / "final"),
             "val_exact_match": ems, "steps": ref["steps_to_best"]}
 
 
-def proto(*, out: str, data: str, s: dict, seed: int, pi0: str, progress: bool = False) -> dict:
+def proto(*, out: str, data: str, s: dict, seed: int, pi0: str, progress: bool = False, backend: str = "hf") -> dict:
     """y0 for every training prompt of the 25% subset, sampled once by pi_0 (``tspin generate --field=proto``)."""
     from .selfplay import generate
 
-    cfg = _cfg(s, Path(data), seed, progress, method="tspin", model_name_or_path=pi0, data_fraction=0.25,
+    cfg = _cfg(s, Path(data), seed, progress, backend, method="tspin", model_name_or_path=pi0, data_fraction=0.25,
                output_dir=out)
     path = generate(cfg, str(Path(out) / "proto.jsonl"), field="proto")
     return {"proto": str(path), "y_eq_real": _match_rate(read_jsonl(path), "proto")}
@@ -167,7 +169,7 @@ def _match_rate(rows: list[dict], field: str) -> float:
 
 
 def selfplay_config(*, out: str, data: str, s: dict, seed: int, pi0: str, proto_path: str | None, method: str,
-                    params: dict, progress: bool = False) -> Config:
+                    params: dict, progress: bool = False, backend: str = "hf") -> Config:
     """The `tspin iterate` config of a self-play run (or of SFT continued: method sft25_cont)."""
     kw = dict(method=method, no_history=False)
     if method == "tspin_nohist":
@@ -176,7 +178,7 @@ def selfplay_config(*, out: str, data: str, s: dict, seed: int, pi0: str, proto_
         kw.update(method="sft")
     if method == "spin":
         kw.update(spin_mix_previous=s["spin_mix_previous"])
-    return _cfg(s, Path(data), seed, progress, model_name_or_path=pi0, data_fraction=0.25,
+    return _cfg(s, Path(data), seed, progress, backend, model_name_or_path=pi0, data_fraction=0.25,
                 num_iterations=s["iterations"], num_train_epochs=s["selfplay_epochs"], beta=s["beta"],
                 proto_path=proto_path if kw["method"] != "sft" else None, output_dir=out, **kw, **params)
 
@@ -196,7 +198,7 @@ def selfplay(**kw) -> dict:
             "train": train, "models": [str(out / f"iter{t}" / "model") for t in range(iterations)]}
 
 
-def test_eval(*, out: str, data: str, s: dict, models: dict[str, str]) -> dict:
+def test_eval(*, out: str, data: str, s: dict, models: dict[str, str], backend: str = "hf") -> dict:
     """Greedy evaluation of `models` ({label: model dir}) on the test prompts: metrics per label, and per-prompt
     outcomes in OUT/<label>.jsonl for the paired tests."""
     from .evaluation import evaluate
@@ -205,9 +207,9 @@ def test_eval(*, out: str, data: str, s: dict, models: dict[str, str]) -> dict:
     test = load_records(Path(data) / "test.jsonl")
     result = {}
     for label, model in models.items():
-        cfg = demo_config(model_name_or_path=model, progress=False)
+        cfg = demo_config(model_name_or_path=model, progress=False, generation_backend=backend)
         path = Path(out) / f"{label.replace('/', '__')}.jsonl"
-        result[label] = evaluate(load_policy(cfg), load_tokenizer(model), test, cfg, path)
+        result[label] = evaluate(load_policy(cfg), load_tokenizer(model), test, cfg, path, weights=model)
     return result
 
 
@@ -222,12 +224,13 @@ def data_job(out: Path, s: dict) -> Job:
 
 
 def seed_jobs(out: Path, s: dict, seed: int, runs: dict[str, list[dict]], *, progress: bool = False,
-              test_runs: dict[str, dict] | None = None) -> list[Job]:
+              test_runs: dict[str, dict] | None = None, backend: str = "hf") -> list[Job]:
     """The jobs of one seed: pretraining, the SFT runs, the proto, the self-play `runs` ({method: [params, ...]})
     and, when `test_runs` ({method: params}: the chosen settings) is given, test evaluations of the SFT models and of
-    those runs. Without it nothing touches the test prompts (the study's grid phase)."""
+    those runs. Without it nothing touches the test prompts (the study's grid phase). `backend` samples and
+    answers greedily in every job (generation_backend: hf or vllm)."""
     d, data, tag = out / f"seed{seed}", str(out / "data"), f"seed{seed}"
-    base = dict(data=data, s=s, seed=seed, progress=progress)
+    base = dict(data=data, s=s, seed=seed, progress=progress, backend=backend)
     pretrained = str(d / "pretrain" / "run" / "model")
     pi0 = str(d / "sft25" / "best")
 
@@ -247,12 +250,13 @@ def seed_jobs(out: Path, s: dict, seed: int, runs: dict[str, list[dict]], *, pro
                             proto_path=str(d / "proto" / "proto.jsonl"), **base))
     if test_runs is None:
         return jobs
-    jobs.append(job("test/sft", "test_eval", ["sft25", "sft100", "sft25_matched"], data=data, s=s,
+    jobs.append(job("test/sft", "test_eval", ["sft25", "sft100", "sft25_matched"], data=data, s=s, backend=backend,
                     models={"pi_0": pi0, "sft100": str(d / "sft100" / "best"),
                             "sft25_matched": str(d / "sft25_matched" / "final")}))
     for method, params in test_runs.items():
         run = d / "runs" / run_name(method, params)
         jobs.append(job(f"test/{method}", "test_eval", [f"runs/{run_name(method, params)}"], data=data, s=s,
+                        backend=backend,
                         models={f"{method}/iter{t}": str(run / f"iter{t}" / "model")
                                 for t in range(s["iterations"])}))
     return jobs
