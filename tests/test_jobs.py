@@ -9,8 +9,10 @@ import pytest
 from tspin.jobs import Job, run_jobs
 
 
-def record(*, out: str, name: str, fail: bool = False) -> dict:
+def record(*, out: str, name: str, fail: bool = False, die: bool = False) -> dict:
     """A job that appends its name to a shared log (to check the order) and returns its pid."""
+    if die:
+        os._exit(1)  # what the kernel's OOM killer leaves behind: the process gone, no exception
     if fail:
         raise RuntimeError(f"job {name} failed")
     with open(os.path.join(os.path.dirname(out), "order.log"), "a") as f:
@@ -55,6 +57,18 @@ def test_two_worker_processes(tmp_path, monkeypatch):
     results = run_jobs(jobs, processes=2, log=lambda _: None)
     assert {r["pid"] for r in results.values()} != {os.getpid()}  # ran in the workers
     assert (tmp_path / "order.log").read_text().split()[-1] == "c"
+
+
+def test_a_dead_worker_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    jobs = [_job(tmp_path, "a"), _job(tmp_path, "x", die=True)]
+    with pytest.raises(RuntimeError, match=r"job (a|x): a worker process died .* start again to continue"):
+        run_jobs(jobs, processes=2, log=lambda _: None)
+    assert not (tmp_path / "x" / "job.json").exists()
+    from tspin.cli import _exit_code
+    from tspin.jobs import WorkerDiedError
+
+    assert _exit_code(WorkerDiedError("x")) == 1  # `tspin demo` / `study`: one line on stderr, exit 1, no traceback
 
 
 def test_makespan_replays_the_schedule(tmp_path):

@@ -145,9 +145,10 @@ def _exit_code(e: Exception) -> int | None:
     """2: the command, its config or its inputs are wrong; 1: a failure while running; None: unexpected."""
     import torch
 
+    from .jobs import WorkerDiedError
     from .train import NonFiniteError
 
-    if isinstance(e, (torch.OutOfMemoryError, NonFiniteError)):
+    if isinstance(e, (torch.OutOfMemoryError, NonFiniteError, WorkerDiedError)):
         return 1
     if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
         return 2

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class Job:
 def _resolve(fn: str) -> Callable:
     module, _, name = fn.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process of run_jobs ended without a result (killed, or could not start its job)."""
 
 
 def run_job(fn: str, dir: str, kwargs: dict, threads: int = 1, quiet: bool = False) -> dict:  # noqa: A002
@@ -134,6 +139,12 @@ def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Call
                 j = running.pop(fut)
                 try:
                     finished(j, fut.result()["seconds"])
+                except BrokenProcessPool as e:  # the pool is gone: nothing in flight can finish
+                    raise WorkerDiedError(
+                        f"job {j.name}: a worker process died (killed, e.g. out of memory; or the script that "
+                        f"called run_jobs lacks the `if __name__ == '__main__':` guard that spawned workers need). "
+                        f"Finished jobs stay done: start again to continue, with processes=1 (--jobs 1) to run "
+                        f"the jobs in this process") from e
                 except Exception:
                     todo.clear()  # let the others finish, then stop
                     wait(running)
