@@ -257,6 +257,17 @@ def test_generate_keeps_its_own_output_and_refuses_to_overwrite_it_with_another_
     assert main([*argv[:-1], "--field=sample"]) == 2  # the same file for another column: refused
     _one_clear_line(capsys.readouterr().err, "the file exists and is not this command's output")
     assert out.read_text() == before
+    # the same column sampled another way (temperature, seed, ...) is not this run's output either: refused, naming
+    # the keys, not handed back as if it were
+    assert main([*argv, "--temperature=0.5", "--seed=3"]) == 2
+    _one_clear_line(capsys.readouterr().err, "the file came from other settings (changed: temperature, seed; "
+                                             "see g.jsonl.settings.json)")
+    out.rename(tmp_path / "g.jsonl.partial")  # a killed run's batches: not continued with other settings
+    assert main([*argv, "--top_k=3"]) == 2
+    _one_clear_line(capsys.readouterr().err, "the unfinished samples in g.jsonl.partial came from other settings "
+                                             "(changed: top_k;")
+    (tmp_path / "g.jsonl.partial").unlink()
+    assert main([*argv, "--top_k=3"]) == 0 and out.exists()  # nothing left of the old run: a fresh start
 
 
 # ----------------------------------------------------------------------------- real processes

@@ -31,11 +31,22 @@ from .iteration_data import expand_spin_mix, iteration_data, spin_refs
 from .metrics import MetricsWriter
 from .models import check_source, load_policy, load_tokenizer
 from .ranks import init_distributed, on_main
-from .run_dir import check_output_dir, check_same_inputs, input_fingerprints, open_run, record_run
+from .run_dir import (
+    check_output_dir,
+    check_same_inputs,
+    input_fingerprints,
+    open_run,
+    record_run,
+    records_digest,
+    source_fingerprint,
+)
 from .train import train_loop
 
 # Columns an input record has (tspin.data.normalize_record): `generate --field` never writes over them.
 INPUT_COLUMNS = ("prompt_id", "prompt", "real", "response", "messages")
+# the config keys a `tspin generate` output depends on (beside the model, tokenizer and data)
+GENERATION_KEYS = ("prompt_template", "max_prompt_length", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                   "generation_backend")
 
 
 def prepare_records(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -203,6 +214,7 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
                 or any(field not in r for r in done):
             raise FileExistsError(f"--out {out}: the file exists and is not this command's output (the {field!r} "
                                   "column for the same prompts); remove it or choose another --out")
+    settings = _check_generation_settings(cfg, records, field, out)
     tokenizer = _tokenizer(cfg)
     if cfg.generation_backend == "hf":
         model = load_policy(cfg)  # joins the process group under torchrun: then rank 0 alone cleans
@@ -210,5 +222,33 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
         init_distributed()
         model = None
     on_main(clean_stale_temps, out.parent, {out.name})
+    on_main(atomic_write_json, _settings_path(out), settings)
     generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed, weights=cfg.model_name_or_path)
     return out
+
+
+def _settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def _check_generation_settings(cfg: Config, records: list[dict], field: str, out: Path) -> dict:
+    """What the samples in ``out`` (finished) or ``out.partial`` (a killed run's batches) depend on. A rerun keeps
+    them only if it would sample the same way: another model, temperature, seed, ... is refused, naming the keys,
+    instead of handing back (or continuing) samples of other settings. Written as ``<out>.settings.json``."""
+    settings = {"field": field, "data": records_digest(records), "model": source_fingerprint(cfg.model_name_or_path),
+                "tokenizer": source_fingerprint(cfg.tokenizer_name_or_path or cfg.model_name_or_path),
+                **{k: getattr(cfg, k) for k in GENERATION_KEYS}}
+    path = _settings_path(out)
+    partial = out.with_name(out.name + ".partial")
+    if path.exists() and (out.exists() or partial.exists()):
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            saved = {}
+        diff = [k for k in settings if saved.get(k) != settings[k]]
+        if diff:
+            what = "the file" if out.exists() else f"the unfinished samples in {partial.name}"
+            raise FileExistsError(f"--out {out}: {what} came from other settings (changed: {', '.join(diff)}; "
+                                  f"see {path.name}); remove {out.name}, {partial.name} and {path.name}, or choose "
+                                  "another --out")
+    return settings
