@@ -229,6 +229,11 @@ def check_backend(cfg) -> None:
         check_policy(cfg.model_name_or_path, engine_options(cfg), label="config: model_name_or_path")
 
 
+def partial_path(out_path: Path) -> Path:
+    """Where a generation writing ``out_path`` keeps its finished batches until it is done."""
+    return out_path.with_name(out_path.name + ".partial")
+
+
 def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str, cfg, *, seed: int,
                    desc: str | None = None, weights: str | Path | None = None) -> list[dict]:
     """Write `records` + `field` (sampled responses) + `<field>_ids` (their token ids) + `<field>_truncated` to
@@ -238,7 +243,7 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
         from .data import load_records
 
         return load_records(out_path, require_response=False)
-    partial = out_path.with_name(out_path.name + ".partial")
+    partial = partial_path(out_path)
     samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
                                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import DataError, build_features, drop_truncated, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
-from .generation import check_backend, generate_field
+from .generation import check_backend, generate_field, partial_path
 from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_jsonl
 from .iteration_data import expand_spin_mix, iteration_data, spin_refs
 from .metrics import MetricsWriter
@@ -239,7 +239,7 @@ def _check_generation_settings(cfg: Config, records: list[dict], field: str, out
                 "tokenizer": source_fingerprint(cfg.tokenizer_name_or_path or cfg.model_name_or_path),
                 **{k: getattr(cfg, k) for k in GENERATION_KEYS}}
     path = _settings_path(out)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     if path.exists() and (out.exists() or partial.exists()):
         try:
             saved = json.loads(path.read_text())
