@@ -79,3 +79,23 @@ def test_makespan_replays_the_schedule(tmp_path):
     assert makespan(jobs, seconds, 1) == 23  # one worker: the sum
     assert makespan(jobs, seconds, 2) == 17  # a, then b and c side by side (c ends at 17), d after b (16)
     assert makespan(jobs, seconds, 8) == 17  # the critical path a -> c
+
+
+def test_cpu_seconds_count_child_processes_running_and_ended():
+    """A job's CPU seconds include what its child processes use (a vLLM engine samples in one that outlives the
+    job), while they run and after they end."""
+    import subprocess
+    import sys
+
+    from tspin.jobs import cpu_seconds
+
+    burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+            "print('done', flush=True)\n")
+    before = cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn + "input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "done"  # burned its CPU and is still running
+    running = cpu_seconds() - before
+    child.communicate("\n")  # let it end; wait() reaps it
+    ended = cpu_seconds() - before
+    assert running >= 0.6 and ended >= running

@@ -60,8 +60,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                 sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
                 sp.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
                 sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
-                                help="who samples: auto (HF generate: this CPU demo is faster with it), hf, or vllm "
-                                     "(slower here: one vLLM engine start per policy)")
+                                help="who samples: auto (vLLM when it is installed, else HF generate), hf, or vllm")
             else:
                 sp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3); a killed study "
                                                                      "resumes when started again")

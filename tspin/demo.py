@@ -148,26 +148,20 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
 
 # ----------------------------------------------------------------------------- the command
 def pick_backend(backend: str = "auto") -> tuple[str, str]:
-    """(backend, a line saying which one samples and why). 'auto' is HF generate: the demo runs on the CPU, where
-    vLLM samples its tiny models slower than HF (below), and the demo must stay a ~10-minute run; 'vllm' when asked."""
+    """(backend, a line saying which one samples and why): 'auto' is vLLM when it is installed, else HF generate."""
     from . import vllm_engine
 
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend={backend!r}: expected auto, hf or vllm")
-    # its models have tied embeddings, which vLLM 0.32 cannot reload in place (tspin.vllm_engine): every new
-    # policy needs a fresh engine, ~30-60 s to start on a CPU, more than all of the demo's sampling with HF
-    slow = ("on this CPU demo it is slower than hf: each of its tied-embedding policies needs a fresh vLLM engine, "
-            "~30-60 s to start")
-    if backend == "vllm":
-        vllm_engine.require_vllm()  # VLLMNotInstalledError, naming the extra
-        return "vllm", f"vllm ({vllm_engine.version()}, chosen with --backend vllm; {slow})"
     if backend == "hf":
         return "hf", "hf (transformers generate; chosen with --backend hf)"
+    if backend == "vllm":
+        vllm_engine.require_vllm()  # VLLMNotInstalledError, naming the extra
+        return "vllm", f"vllm ({vllm_engine.version()}; chosen with --backend vllm)"
     if vllm_engine.available():
-        return "hf", (f"hf (transformers generate; picked by --backend auto although {vllm_engine.version()} is "
-                      f"installed: {slow}; --backend vllm samples with it anyway)")
-    return "hf", ("hf (transformers generate; picked by --backend auto; vLLM is not installed: pip install "
-                  "'tspin[vllm]' for --backend vllm)")
+        return "vllm", f"vllm ({vllm_engine.version()}; picked by --backend auto: it is installed)"
+    return "hf", ("hf (transformers generate; picked by --backend auto: vLLM is not installed; pip install "
+                  "'tspin[vllm]', or on a CPU `make install-vllm`, to sample with it)")
 
 
 def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, progress: bool = True,

@@ -4,10 +4,10 @@ each new policy, put to sleep between uses on a GPU. What is sampled, and how, i
 Weight hand-off: vLLM samples from the saved policy, a `save_pretrained` directory (the run's pi_0 or an
 iteration's `model/`) or a LoRA adapter directory (served through vLLM's LoRA support on the base model, no merge).
 
-- a new full-weight directory is loaded into the running engine in place (vLLM's `reload_weights`); a model with
-  tied input/output embeddings gets a fresh engine instead (vLLM 0.32's in-place reload leaves the tied output
-  layer stale: its greedy answers no longer match the weights). An engine start costs ~30-60 s on a CPU, which is
-  why the demo's tiny tied models sample slower with vLLM than with HF generate there;
+- a new full-weight directory of the same architecture is loaded into the running engine in place (vLLM's
+  `reload_weights`, through :class:`tspin.vllm_worker.PolicyLoader`, which also re-processes an output layer tied
+  to the input embeddings: vLLM 0.32 alone leaves it computing with the old weights on a CPU). An engine start
+  costs ~20-60 s on a CPU, a reload well under a second;
 - a new adapter is one more `LoRARequest` on the same engine.
 
 Memory plan (trainer and engine on one GPU): the engine is created with `gpu_memory_utilization` (config
@@ -21,6 +21,7 @@ every rank runs its own engine on its own GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -144,7 +145,8 @@ class Engine:
         self.cuda = on_cuda(opts)
         cfg = policy.config
         kw = dict(model=str(self.model_dir), skip_tokenizer_init=True, max_model_len=max_model_len, seed=0,
-                  generation_config="vllm", disable_log_stats=True)
+                  generation_config="vllm", disable_log_stats=True,
+                  worker_extension_cls="tspin.vllm_worker.PolicyLoader")  # load_policy: reload, tied head included
         if self.cuda:
             import torch
 
@@ -159,14 +161,13 @@ class Engine:
         with engine_process_env(opts):
             self.llm = vllm.LLM(**kw)
         self.weights = policy.model_dir.resolve()  # the full weights the engine holds now
-        self.tied = cfg.get("tie_word_embeddings", True)  # absent: transformers' default, tied
         self.asleep = False
         self.adapters: dict[Path, int] = {}
 
     def serves(self, policy: Policy, max_model_len: int, opts: EngineOptions) -> bool:
         """Can this engine sample `policy` (maybe after loading new weights in place)?"""
         same_model = policy.model_dir.resolve() == self.model_dir or (
-            not policy.adapter_rank and not self.tied and _architecture(policy.config) == _architecture(
+            not policy.adapter_rank and _architecture(policy.config) == _architecture(
                 json.loads((self.model_dir / "config.json").read_text())))
         return (same_model and max_model_len <= self.max_model_len and _build(opts) == _build(self.opts)
                 and max(policy.adapter_rank, opts.lora_rank) <= self.lora_rank)
@@ -201,7 +202,7 @@ class Engine:
 
     def _load(self, weights: Path) -> None:
         if weights != self.weights:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights)})
+            self.llm.collective_rpc("load_policy", args=(str(weights),))
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
             self.weights = weights
 
@@ -240,7 +241,19 @@ def engine_for(policy: Policy, max_model_len: int, opts: EngineOptions) -> Engin
         close_engine()
     if _ENGINE is None:
         _ENGINE = Engine(policy, max_model_len, opts)
+        _close_at_exit()
     return _ENGINE
+
+
+@functools.cache
+def _close_at_exit() -> None:
+    """Shut the engine down when this process ends. Needed in a pool worker (tspin demo / study --jobs 2): such a
+    process does not run atexit hooks and, on its way out, waits for its child processes, the engine's among them,
+    which would never end. multiprocessing's exit finalizers with a priority run before that wait (and at exit in
+    the main process too)."""
+    from multiprocessing import util
+
+    util.Finalize(None, close_engine, exitpriority=10)
 
 
 def close_engine() -> None:
