@@ -39,6 +39,11 @@ def main(out: str) -> None:
                          "weights": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, os.path.join(out, "results.pt"))
+    # end the process group both ranks still hold (accelerate started it): left to the interpreter's exit, gloo's
+    # threads were once torn down mid-exit ("terminate called without an active exception", SIGABRT on rank 0)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
