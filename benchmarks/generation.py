@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from tspin.io import atomic_write_text
 
 MODELS = {
     "demo": dict(model=None, prompts=512, max_new_tokens=10, hf_batch_size=256),
@@ -47,7 +48,8 @@ def build(name: str, path: Path) -> int:
     spec = MODELS[name]["model"]
     tok = build_tokenizer()
     if spec:  # the demo's characters and markers, then filler tokens up to the model's vocabulary
-        tok = build_tokenizer(fillers=spec["vocab_size"] - len(tok))
+        tok.add_tokens([f"<filler{i}>" for i in range(spec["vocab_size"] - len(tok))])
+        assert len(tok) == spec["vocab_size"], (len(tok), spec["vocab_size"])
     if spec is None:
         model = build_model(tok, **DEMO_SETTINGS["model"], seed=0)
     else:
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
            "vllm_over_hf": ratios}
     out = Path(args.out) if args.out else (common.RESULTS_DIR / f"cpu-generation-{_dt.date.today():%Y%m%d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
     print("| model | parameters | backend | prompts x max new tokens | tokens | seconds | tokens/s | vLLM / HF |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

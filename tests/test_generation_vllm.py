@@ -378,3 +378,38 @@ def test_demo_samples_with_vllm_in_two_worker_processes_and_ends(tmp_path):
     assert len(runs) == 4 and all("generation_backend: vllm" in (r / "config.yaml").read_text() for r in runs)
     settings = json.loads((out / "seed0" / "proto" / "proto.jsonl.settings.json").read_text())
     assert settings["generation_backend"] == "vllm"
+
+
+@needs_vllm
+def test_generation_benchmark_runs_and_writes_its_results(tmp_path):
+    """`make bench-generation` on the demo's model: both backends measured, a ratio, provenance (a benchmark that
+    no longer ran went unnoticed once: it is run here at its smallest size)."""
+    out = tmp_path / "gen.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--models", "demo", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert [(r["model"], r["backend"]) for r in doc["results"]] == [("demo", "hf"), ("demo", "vllm")]
+    assert all(r["tokens"] > r["prompts"] and r["tokens_per_s"] > 0 for r in doc["results"])
+    assert doc["vllm_over_hf"]["demo"] > 0 and doc["provenance"]["vllm"] == vllm_engine.version()
+    assert "| demo | 1.1M | vllm | 512 x 10 |" in proc.stdout
+
+
+def test_generation_benchmark_builds_its_100m_llama_with_a_full_vocabulary(tmp_path):
+    """The ~100M model's tokenizer: the demo's tokens, then fillers up to the model's 32000 (no vLLM needed)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from benchmarks.generation import MODELS, build
+
+    spec = dict(MODELS["llama-100m"]["model"], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2)  # the same vocabulary, a small body
+    MODELS["tiny-test"] = dict(MODELS["llama-100m"], model=spec)
+    try:
+        params = build("tiny-test", tmp_path)
+    finally:
+        del MODELS["tiny-test"]
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == AutoConfig.from_pretrained(tmp_path).vocab_size == 32000
+    assert tok("abc")["input_ids"] == build_tokenizer()("abc")["input_ids"]  # the demo's ids kept
+    assert params == 32000 * 64 + 2 * 64 * 64 * 2 + 3 * 64 * 128 + 3 * 64
