@@ -99,3 +99,23 @@ def test_cpu_seconds_count_child_processes_running_and_ended():
     child.communicate("\n")  # let it end; wait() reaps it
     ended = cpu_seconds() - before
     assert running >= 0.6 and ended >= running
+
+
+def engine_cores(*, out: str) -> dict:
+    import time
+
+    time.sleep(1.0)  # both jobs in flight at once: one per worker
+    return {"bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "pid": os.getpid()}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_each_worker_gives_a_vllm_engine_cores_of_its_own(tmp_path, monkeypatch):
+    """Two workers, one thread each: a vLLM engine started in each would bind to a different core (by default both
+    would take the same one)."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    jobs = [Job(n, "test_jobs:engine_cores", tmp_path / n, dict(out=str(tmp_path / n))) for n in ("a", "b")]
+    r = run_jobs(jobs, processes=2, threads=1, log=lambda _: None)
+    assert r["a"]["pid"] != r["b"]["pid"]
+    cores = sorted(os.sched_getaffinity(0))
+    assert sorted(int(r[n]["bind"]) for n in "ab") == cores[:2]
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # this process's environment is not touched

@@ -66,6 +66,20 @@ def run_job(fn: str, dir: str, kwargs: dict, threads: int = 1, quiet: bool = Fal
     return result
 
 
+def _worker_start(counter, threads: int) -> None:
+    """A pool worker's start: cores of its own for a vLLM engine it may start (`threads` of them, worker i taking
+    the i-th group of this machine's cores). Left alone, every CPU engine binds its threads to the same cores (all
+    but one), so the workers' engines would sample on one core while the other waits. Settings of the user's own
+    (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU) are kept."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    cores = sorted(os.sched_getaffinity(0))
+    mine = [cores[(index * threads + k) % len(cores)] for k in range(min(threads, len(cores)))]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def cpu_seconds() -> float:
     """CPU seconds used so far by this process and its child processes, ended or running: a vLLM engine samples in
     a process of its own that lives on from job to job (running children are counted with psutil, when installed:
@@ -146,7 +160,9 @@ def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Call
 
     import multiprocessing
 
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_start,
+                             initargs=(ctx.Value("i", 0), threads)) as pool:
         running = {}
         while todo or running:
             for j in [j for j in todo if ready(j)][: processes - len(running)]:
