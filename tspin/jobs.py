@@ -68,16 +68,15 @@ def run_job(fn: str, dir: str, kwargs: dict, threads: int = 1, quiet: bool = Fal
 
 def _worker_start(counter, threads: int) -> None:
     """A pool worker's start: cores of its own for a vLLM engine it may start (`threads` of them, worker i taking
-    the i-th group of this machine's cores). Left alone, every CPU engine binds its threads to the same cores (all
-    but one), so the workers' engines would sample on one core while the other waits. Settings of the user's own
-    (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU) are kept."""
+    the i-th group of this machine's cores). Left alone, every CPU engine binds its threads to the same cores, so
+    the workers' engines would sample on one core while the other waits."""
+    from .vllm_engine import bind_cpu_engines
+
     with counter.get_lock():
         index = counter.value
         counter.value += 1
     cores = sorted(os.sched_getaffinity(0))
-    mine = [cores[(index * threads + k) % len(cores)] for k in range(min(threads, len(cores)))]
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    bind_cpu_engines([cores[(index * threads + k) % len(cores)] for k in range(min(threads, len(cores)))])
 
 
 def cpu_seconds() -> float:

@@ -107,6 +107,14 @@ def _kv_cache_bytes(cfg: dict, max_model_len: int) -> int:
     return max(min(256 * per_seq, 2 << 30), 2 * per_seq)
 
 
+def bind_cpu_engines(cores: list[int]) -> None:
+    """The CPU engines this process starts run their threads on `cores` (by default every CPU engine binds the same
+    cores, all but one). Settings of the user's own (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU) are
+    kept. Environment variables, because they are how vLLM's CPU worker takes them."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 @contextlib.contextmanager
 def engine_process_env(opts: EngineOptions):
     """The environment the engine's processes start with: this rank's GPU only, no launcher variables."""
