@@ -96,7 +96,7 @@ def measure(name: str, path: Path, backend: str, threads: int) -> dict:
 def provenance(threads: int) -> dict:
     from importlib import metadata
 
-    from tspin import vllm_engine
+    from tspin.generation import vllm_engine
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--out", help="results JSON (default benchmarks/results/<device>-generation-<date>.json)")
     args = p.parse_args(argv)
-    from tspin import vllm_engine
+    from tspin.generation import vllm_engine
 
     if not vllm_engine.available():
         p.error("vLLM is not installed here: run it in .venv-vllm (make bench-generation)")

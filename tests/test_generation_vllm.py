@@ -19,10 +19,9 @@ import pytest
 import torch
 from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (autouse)
 
-from tspin import vllm_engine
 from tspin.config import load_config
 from tspin.demo import DEMO_SETTINGS, build_model, build_tokenizer, make_task
-from tspin.generation import Sample, generate_field, generate_samples
+from tspin.generation import Sample, generate_field, generate_samples, vllm_engine
 from tspin.models import load_tokenizer
 
 HAS_VLLM = vllm_engine.available()
@@ -256,8 +255,8 @@ def test_torchrun_ranks_each_run_an_engine_on_their_share(demo, tmp_path):
 @needs_vllm
 def test_a_new_tied_policy_is_loaded_in_place(demo, tmp_path):
     """Another tied-embedding policy goes into the running engine, and its answers are its own: vLLM 0.32's reload
-    alone leaves the tied output layer computing with the previous weights on a CPU (tspin.vllm_worker re-processes
-    it; without that, `other`'s answers here differ from HF's)."""
+    alone leaves the tied output layer computing with the previous weights on a CPU
+    (tspin.generation.vllm_worker re-processes it; without that, `other`'s answers here differ from HF's)."""
     assert vllm_samples(demo, temperature=0.0) == hf_samples(demo, temperature=0.0)
     engine = vllm_engine.current_engine()
     other = model_dir(tmp_path / "other", seed=4)

@@ -149,7 +149,7 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
 # ----------------------------------------------------------------------------- the command
 def pick_backend(backend: str = "auto") -> tuple[str, str]:
     """(backend, a line saying which one samples and why): 'auto' is vLLM when it is installed, else HF generate."""
-    from . import vllm_engine
+    from .generation import vllm_engine
 
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend={backend!r}: expected auto, hf or vllm")

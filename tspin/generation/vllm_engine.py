@@ -1,13 +1,13 @@
 """This process's vLLM engine (`generation_backend: vllm`): started at the first use, kept between calls, given
-each new policy, put to sleep between uses on a GPU. What is sampled, and how, is :mod:`tspin.generation_vllm`.
+each new policy, put to sleep between uses on a GPU. What is sampled, and how, is :mod:`tspin.generation.vllm_backend`.
 
 Weight hand-off: vLLM samples from the saved policy, a `save_pretrained` directory (the run's pi_0 or an
 iteration's `model/`) or a LoRA adapter directory (served through vLLM's LoRA support on the base model, no merge).
 
 - a new full-weight directory of the same architecture is loaded into the running engine in place (vLLM's
-  `reload_weights`, through :class:`tspin.vllm_worker.PolicyLoader`, which also re-processes an output layer tied
-  to the input embeddings: vLLM 0.32 alone leaves it computing with the old weights on a CPU). An engine start
-  costs ~20-60 s on a CPU, a reload well under a second;
+  `reload_weights`, through :class:`tspin.generation.vllm_worker.PolicyLoader`, which also re-processes an output
+  layer tied to the input embeddings: vLLM 0.32 alone leaves it computing with the old weights on a CPU). An engine
+  start costs ~20-60 s on a CPU, a reload well under a second;
 - a new adapter is one more `LoRARequest` on the same engine.
 
 Memory plan (trainer and engine on one GPU): the engine is created with `gpu_memory_utilization` (config
@@ -70,7 +70,7 @@ def require_vllm():
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine is built (tspin.generation.engine_options fills these from the run's config)."""
+    """How the engine is built (tspin.generation.sampling.engine_options fills these from the run's config)."""
 
     base_model: str | None = None  # the model LoRA adapters apply to (the run's model_name_or_path)
     lora_rank: int = 0  # > 0: build the engine with LoRA support up front (the run trains adapters)
@@ -154,7 +154,8 @@ class Engine:
         cfg = policy.config
         kw = dict(model=str(self.model_dir), skip_tokenizer_init=True, max_model_len=max_model_len, seed=0,
                   generation_config="vllm", disable_log_stats=True,
-                  worker_extension_cls="tspin.vllm_worker.PolicyLoader")  # load_policy: reload, tied head included
+                  # load_policy: reload, tied head included
+                  worker_extension_cls="tspin.generation.vllm_worker.PolicyLoader")
         if self.cuda:
             import torch
 

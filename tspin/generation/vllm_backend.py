@@ -7,7 +7,7 @@ depend on its batch, on the chunking or on the number of ranks, and a resumed ru
 would. Prompts go to the engine in chunks of `chunk_size`; each finished chunk is appended to the `.partial` file.
 Under torchrun prompt i goes to rank i mod N, each rank sampling with its own engine.
 
-The engine (start, weight hand-off, sleep between uses, memory plan) is :mod:`tspin.vllm_engine`.
+The engine (start, weight hand-off, sleep between uses, memory plan) is :mod:`tspin.generation.vllm_engine`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import encode_prompts, stop_token_ids
-from .generation import Sample, append_partial, resume_partial, sample_of, samples_of, sharded_generate
-from .ranks import world
+from ..data import encode_prompts, stop_token_ids
+from ..ranks import world
+from .samples import Sample, append_partial, resume_partial, sample_of, samples_of, sharded_generate
 from .vllm_engine import LORA_RANKS, EngineOptions, Policy, engine_for, on_cuda, require_vllm
 
 

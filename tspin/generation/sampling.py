@@ -1,9 +1,9 @@
 """Batched, seeded, resumable generation, shared out over the ranks under torchrun: Hugging Face `generate` (KV
-cache, left padding; here) or vLLM (`generation_backend: vllm`, :mod:`tspin.generation_vllm`).
+cache, left padding; here) or vLLM (`generation_backend: vllm`, :mod:`tspin.generation.vllm_backend`).
 
-Each finished batch is appended to `<out>.partial` (flushed and fsynced); a restarted run keeps those and goes on
-from the next batch. Every batch seeds its own sampling from (seed, batch index), so a resumed run writes exactly
-what an uninterrupted one would. The final file appears in one rename.
+Each finished batch is appended to `<out>.partial` (:mod:`tspin.generation.samples`); a restarted run keeps those
+and goes on from the next batch. Every batch seeds its own sampling from (seed, batch index), so a resumed run
+writes exactly what an uninterrupted one would. The final file appears in one rename.
 
 A sample keeps its token ids (trained on as they are: re-tokenizing the text can give other ids) and whether it
 was cut at max_new_tokens. Sampling stops at any of the model's stop tokens (:func:`tspin.data.stop_token_ids`).
@@ -11,56 +11,18 @@ was cut at max_new_tokens. Sampling stops at any of the model's stop tokens (:fu
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import encode_prompts, stop_token_ids
-from .io import append_jsonl, atomic_write_jsonl
-from .ranks import on_main, world
-from .wrapping import policy_of
+from ..data import encode_prompts, load_records, stop_token_ids
+from ..io import atomic_write_jsonl
+from ..ranks import on_main, world
+from ..wrapping import policy_of
+from .samples import Sample, append_partial, partial_path, resume_partial, sample_of, samples_of, sharded_generate
 
 BACKENDS = ("hf", "vllm")  # = tspin.config.GENERATION_BACKENDS
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One response: its text (special tokens and the stop token dropped), whether it was cut at max_new_tokens
-    instead of ending with a stop token, and the sampled token ids (the stop token included when it stopped)."""
-
-    text: str
-    truncated: bool
-    token_ids: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-def sample_of(ids: list[int], stops: Sequence[int], tokenizer) -> Sample:
-    """One generated row (anything after its first stop token, e.g. padding, dropped) as a Sample."""
-    end = next((k for k, t in enumerate(ids) if t in stops), None)
-    ids = list(ids) if end is None else list(ids[: end + 1])
-    return Sample(tokenizer.decode(ids if end is None else ids[:-1], skip_special_tokens=True), end is None, ids)
-
-
-def _read_partial(path: Path) -> list[dict]:
-    done = []
-    if not path.exists():
-        return done
-    with open(path) as f:
-        for line in f:
-            try:
-                done.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: everything after it is redone
-                break
-    return done
 
 
 def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
@@ -74,8 +36,8 @@ def generate_samples(model, tokenizer, prompts: list[str], *, seed: int = 0, par
                      engine: dict | None = None, **kwargs) -> list[Sample]:
     """Samples for `prompts`, in input order; kwargs as `_generate_local`. Backend 'hf' samples with `model`, the
     training policy (tspin.wrapping.wrap_model: one process, DDP, FSDP2); backend 'vllm' samples from the saved
-    policy in `weights` (a save_pretrained or LoRA-adapter directory; `engine`: tspin.vllm_engine.EngineOptions
-    fields) and ignores `model`.
+    policy in `weights` (a save_pretrained or LoRA-adapter directory; `engine`:
+    tspin.generation.vllm_engine.EngineOptions fields) and ignores `model`.
 
     Under torchrun every rank must call this: each samples its share of the prompts and all get the full list. The
     partial file (resume inside a generation) is single-process only: ranks would share it.
@@ -83,7 +45,7 @@ def generate_samples(model, tokenizer, prompts: list[str], *, seed: int = 0, par
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "vllm":
-        from .generation_vllm import generate_samples as vllm_samples
+        from .vllm_backend import generate_samples as vllm_samples
 
         return vllm_samples(weights, tokenizer, prompts, seed=seed, partial_path=partial_path, progress=progress,
                             engine=engine, **kwargs)
@@ -94,67 +56,6 @@ def generate_samples(model, tokenizer, prompts: list[str], *, seed: int = 0, par
                                **kwargs)
     return sharded_generate(prompts, lambda ps: _generate_local(policy, tokenizer, ps, seed=seed + 7919 * rank,
                                                                 progress=progress and rank == 0, **kwargs))
-
-
-def resume_partial(partial: Path | None, chunks: list[list[int]]) -> list[dict]:
-    """The lines of `partial` made with this very chunking (a changed batch size or data starts over; so does a
-    file without the truncation flags), rewritten in place (a line torn by a kill is dropped), ready for
-    `append_partial`."""
-    done = _read_partial(partial) if partial else []
-    n = 0
-    while (n < min(len(done), len(chunks)) and done[n].get("index") == chunks[n]
-           and {"text", "truncated", "ids"} <= set(done[n])):
-        n += 1
-    done = done[:n]
-    if partial:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "w") as f:
-            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in done)
-    return done
-
-
-def append_partial(partial: Path | None, chunk: int, index: list[int], samples: list[Sample]) -> None:
-    """One finished chunk, flushed and fsynced: a kill never loses it."""
-    if partial:
-        append_jsonl(partial, {"batch": chunk, "index": index, "text": [s.text for s in samples],
-                               "truncated": [s.truncated for s in samples],
-                               "ids": [s.token_ids for s in samples]})
-
-
-def samples_of(line: dict) -> list[Sample]:
-    """The samples of one partial-file line."""
-    return [Sample(*x) for x in zip(line["text"], line["truncated"], line["ids"])]
-
-
-def sharded_generate(items: Sequence, generate_fn: Callable[[list], Sequence]) -> list:
-    """Run ``generate_fn`` on this rank's share of ``items`` and return every rank's results in ``items`` order.
-
-    Item i goes to rank ``i % world_size``. Every rank gets the same number of items (the short ones repeat their
-    last item, and the repeats' results are dropped) because under FSDP2 each forward is a collective: ranks must
-    make the same number of ``generate`` calls. ``generate_fn(list_of_items) -> list_of_results`` (same length)
-    must be called on every rank; results must be picklable. Returns the full list on every rank.
-    """
-    if not callable(generate_fn):
-        raise TypeError(f"generate_fn: expected a callable taking a list of items, got {type(generate_fn).__name__}")
-    items = list(items)
-    if not items:  # the same list on every rank: all return here, no collective is left waiting
-        return []
-    rank, world_size = world()
-    mine = list(range(rank, len(items), world_size))
-    per_rank = math.ceil(len(items) / world_size)
-    local = [items[i] for i in mine] + [items[mine[-1] if mine else 0]] * (per_rank - len(mine))
-    out = list(generate_fn(local))
-    if len(out) != len(local):
-        raise ValueError(f"generate_fn: returned {len(out)} results for {len(local)} items on rank {rank}")
-    if world_size == 1:
-        return out
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, out[: len(mine)])
-    result: list = [None] * len(items)
-    for r, outs in enumerate(gathered):
-        for j, value in enumerate(outs):
-            result[r + j * world_size] = value
-    return result
 
 
 @torch.no_grad()
@@ -215,7 +116,7 @@ def backend_kwargs(cfg, weights: str | Path | None) -> dict:
 
 
 def engine_options(cfg) -> dict:
-    """tspin.vllm_engine.EngineOptions fields from a run's config."""
+    """tspin.generation.vllm_engine.EngineOptions fields from a run's config."""
     return dict(base_model=cfg.model_name_or_path, lora_rank=cfg.lora_rank, bf16=cfg.bf16, device=cfg.device,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
 
@@ -224,14 +125,9 @@ def check_backend(cfg) -> None:
     """Before a command loads anything: the configured backend can sample the run's initial policy (vLLM installed,
     model_name_or_path a saved model it serves)."""
     if cfg.generation_backend == "vllm":
-        from .generation_vllm import check_policy
+        from .vllm_backend import check_policy
 
         check_policy(cfg.model_name_or_path, engine_options(cfg), label="config: model_name_or_path")
-
-
-def partial_path(out_path: Path) -> Path:
-    """Where a generation writing ``out_path`` keeps its finished batches until it is done."""
-    return out_path.with_name(out_path.name + ".partial")
 
 
 def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str, cfg, *, seed: int,
@@ -240,8 +136,6 @@ def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, 
     `out_path` (JSONL, atomic, resumable); cached if it exists. `weights`: as `backend_kwargs`."""
     out_path = Path(out_path)
     if out_path.exists():
-        from .data import load_records
-
         return load_records(out_path, require_response=False)
     partial = partial_path(out_path)
     samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
