@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OURS = ("triton", "triton_mm", "triton_fused", "torch", "torch_recompute")
+OURS = ("default", "triton", "triton_mm", "triton_fused", "torch", "torch_recompute")
 PEERS = ("naive", "compile", "cce", "liger")  # exact gradients: "fastest peer" is taken over these
 APPROX = ("cce_filter",)  # CCE's default gradient filtering (approximate gradients), shown but not the baseline
 IMPL_ORDER = OURS + PEERS + APPROX
