@@ -57,6 +57,15 @@ def test_matmul_backward_on_gpu_against_float64(case, dtype):
     check_against_oracle(GPU_CASES[case], "triton", dtype, device="cuda", backward="matmul")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("chunk", [None, 7 * 5003], ids=["default_chunk", "7_row_chunks"])
+def test_torch_recompute_path_on_gpu_against_float64(chunk, dtype):
+    """The torch recompute path on CUDA: its 16-bit weight-gradient product on tensor cores (float32 result), in
+    one chunk (the 1 GiB default) and in many."""
+    check_against_oracle(GPU_CASES["bias_shift"], "torch", dtype, device="cuda", chunk_elements=chunk)
+    check_against_oracle(GPU_CASES["odd"], "torch", dtype, device="cuda", chunk_elements=chunk)
+
+
 @pytest.mark.parametrize("strategy", ["atomic", "matmul"])
 def test_backward_memory_is_the_gradients_plus_a_bounded_scratch(strategy):
     """A bf16 llama3-sized head: the backward's peak over the inputs is the gradients themselves plus bounded
