@@ -174,3 +174,15 @@ def test_gpu_suite_keeps_the_parts_that_finished_when_cut(tmp_path):
     assert (repo / "benchmarks" / "results" / "gpu-test.json").read_text().splitlines() == parts
     assert (out / "gpu-test.json").read_text().splitlines() == parts  # copied after each part
     assert "part kernels-mistral done" in (out / "gpu-all.log").read_text()
+
+
+def test_shapes_figure_from_the_committed_gpu_run(tmp_path):
+    """The figure docs/guides/loss-paths.md shows, redrawn from the committed H200 files."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    files = [ROOT / "benchmarks" / "results" / f"h200-20261204-ec8b2c3-{s}.json" for s in ("qwen", "mistral", "llama3")]
+    png = plot.shapes_figure(files, tmp_path / "paths.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no forward / frozen kernel records"):
+        plot.shapes_figure(files, tmp_path / "none.png", mode="forward", head="frozen")
