@@ -185,26 +185,52 @@ def clear_grads(*tensors) -> None:
             t.grad = None
 
 
-def cuda_peak_rise(prepare, run, device) -> int | None:
-    """Peak CUDA memory rise of ``run(prepare())`` over what was allocated before ``prepare`` (the inputs).
+class CudaMemory:
+    """The allocator statistics the memory figures read (CUDA's caching allocator on one device)."""
 
-    ``prepare`` is not part of the peak window but its allocations count in the rise (for the backward mode it
-    runs the forward, whose saved tensors stay alive during backward). None off CUDA.
-    """
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def peak_rise(prepare, run, memory, leaves=()) -> int:
+    """Peak memory rise of ``run(prepare())`` over the inputs alone, as ``memory`` (``CudaMemory``) counts it.
+
+    The gradients an earlier call left on ``leaves`` (the inputs) are freed before the baseline is read, so what
+    this call allocates counts whole: a trainable head's figure includes its weight gradient. ``prepare`` is not
+    part of the peak window but its allocations count in the rise (for the backward mode it runs the forward,
+    whose saved tensors stay alive during backward)."""
+    clear_grads(*leaves)
+    gc.collect()
+    memory.sync()
+    base = memory.allocated()
+    state = prepare()
+    memory.sync()
+    memory.reset_peak()
+    out = run(state)
+    memory.sync()
+    peak = memory.peak()
+    del out, state
+    return int(peak - base)
+
+
+def cuda_peak_rise(prepare, run, device, leaves=()) -> int | None:
+    """:func:`peak_rise` on CUDA; None off CUDA."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    gc.collect()
-    sync(device)
-    base = torch.cuda.memory_allocated(device)
-    state = prepare()
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = run(state)
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out, state
-    return int(peak - base)
+    return peak_rise(prepare, run, CudaMemory(device), leaves)
 
 
 def median_seconds(benchmark) -> float | None:

@@ -1,7 +1,8 @@
 """End-to-end benchmark: one T-SPIN optimizer step on a random-init causal LM, our fused path vs the naive HF path.
 
 - ``tspin``: ``backbone(...) -> last hidden states -> tspin_loss(hidden, lm_head.weight, labels, shift=True)``
-  (no [tokens x vocab] logits anywhere).
+  (no [tokens x vocab] logits anywhere), with the library's defaults unless options are given; every result
+  records the path the call took (``loss_path``: impl, fused, backward, ...).
 - ``naive_hf``: ``model(...).logits -> float -> log_softmax -> gather -> masked per-row sum -> T-SPIN loss``.
 
 A batch is B triplets = 3B rows of T random tokens, the first half of each row prompt (ignored).
@@ -13,13 +14,14 @@ Configs (random init, built from ``transformers`` configs, never downloaded):
 
 CLI (prints JSON lines; the pytest suite ``benchmarks/test_e2e.py`` records the same numbers into the results file):
 
-    python -m benchmarks.e2e --config llama-1b --path tspin --B 2 [--max-batch]
+    python -m benchmarks.e2e --config llama-1b --path tspin --B 2 [--max-batch] [--fused false --backward atomic]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import statistics
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from tspin_kernels import tspin_loss, tspin_loss_from_logps
+from tspin_kernels import loss_path, tspin_loss, tspin_loss_from_logps
 from tspin_kernels.integrations.hf import backbone_and_head
 
 PATHS = ("tspin", "naive_hf")
@@ -247,8 +249,17 @@ def measure(model, opt, cfg: E2EConfig, path: str, B: int, device, *, steps: int
         "step_seconds": median, "tokens_per_s": tokens / median if median else None,
         "tflops": flops / median / 1e12 if median else None, "peak_mem_bytes": peak,
         "static_mem_bytes": static, "peak_rise_bytes": (peak - static) if cuda else None,
-        "lora": cfg.lora, "checkpointing": cfg.checkpointing,
+        "lora": cfg.lora, "checkpointing": cfg.checkpointing, **path_ran(path, device, kernel),
     }
+
+
+def path_ran(path: str, device, kernel: dict | None = None) -> dict:
+    """What the ``tspin`` path's loss call ran: its options (``kernel_options``, {} = the library's defaults) and
+    the path tspin_kernels resolved them to on ``device`` (``loss_path``)."""
+    if path != "tspin":
+        return {}
+    kernel = {k: v for k, v in (kernel or {}).items() if v is not None}
+    return {"kernel_options": kernel, "loss_path": dataclasses.asdict(loss_path(device, **kernel))}
 
 
 _CACHE: dict = {}
@@ -285,22 +296,23 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, default=2, help="triplets per step for the throughput measurement")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--max-batch", action="store_true", help="also search the largest triplet batch that fits")
-    p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "reference"],
-                   help="tspin_kernels impl for the tspin path")
+    p.add_argument("--impl", default=None, choices=["auto", "triton", "torch", "reference"],
+                   help="tspin_kernels impl for the tspin path (default: the library's)")
+    p.add_argument("--fused", default=None, choices=["true", "false"],
+                   help="tspin_loss' fused for the tspin path (default: the library's)")
     p.add_argument("--backward", default=None, choices=["atomic", "matmul"],
-                   help="the Triton backward for the tspin path (default: TSPIN_BACKWARD or atomic)")
+                   help="the Triton backward for the tspin path (default: the library's)")
     a = p.parse_args(argv)
     device = common.bench_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = CONFIGS[a.config]
-    kernel = dict(impl=a.impl, backward=a.backward)
+    fused = None if a.fused is None else a.fused == "true"
+    kernel = {k: v for k, v in dict(impl=a.impl, fused=fused, backward=a.backward).items() if v is not None}
     model, opt = cached_model(cfg, device, dtype)
     for path in PATHS if a.path == "both" else (a.path,):
         res = measure(model, opt, cfg, path, a.B, device, steps=a.steps, kernel=kernel)
         if a.max_batch:
             res["max_batch_triplets"] = max_batch(cfg, path, device, dtype, kernel)
-        if path == "tspin":
-            res["kernel_options"] = kernel
         print(json.dumps(dict(res, **common.provenance())), flush=True)
     return 0
 

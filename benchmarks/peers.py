@@ -11,12 +11,13 @@ CCE and Liger are optional imports: they are carried to the GPU machine as wheel
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 
 import torch
 
-from tspin_kernels import _device, tspin_loss, tspin_loss_from_logps
+from tspin_kernels import _device, loss_path, tspin_loss, tspin_loss_from_logps
 
 IGNORE_INDEX = -100
 ALPHA, BETA = 1.0, 0.1
@@ -28,14 +29,21 @@ def _loss_from_logps(logps: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- ours
+def ours_default(hidden, weight, labels, head_trainable=True):
+    """The library's plain call, no options: the path the defaults resolve to on this device (``default_path``)."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA).loss
+
+
 def ours_triton(hidden, weight, labels, head_trainable=True):
-    """Ours with the atomic backward (one fused kernel, float32 atomics)."""
-    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", backward="atomic").loss
+    """Ours on the recompute path with the atomic backward (one fused kernel, float32 atomics)."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", fused=False,
+                      backward="atomic").loss
 
 
 def ours_triton_matmul(hidden, weight, labels, head_trainable=True):
-    """Ours with ``backward="matmul"`` (dlogits blocks + cuBLAS products instead of atomics)."""
-    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", backward="matmul").loss
+    """Ours on the recompute path with ``backward="matmul"`` (dlogits blocks + cuBLAS products, no atomics)."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="triton", fused=False,
+                      backward="matmul").loss
 
 
 def ours_triton_fused(hidden, weight, labels, head_trainable=True):
@@ -44,13 +52,23 @@ def ours_triton_fused(hidden, weight, labels, head_trainable=True):
 
 
 def ours_torch(hidden, weight, labels, head_trainable=True):
-    """The torch path as it runs by default: the fused loss path (3 units of work)."""
-    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="torch").loss
+    """The torch path fused (3 units of work), its default on every device."""
+    return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="torch", fused=True).loss
 
 
 def ours_torch_recompute(hidden, weight, labels, head_trainable=True):
     """The torch path with ``fused=False``: log-probs with their own backward, which recomputes the logits (4 units)."""
     return tspin_loss(hidden, weight, labels, alpha=ALPHA, beta=BETA, impl="torch", fused=False).loss
+
+
+def default_path(device) -> tuple[str, dict]:
+    """(the named peer the plain call equals on ``device``, the resolved ``tspin_kernels.LossPath`` as a dict)."""
+    path = loss_path(device)
+    if path.impl == "triton":
+        name = "triton_fused" if path.fused else {"atomic": "triton", "matmul": "triton_mm"}[path.backward]
+    else:
+        name = {"torch": "torch" if path.fused else "torch_recompute", "reference": "reference"}[path.impl]
+    return name, dataclasses.asdict(path)
 
 
 def reference(hidden, weight, labels, head_trainable=True):
@@ -122,6 +140,7 @@ def liger(hidden, weight, labels, head_trainable=True):
 
 
 PEERS: dict[str, Callable] = {
+    "default": ours_default,
     "triton": ours_triton,
     "triton_mm": ours_triton_matmul,
     "triton_fused": ours_triton_fused,

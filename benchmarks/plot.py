@@ -9,6 +9,11 @@ Per results file ``<device>-<yyyymmdd>.json`` it writes, next to it (or into ``-
 - ``<stem>-layouts-<config>-<attn>.png``: a T-SPIN step with padded / packed / shared-prefix batches per r = P/L;
 - ``<stem>-loss-paths.png``: the interleaved CPU comparison of the loss paths (min time, RSS rise per peer).
 ``--markdown`` prints the tables the README shows (time, memory, TFLOP/s, speed-up vs the fastest peer).
+
+    python benchmarks/plot.py FILE... --shapes-figure OUT.png [--mode fwd_bwd] [--head trainable]
+
+draws one figure instead: the median time of every implementation at every shape the files hold (one run split
+over several files, e.g. one file per shape), for one mode and head.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OURS = ("triton", "triton_mm", "triton_fused", "torch", "torch_recompute")
+OURS = ("default", "triton", "triton_mm", "triton_fused", "torch", "torch_recompute")
 PEERS = ("naive", "compile", "cce", "liger")  # exact gradients: "fastest peer" is taken over these
 APPROX = ("cce_filter",)  # CCE's default gradient filtering (approximate gradients), shown but not the baseline
 IMPL_ORDER = OURS + PEERS + APPROX
@@ -280,12 +285,41 @@ def markdown(path: Path) -> str:
     return "\n".join(out)
 
 
+def shapes_figure(files: list[Path], out: Path, mode: str = "fwd_bwd", head: str = "trainable") -> Path:
+    """Median time per implementation at every shape in ``files`` (kernel records of one mode and head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for f in files for r in kernel_rows(load(f))
+            if r["mode"] == mode and r["head"] == head and r.get("median_s")]
+    if not rows:
+        raise SystemExit(f"--shapes-figure: no {mode} / {head} kernel records in {[str(f) for f in files]}")
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in rows)]
+    t = {(r["shape"], r["impl"]): r["median_s"] * 1e3 for r in rows}
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    _bars(ax, shapes, impls, t, "median time (ms)", f"T-SPIN loss, {mode}, head {head} ({rows[0].get('device')})")
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="PNG plots and Markdown tables from benchmarks/results/*.json")
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to each file)")
     p.add_argument("--markdown", action="store_true", help="print the Markdown tables too")
+    p.add_argument("--shapes-figure", type=Path, default=None, metavar="PNG",
+                   help="one figure: every implementation's time at every shape in FILES (one mode and head)")
+    p.add_argument("--mode", default="fwd_bwd", choices=MODES)
+    p.add_argument("--head", default="trainable", choices=("trainable", "frozen"))
     a = p.parse_args(argv)
+    if a.shapes_figure is not None:
+        if not a.files:
+            p.error("--shapes-figure needs the results FILES to draw from")
+        print(shapes_figure(a.files, a.shapes_figure, a.mode, a.head))
+        return 0
     # other JSON lives there too (kernel_resources, the FSDP/LoRA check): only pytest-benchmark files are plotted
     files = a.files or [f for f in sorted(RESULTS.glob("*.json")) if "benchmarks" in json.loads(f.read_text())]
     if not files:

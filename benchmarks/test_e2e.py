@@ -3,6 +3,7 @@
 CPU: toy configs, each path checked against the other (same loss and gradients) and one step recorded.
 GPU: Llama-1B-shaped full fine-tuning (tokens/s, peak memory at B triplets; ``TSPIN_E2E_B``, default 2), and the
 largest triplet batch that fits per path for Llama-1B and for Mistral-7B-shaped LoRA + gradient checkpointing.
+``tspin`` runs the library's defaults; each record holds the path they resolved to (``loss_path``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import common, e2e
+from tspin_kernels import loss_path
 
 E2E_B = [int(b) for b in os.environ.get("TSPIN_E2E_B", "2").split(",")]
 
@@ -92,6 +94,8 @@ def test_e2e_cpu(benchmark, config, path):
     model, opt = e2e.cached_model(cfg, "cpu", torch.float32)
     res = e2e.measure(model, opt, cfg, path, 2, "cpu", steps=3, warmup=1 - benchmark.disabled,
                       timer=_bench_timer(benchmark))
+    if path == "tspin":  # the library's defaults, and the path they took, recorded with the numbers
+        assert res["kernel_options"] == {} and res["loss_path"] == dataclasses.asdict(loss_path("cpu"))
     found = e2e.max_batch(cfg, path, "cpu", torch.float32)  # the search runs (cap 2: no OOM on CPU)
     _record(benchmark, res, "cpu", max_batch_triplets=found, max_batch_cap=cfg.max_batch_cap)
 

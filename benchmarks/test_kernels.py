@@ -6,6 +6,10 @@ against ``impl="reference"`` (loss and gradients) before it is timed.
 
 Modes: ``forward`` (training forward, graph kept), ``backward`` (backward only; the forward runs untimed in setup)
 and ``fwd_bwd``. Heads: ``trainable`` (grad of W) and ``frozen`` (``W.requires_grad=False``, e.g. LoRA).
+
+``default`` is the library's plain call (``tspin_loss(hidden, weight, labels)``, no options): its record names the
+path the defaults resolved to on this device (``loss_path``, and ``same_as``: the named peer it equals). Peak
+memory is the rise over the inputs alone (an earlier case's gradients are freed before the baseline).
 """
 
 from __future__ import annotations
@@ -97,16 +101,18 @@ def run_case(benchmark, shape: common.Shape, impl: str, mode: str, head: str, de
     prepare, run = _steps(fn, hidden, weight, labels, trainable, mode, device)
     if not benchmark.disabled:
         run(prepare())  # warm-up outside the measurement (compiles, autotunes); CI (disabled) runs once only
-    peak = common.cuda_peak_rise(prepare, run, device)
+    peak = common.cuda_peak_rise(prepare, run, device, leaves=(hidden, weight))  # over the inputs alone
     rounds, warmup = ROUNDS[torch.device(device).type]
     benchmark.pedantic(run, setup=lambda: ((prepare(),), {}), rounds=rounds, warmup_rounds=warmup)
     seconds = common.median_seconds(benchmark)
+    # the plain call is recorded with the path it took (its units are that path's)
+    same_as, path = peers.default_path(device) if impl == "default" else (impl, None)
     common.record(
         benchmark, device, impl=impl, shape=shape.name, mode=mode, head=head, peak_mem_bytes=peak,
         tflops=common.effective_tflops(shape, mode, trainable, seconds), dtype=str(dtype).replace("torch.", ""),
         D=shape.D, V=shape.V, B=shape.B, T=shape.T, n_counted=shape.counted,
-        work_units=common.work_units(mode, trainable), path_units=common.path_units(impl, mode, trainable, shape),
-        rel_err_vs_reference=errs,
+        work_units=common.work_units(mode, trainable), path_units=common.path_units(same_as, mode, trainable, shape),
+        rel_err_vs_reference=errs, **({"loss_path": path, "same_as": same_as} if path else {}),
     )
 
 

@@ -46,6 +46,8 @@ def test_yaml_and_overrides(tmp_path):
     (["--bf16=maybe"], "--bf16: Truthy value expected: got maybe"),
     (["--num_iterations=2.5"], "--num_iterations/--num-iterations: invalid int value: '2.5'"),
     (["--data_fraction=0.5", "--data_count=3"], "give data_fraction or data_count, not both"),
+    (["--fused_loss=true", "--loss_impl=reference"],  # tspin_kernels' own rule, before any work starts
+     "fused_loss='true': with loss_impl='reference': fused: impl='reference' is the full-logits oracle"),
 ])
 def test_config_errors_name_the_key(args, message, capsys):
     rc, _, err = run(["train", *args], capsys)

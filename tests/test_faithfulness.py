@@ -75,8 +75,10 @@ def test_tspin_without_history_runs_without_proto(tmp_path):
     assert train and all("logps/generated" in r and "logps/proto" not in r and r["beta"] == 0 for r in train)
 
 
-@pytest.mark.parametrize("fused", [False, True])  # the loss on log-probs, and the loss inside the head's forward
-def test_tspin_pairs_loss_equals_triplets_with_beta_zero(tmp_path, fused):
+@pytest.mark.parametrize("fused", [False, True])  # log-probs with their own backward, and the fused path
+def test_tspin_no_history_on_pairs_equals_triplets_with_beta_zero(tmp_path, fused):
+    """T-SPIN without the history term is a loss of its own over pairs [real; generated]: the same loss, gradients
+    and current-term metrics as T-SPIN with beta = 0 over the triplets, without the proto rows."""
     from tspin.losses import compute_loss
 
     tok = build_tokenizer()
@@ -84,10 +86,10 @@ def test_tspin_pairs_loss_equals_triplets_with_beta_zero(tmp_path, fused):
              "proto": r["response"][::-1]} for i, r in enumerate(make_task(5, 3))]
     policy = load_policy(tiny_cfg(model_name_or_path=str(tiny_model_dir(tmp_path / "m"))))
     results = []
-    for fields in (("real", "generated"), ("real", "generated", "proto")):
+    for method, fields in (("tspin_no_history", ("real", "generated")), ("tspin", ("real", "generated", "proto"))):
         feats = build_features(rows, tok, fields, template="paper", max_length=40, max_prompt_length=24)
         policy.zero_grad()
-        loss, metrics = compute_loss(policy, collate(feats, fields, tok.pad_token_id), method="tspin", alpha=0.5,
+        loss, metrics = compute_loss(policy, collate(feats, fields, tok.pad_token_id), method=method, alpha=0.5,
                                      beta=0.0, fused=fused)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()], metrics))
@@ -98,7 +100,7 @@ def test_tspin_pairs_loss_equals_triplets_with_beta_zero(tmp_path, fused):
     assert set(trip_metrics) - set(pair_metrics) == {"logps/proto", "rewards/proto", "margins/history",
                                                       "rewards/history_accuracies"}
     feats = build_features(rows, tok, ("real", "generated"), template="paper", max_length=40, max_prompt_length=24)
-    with pytest.raises(ValueError, match="needs the proto rows"):
+    with pytest.raises(ValueError, match="method='tspin' needs 3 rows per example.*method='tspin_no_history'"):
         compute_loss(policy, collate(feats, ("real", "generated"), tok.pad_token_id), method="tspin", beta=0.1)
 
 

@@ -19,6 +19,7 @@ from tspin_kernels import (
     spin_loss_from_logps,
     tspin_loss,
     tspin_loss_from_logps,
+    tspin_no_history_loss,
 )
 from tspin_kernels._inputs import Compacted
 from tspin_kernels._options import resolve_options
@@ -50,6 +51,8 @@ def run_loss(inputs, loss, impl, *, dtype=None, weight_grad=True, fused=None, de
     kw = dict(bias=t.get("bias"), cu_seqlens=t.get("cu_seqlens"), impl=impl, fused=fused, **opts)
     if loss == "tspin":
         out = tspin_loss(t["hidden"], t["weight"], t["labels"], alpha=ALPHA, beta=BETA, **kw)
+    elif loss == "tspin_no_history":
+        out = tspin_no_history_loss(t["hidden"], t["weight"], t["labels"], alpha=ALPHA, **kw)
     else:
         R = t["cu_seqlens"].numel() - 1 if t.get("cu_seqlens") is not None else t["hidden"].shape[0]
         out = spin_loss(t["hidden"], t["weight"], t["labels"], _ref_logps(R).to(device), beta=BETA, **kw)
@@ -87,7 +90,7 @@ def assert_within_rule(ours, base, ref, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss", ["tspin", "spin"])
+@pytest.mark.parametrize("loss", ["tspin", "spin", "tspin_no_history"])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_fused_against_float64_oracle(case, loss, impl, dtype):
     check_fused(CASES[case], loss, impl, dtype)

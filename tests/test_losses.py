@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from tests._oracle import make_inputs
-from tspin_kernels import SequenceLogps, SPINLoss, TSPINLoss, sequence_logps, spin_loss, tspin_loss
-from tspin_kernels.functional import spin_loss_from_logps, tspin_loss_from_logps
+from tspin_kernels import (
+    SequenceLogps,
+    SPINLoss,
+    TSPINLoss,
+    TSPINNoHistoryLoss,
+    sequence_logps,
+    spin_loss,
+    tspin_loss,
+    tspin_no_history_loss,
+)
+from tspin_kernels.functional import spin_loss_from_logps, tspin_loss_from_logps, tspin_no_history_loss_from_logps
 
 
 def _l(t):
@@ -27,6 +36,37 @@ def test_tspin_formula_and_gradient(alpha, beta):
     torch.testing.assert_close(real.grad, -alpha * s(-alpha * cur).detach() / B)
     torch.testing.assert_close(proto.grad, alpha * beta * s(-alpha * his).detach() / B)
     torch.testing.assert_close(gen.grad, (alpha * s(-alpha * cur) - alpha * beta * s(-alpha * his)).detach() / B)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+def test_tspin_no_history_formula_and_gradient(alpha):
+    real, gen = (torch.randn(5, dtype=torch.float64).mul(3).requires_grad_() for _ in range(2))
+    loss = tspin_no_history_loss_from_logps(real, gen, alpha=alpha)
+    torch.testing.assert_close(loss, _l(alpha * (real - gen)).mean())
+    loss.backward()
+    s = -alpha * torch.sigmoid(-alpha * (real - gen)).detach() / 5
+    torch.testing.assert_close(real.grad, s)
+    torch.testing.assert_close(gen.grad, -s)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_tspin_no_history_is_spin_with_zero_references_bit_for_bit(impl, fused):
+    """The loss the trainer used to route T-SPIN without history through (SPIN, beta=alpha, zero references) and
+    the named loss give the same bits: loss, log-probs and every gradient."""
+    inp = make_inputs(4, 9, 16, 50, torch.float32, bias=True)
+    runs = []
+    for name in ("no_history", "spin_zero_refs"):
+        h, w, b = (inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+        kw = dict(bias=b, impl=impl, fused=fused, shift=True)
+        if name == "no_history":
+            out = tspin_no_history_loss(h, w, inp["labels"], alpha=0.7, **kw)
+        else:
+            out = spin_loss(h, w, inp["labels"], torch.zeros(4), beta=0.7, **kw)
+        out.loss.backward()
+        runs.append([out.loss, *out[1:], h.grad, w.grad, b.grad])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_spin_formula():
@@ -77,6 +117,11 @@ def test_modules_match_functional():
                                sequence_logps(*args, bias=inp["bias"], shift=True, impl="reference"))
     m = TSPINLoss(alpha=0.5, beta=0.2, impl="triton")
     torch.testing.assert_close(m(*args).loss, tspin_loss(*args, alpha=0.5, beta=0.2, impl="reference").loss)
+    nh = TSPINNoHistoryLoss(alpha=0.5, impl="torch", fused=False)
+    h = inp["hidden"].clone().requires_grad_()
+    assert nh(h, *args[1:]).real_logps.requires_grad  # fused=False reached the call: differentiable log-probs
+    torch.testing.assert_close(nh(*args).loss, tspin_no_history_loss(*args, alpha=0.5, impl="reference").loss)
+    assert "fused=False" in repr(nh)
     ref = torch.zeros(6)
     torch.testing.assert_close(SPINLoss(beta=0.3, impl="torch")(*args, ref).loss,
                                spin_loss(*args, ref, beta=0.3, impl="reference").loss)

@@ -69,9 +69,9 @@ def test_lm_head_never_runs_over_the_sequence(setup, fused):
     batch = collate(feats, FIELDS, tok.pad_token_id)
     compute_loss(model, batch, method="tspin", fused=fused)[0].backward()
     # the head's module is called (FSDP2 gathers its weight around that call), but its fused forward hands back
-    # one log-prob per row (and with the fused loss, the loss): no [rows x tokens x vocab] logits
+    # the loss and one log-prob per row, on either path: no [rows x tokens x vocab] logits
     B = batch.num_examples
-    assert outputs == [((), (B,), (B,), (B,)) if fused else (3 * B,)]
+    assert outputs == [((), (B,), (B,), (B,))]
     model.model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook does see a plain forward's logits
     assert outputs[-1] == (1, 3, len(tok))
 
@@ -111,6 +111,24 @@ def test_spin_without_reference_is_an_error(setup):
     model = tiny_policy(d)
     with pytest.raises(ValueError, match="ref_logps"):
         compute_loss(model, collate(feats, ("real", "generated"), tok.pad_token_id), method="spin")
+
+
+def test_methods_and_losses_are_named_in_one_place(setup):
+    """tspin.methods decides which loss a method runs and which rows it reads; the config, the batches and the
+    loss all ask it (an unknown name is refused there, with the names it knows)."""
+    from tspin.batch import fields_for
+    from tspin.config import METHODS
+    from tspin.methods import LOSS_FIELDS, loss_of
+
+    assert METHODS == ("tspin", "spin", "sft")
+    assert [loss_of(m) for m in METHODS] == ["tspin", "spin", "sft"] and loss_of("tspin", True) == "tspin_no_history"
+    assert fields_for("tspin", no_history=True) == LOSS_FIELDS["tspin_no_history"] == ("real", "generated")
+    assert loss_of("spin", no_history=True) == "spin"  # no_history is T-SPIN's ablation only
+    with pytest.raises(ValueError, match="method='dpo': expected one of tspin, spin, sft"):
+        fields_for("dpo")
+    d, tok, feats = setup
+    with pytest.raises(ValueError, match="method='dpo': expected one of tspin, tspin_no_history, spin, sft"):
+        compute_loss(tiny_policy(d), collate(feats, ("real",), tok.pad_token_id), method="dpo")
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared_prefix"])
@@ -167,8 +185,12 @@ def test_fused_loss_equals_loss_on_logps(setup, layout, impl, method):
 def test_loss_spec_refuses_bad_arguments(setup):
     from tspin_kernels.integrations import LossSpec, causal_lm_sequence_logps
 
-    with pytest.raises(ValueError, match="method: expected 'tspin' or 'spin'"):
+    with pytest.raises(ValueError, match="method: expected one of 'tspin', 'tspin_no_history', 'spin'"):
         LossSpec("dpo")
+    with pytest.raises(ValueError, match="beta: method='tspin_no_history' has no history term"):
+        LossSpec("tspin_no_history", beta=0.0)
+    with pytest.raises(ValueError, match="ref_logps: T-SPIN is reference-free"):
+        LossSpec("tspin_no_history", ref_logps=torch.zeros(2))
     with pytest.raises(TypeError, match="ref_logps: method='spin' needs"):
         LossSpec("spin")
     with pytest.raises(ValueError, match="ref_logps: T-SPIN is reference-free"):

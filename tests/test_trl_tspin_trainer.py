@@ -39,10 +39,12 @@ def _full_logits_loss(model, batch, alpha, beta):
     return tspin_loss_from_logps(real, gen, proto, alpha=alpha, beta=beta)
 
 
-def _check_against_full_logits(trainer):
+def _check_against_full_logits(trainer, fused_grad_fn: bool = True):
     trainer.model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(trainer.model, batch)
+    # the loss runs in the LM head's forward, on the path tspin_kernels resolves (fused by default)
+    assert ("FusedTupleLoss" in type(loss.grad_fn).__name__) == fused_grad_fn, type(loss.grad_fn).__name__
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.model.zero_grad(set_to_none=True)
@@ -57,10 +59,11 @@ def _check_against_full_logits(trainer):
     return batch
 
 
-def test_loss_and_grads_equal_full_logits(tmp_path):
-    trainer = TSPINTrainer(tiny_model(TOK), args=_config(tmp_path), train_dataset=Dataset.from_dict(triplet_rows(6)),
-                           processing_class=TOK)
-    _check_against_full_logits(trainer)
+@pytest.mark.parametrize("fused", [None, False])
+def test_loss_and_grads_equal_full_logits(tmp_path, fused):
+    trainer = TSPINTrainer(tiny_model(TOK), args=_config(tmp_path, fused=fused),
+                           train_dataset=Dataset.from_dict(triplet_rows(6)), processing_class=TOK)
+    _check_against_full_logits(trainer, fused_grad_fn=fused is None)
     examples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(examples)
     for k, key in enumerate(FIELDS):  # row 3k: labels are exactly example 0's completion tokens, EOS-terminated

@@ -18,6 +18,7 @@ from tspin_kernels.integrations import SharedPrefixBatch, build_shared_prefix_ba
 
 from .config import LAYOUTS
 from .data import IGNORE_INDEX
+from .methods import LOSS_FIELDS, loss_of
 
 
 @dataclass
@@ -43,13 +44,9 @@ class Batch:
 
 
 def fields_for(method: str, no_history: bool = False) -> tuple[str, ...]:
-    """The rows of one example. T-SPIN without the history term (beta = 0 throughout) never reads y0: its
-    examples are the pairs (y, y')."""
-    if method == "tspin":
-        return ("real", "generated") if no_history else ("real", "generated", "proto")
-    if method == "spin":
-        return ("real", "generated")
-    return ("real",)
+    """The rows of one example of ``method`` (a ``config.method``). T-SPIN without the history term never reads
+    y0: its examples are the pairs (y, y')."""
+    return LOSS_FIELDS[loss_of(method, no_history)]
 
 
 def count_tokens(features: list[dict], fields: tuple[str, ...]) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("tspin", "spin", "sft")
+from .methods import METHODS
+
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed", "shared_prefix")
@@ -64,9 +65,10 @@ class Config:
     average_logps: bool = _f(False, "Length-averaged log-probs instead of sums (an option; the method sums).")
     loss_impl: str = _f("auto", "tspin_kernels impl: auto | triton | torch | reference.")
     fused_loss: str = _f("auto", "tspin, spin: form the LM head's gradients inside the loss's forward, one chunk of "
-                                 "whole triplets (pairs) at a time: 3 passes over the head instead of 4. auto: "
-                                 "where loss_impl resolves to torch (CPU), as tspin_kernels decides; true: always "
-                                 "(not with loss_impl reference); false: log-probs, then the loss on them.")
+                                 "whole triplets (pairs) at a time: 3 passes over the head instead of 4. auto: as "
+                                 "tspin_kernels decides (fused on CUDA and with the torch path, the fastest "
+                                 "measured); true: always (not with loss_impl reference); false: log-probs with "
+                                 "their own backward, then the loss on them.")
     layout: str = _f("padded", "Batch layout: padded rows; packed padding-free rows with cu_seqlens/position_ids; "
                                "shared_prefix (tspin, spin): each prompt runs through the backbone once for all "
                                "its responses, exactly (needs sdpa, eager or flex_attention; sft uses packed).")
@@ -200,8 +202,12 @@ class Config:
                 bad(name, "must be in [0, 2**32)")
         if not DEVICE.fullmatch(self.device):
             bad("device", "expected auto, cpu, cuda or cuda:N")
-        if self.fused_loss == "true" and self.loss_impl == "reference":
-            bad("fused_loss", "loss_impl 'reference' (the full-logits oracle) has no fused path; use auto or false")
+        try:  # the kernels' own rule (tspin_kernels decides the loss path), checked before any work starts
+            from tspin_kernels._defaults import resolve_path
+
+            resolve_path("cpu", impl=self.loss_impl, fused=self.fused_loss_option())
+        except ValueError as e:
+            bad("fused_loss", f"with loss_impl={self.loss_impl!r}: {e}")
         return self
 
     def fused_loss_option(self) -> bool | None:

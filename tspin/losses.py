@@ -2,11 +2,12 @@
 
 The policy (:func:`tspin.wrapping.wrap_model`) runs the backbone for the last hidden states and sends them with the
 LM-head weight to tspin_kernels: the LM head is never applied to the full sequence, so no [tokens x vocab] logits
-exist, forward or backward. For T-SPIN and SPIN the loss itself can run inside the head's forward
-(``fused_loss``: a :class:`tspin_kernels.integrations.LossSpec`), where the fused path forms the head's gradients
-while the logits are at hand (3 passes over the head instead of 4); its log-probs are then detached diagnostics,
-which is all the metrics need. Metrics stay tensors on the device; the training loop reads them once per logged
-step.
+exist, forward or backward. For T-SPIN (with or without its history term) and SPIN the loss itself runs inside the
+head's forward (a :class:`tspin_kernels.integrations.LossSpec`); tspin_kernels decides there, once, whether it
+takes the fused path, which forms the head's gradients while the logits are at hand (3 passes over the head
+instead of 4; its log-probs are then detached diagnostics, which is all the metrics need), or log-probs with their
+own backward (``fused_loss: false``). Metrics stay tensors on the device; the training loop reads them once per
+logged step.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import contextlib
 
 import torch
 
-from tspin_kernels import spin_loss_from_logps, tspin_loss_from_logps
 from tspin_kernels.integrations import LossSpec, shared_prefix_attention_mask
 
 from .batch import Batch, collate
+from .methods import LOSS_FIELDS, check_loss
 from .wrapping import policy_of
 
 
@@ -53,60 +54,48 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().mean()
 
 
-def _is_pairs(batch: Batch) -> bool:
-    """T-SPIN's batch holds pairs [real; generated] (no history term, no proto rows) rather than triplets."""
-    return len(batch.seq_counts) == 2 * batch.num_examples
-
-
-def _loss_and_logps(model, batch: Batch, *, method: str, alpha: float, beta: float, spin_lambda: float, impl: str,
-                    average: bool, fused: bool | None):
-    """(mean loss over the batch's examples, per-row log-probs). ``fused`` False: the policy's differentiable
-    log-probs, the loss on top; None (auto) / True: the loss in the head's forward (``LossSpec``), the log-probs
-    its diagnostics (detached on the fused path)."""
-    pairs = method == "tspin" and _is_pairs(batch)
-    if fused is False:
-        logps = policy_logps(model, batch, impl=impl, average=average)
-        if method == "tspin":
-            real, gen, *proto = logps.chunk(2 if pairs else 3)
-            return tspin_loss_from_logps(real, gen, proto[0] if proto else gen, alpha=alpha, beta=beta), logps
-        ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
-        return spin_loss_from_logps(*logps.chunk(2), ref_real, ref_gen, beta=spin_lambda), logps
-    if pairs:  # beta = 0 on [real; generated]: -logsigmoid(alpha (real - gen)) is SPIN's loss with zero references
-        spec = LossSpec("spin", beta=alpha, ref_logps=torch.zeros(2 * batch.num_examples), fused=fused,
-                        seq_counts=batch.seq_counts or None)
-    else:
-        spec = LossSpec(method, alpha=alpha, beta=beta if method == "tspin" else spin_lambda, fused=fused,
-                        ref_logps=batch.ref_logps if method == "spin" else None, seq_counts=batch.seq_counts or None)
-    out = policy_logps(model, batch, impl=impl, average=average, loss=spec)
-    return out.loss, torch.cat(out[1:])
+def _loss_spec(loss: str, batch: Batch, *, alpha: float, beta: float, spin_lambda: float,
+               fused: bool | None) -> LossSpec:
+    """The loss the head computes in its forward; ``fused`` (None, True, False) is handed to tspin_kernels, which
+    decides the path (the fused one, or log-probs with their own backward and the loss on them)."""
+    counts = batch.seq_counts or None
+    if loss == "tspin":
+        return LossSpec("tspin", alpha=alpha, beta=beta, fused=fused, seq_counts=counts)
+    if loss == "tspin_no_history":
+        return LossSpec("tspin_no_history", alpha=alpha, fused=fused, seq_counts=counts)
+    return LossSpec("spin", beta=spin_lambda, ref_logps=batch.ref_logps, fused=fused, seq_counts=counts)
 
 
 def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: float = 0.1,
                  spin_lambda: float = 0.1, impl: str = "auto", average: bool = False, fused: bool | None = None):
     """(loss summed over the batch's examples, or tokens for SFT; metrics as 0-d tensors). Dividing by the
     example/token count of the whole accumulation window is the caller's job: that keeps gradient accumulation
-    exact (the fused loss is a mean over the micro-batch's examples: times their number, a sum again).
+    exact (the losses are means over the micro-batch's examples: times their number, a sum again).
 
-    ``fused`` (T-SPIN, SPIN; the config's ``fused_loss``): None lets tspin_kernels decide (fused where ``impl``
-    resolves to torch), True always, False never (log-probs, then the loss on them)."""
-    if method not in ("tspin", "spin", "sft"):
-        raise ValueError(f"method={method!r}: expected tspin, spin or sft")
+    ``method``: the loss (``tspin.methods.LOSS_FIELDS``: tspin, tspin_no_history, spin or sft; see
+    ``methods.loss_of`` for a config's). ``beta`` weights T-SPIN's history term; tspin_no_history has none.
+    ``fused`` (the config's ``fused_loss``): None lets tspin_kernels decide, True / False ask for the fused path
+    or for log-probs with their own backward."""
+    rows = len(LOSS_FIELDS[check_loss(method)])
+    n = batch.num_examples
+    if batch.seq_counts and len(batch.seq_counts) != rows * n:
+        raise ValueError(f"batch: method={method!r} needs {rows} rows per example {LOSS_FIELDS[method]}, the batch "
+                         f"holds {len(batch.seq_counts)} rows for {n} examples"
+                         + (" (T-SPIN without its history term is method='tspin_no_history')"
+                            if method == "tspin" and len(batch.seq_counts) == 2 * n else ""))
     if method == "spin" and batch.ref_logps is None:
         raise ValueError("SPIN batch has no ref_logps: compute them with the start-of-iteration policy first")
-    n = batch.num_examples
     if method == "sft":
         logps = policy_logps(model, batch, impl=impl, average=average)
         loss = -logps.sum()  # summed token NLL; divided by the window's token count
         # float64 like the Python float it replaces: the logged numbers do not depend on where they are reduced
         nll = loss.detach().double() / max(batch.num_tokens, 1)
         return loss, {"logps/real": _mean(logps), "nll/token": nll}
-    if method == "tspin" and _is_pairs(batch) and beta != 0:
-        raise ValueError(f"beta={beta}: the history term needs the proto rows [real; generated; proto]")
-    mean_loss, logps = _loss_and_logps(model, batch, method=method, alpha=alpha, beta=beta, spin_lambda=spin_lambda,
-                                       impl=impl, average=average, fused=fused)
-    loss = mean_loss * n
-    if method == "tspin":
-        real, gen, *proto = logps.chunk(2 if _is_pairs(batch) else 3)  # pairs: T-SPIN without the history term
+    spec = _loss_spec(method, batch, alpha=alpha, beta=beta, spin_lambda=spin_lambda, fused=fused)
+    out = policy_logps(model, batch, impl=impl, average=average, loss=spec)
+    loss = out.loss * n
+    if method in ("tspin", "tspin_no_history"):
+        real, gen, *proto = out[1:]
         current = real - gen
         metrics = {
             "logps/real": _mean(real), "logps/generated": _mean(gen), "rewards/real": _mean(alpha * real),
@@ -119,8 +108,8 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
                             "margins/history": _mean(history),
                             "rewards/history_accuracies": _mean((history > 0).float())})
         return loss, metrics
-    real, gen = logps.chunk(2)
-    ref_real, ref_gen = batch.ref_logps.to(logps.device).chunk(2)
+    real, gen = out[1:]
+    ref_real, ref_gen = batch.ref_logps.to(real.device).chunk(2)
     r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)
     return loss, {
         "logps/real": _mean(real), "logps/generated": _mean(gen),

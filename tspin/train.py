@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from tspin_kernels.integrations import backbone_and_head
 
-from .batch import collate, count_tokens, fields_for
+from .batch import collate, count_tokens
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import Config
 from .io import atomic_write_json
 from .losses import autocast, compute_loss
+from .methods import LOSS_FIELDS, loss_of
 from .metrics import Averager, MetricsWriter, read_back
 from .ranks import all_sum, on_main, world
 from .wrapping import clip_grad_norm, grad_sync, policy_of, reshard
@@ -108,7 +109,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     rank, world_size = world()
-    fields = fields_for(method, cfg.no_history)
+    loss_name = loss_of(method, cfg.no_history)  # the loss this run trains with, decided once
+    fields = LOSS_FIELDS[loss_name]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
     beta = cfg.beta_at(iteration) if beta is None else beta
@@ -150,7 +152,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size).to(device)
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):
-                    loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
+                    loss, m = compute_loss(model, batch, method=loss_name, alpha=cfg.alpha, beta=beta,
                                            spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps,
                                            fused=cfg.fused_loss_option())
                 (loss / denom if w else loss * 0.0).backward()

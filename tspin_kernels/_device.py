@@ -8,7 +8,6 @@ import os
 import torch
 
 from . import _defaults
-from ._options import check_impl
 
 
 def interpreting() -> bool:
@@ -25,28 +24,31 @@ def triton_importable() -> bool:
     return True
 
 
-def triton_can_run(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on tensors living where ``t`` lives."""
+def triton_can_run(t: torch.Tensor | torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors living where ``t`` lives (a tensor or a device)."""
+    device = t.device if isinstance(t, torch.Tensor) else torch.device(t)
     if not triton_importable():
         return False
-    if t.is_cuda:
+    if device.type == "cuda":
         return True
-    return t.device.type == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting()
 
 
-def resolve_impl(impl: str, t: torch.Tensor) -> str:
-    """Turn the user's ``impl`` into a concrete implementation; ``"auto"`` is ``TSPIN_IMPL`` when that is set
-    (``_defaults``), else triton on CUDA tensors and torch elsewhere."""
-    if check_impl(impl) == "auto":
-        impl = _defaults.impl() or ("triton" if (t.is_cuda and triton_importable()) else "torch")
-    if impl == "triton" and not triton_can_run(t):
+def loss_path(device, *, impl: str = "auto", fused: bool | None = None, backward: str | None = None,
+              grad_filter_eps: float | None = None, chunk_elements: int | None = None) -> _defaults.LossPath:
+    """The path a call on tensors living on ``device`` (a device, its name, or a tensor) takes with these keywords:
+    ``_defaults.resolve_path`` for this device's type, then a clear error if Triton cannot run there."""
+    device = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+    path = _defaults.resolve_path(device.type, triton=triton_importable(), impl=impl, fused=fused, backward=backward,
+                                  grad_filter_eps=grad_filter_eps, chunk_elements=chunk_elements)
+    if path.impl == "triton" and not triton_can_run(device):
         raise ValueError(
             f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
-            f"got tensors on {t.device}. Use impl='torch' or impl='auto'."
+            f"got tensors on {device}. Use impl='torch' or impl='auto'."
         )
-    if impl == "triton" and not t.is_cuda:
+    if path.impl == "triton" and device.type != "cuda":
         _check_interpreter()
-    return impl
+    return path
 
 
 def _check_interpreter() -> None:

@@ -1,8 +1,8 @@
 """The kernels' keyword options: checked (errors name the argument), then completed from ``_defaults``.
 
-``resolve_options`` turns a call's ``backward`` / ``grad_filter_eps`` / ``tiles`` / ``chunk_elements`` into one
-frozen :class:`KernelOptions` that travels with the autograd Function, so the backward that autograd runs later
-uses the options of the forward that recorded it.
+``kernel_options`` turns a call's resolved path (``_defaults.resolve_path``: backward, gradient filter, chunk) and
+its ``tiles`` into one frozen :class:`KernelOptions` that travels with the autograd Function, so the backward that
+autograd runs later uses the options of the forward that recorded it.
 """
 
 from __future__ import annotations
@@ -116,17 +116,21 @@ def check_options(backward=None, grad_filter_eps=None, tiles=None, chunk_element
         check_chunk_elements(chunk_elements)
 
 
-def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> KernelOptions:
-    """Explicit options, checked; ``None`` ones from the environment defaults (``_defaults``)."""
-    backward = _defaults.backward() if backward is None else check_backward(backward)
-    eps = _defaults.grad_filter_eps() if grad_filter_eps is None else check_grad_filter_eps(grad_filter_eps)
+def kernel_options(path, tiles=None) -> KernelOptions:
+    """What travels with a kernel's autograd Function: the resolved path's (``_defaults.LossPath``) backward,
+    gradient filter and chunk, and the tiles (each kernel's keyword, else its variable, else None: built in)."""
     explicit = check_tiles(tiles)
-    per_kernel = {k: explicit[k] if k in explicit else _defaults.tiles(k) for k in TILE_KERNELS}
-    chunk = _defaults.chunk_elements() if chunk_elements is None else check_chunk_elements(chunk_elements)
-    if backward == "matmul" and eps > 0:
-        raise ValueError(f"grad_filter_eps: skips tiles of the atomic backward only; got {eps} with "
-                         "backward='matmul' (set grad_filter_eps=0 or backward='atomic')")
-    return KernelOptions(backward, eps, per_kernel["fwd"], per_kernel["bwd"], chunk)
+    per_kernel = {k: explicit[k] if k in explicit else _defaults.env_tiles(k) for k in TILE_KERNELS}
+    return KernelOptions(path.backward, path.grad_filter_eps, per_kernel["fwd"], per_kernel["bwd"],
+                         path.chunk_elements)
+
+
+def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> KernelOptions:
+    """The options of a recompute-path call on the CPU (explicit ones checked, ``None`` ones from the variables or
+    built in): for code and tests that apply a kernel Function directly."""
+    path = _defaults.resolve_path("cpu", impl="torch", fused=False, backward=backward,
+                                  grad_filter_eps=grad_filter_eps, chunk_elements=chunk_elements)
+    return kernel_options(path, tiles)
 
 
 def check_fused(value, what: str = "fused") -> bool | None:

@@ -7,9 +7,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _defaults, _device
+from . import _device
+from ._defaults import LossPath
 from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
-from ._options import check_flag, check_fused, check_real, check_seq_counts, resolve_options
+from ._options import check_flag, check_fused, check_real, check_seq_counts, kernel_options
 from .fused_loss import TupleLoss, run_fused
 from .positions import CountedPositions, compact_positions
 from .reference import ChunkedSequenceLogps, acc_dtype, naive_positions_logps, naive_sequence_logps
@@ -28,11 +29,17 @@ class SPINOutput(NamedTuple):
     generated_logps: torch.Tensor
 
 
+class TSPINNoHistoryOutput(NamedTuple):
+    loss: torch.Tensor
+    real_logps: torch.Tensor
+    generated_logps: torch.Tensor
+
+
 def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index: int = -100,
                    shift: bool = False, average: bool = False, impl: str = "auto", backward: str | None = None,
                    grad_filter_eps: float | None = None, tiles: dict | None = None,
                    chunk_elements: int | None = None, validate: bool = True,
-                   check_finite: bool = False, _loss=None) -> torch.Tensor:
+                   check_finite: bool = False) -> torch.Tensor:
     """Sum (or mean) of target-token log-probs per sequence, from hidden states and the LM-head weight.
 
     Args:
@@ -49,16 +56,18 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         average: mean instead of sum over counted tokens (0 for a sequence with none).
         impl: ``"triton"``, ``"torch"`` (chunked, bounded memory), ``"reference"`` (full logits) or ``"auto"``
             (``TSPIN_IMPL`` if set, else triton on CUDA and torch elsewhere).
-        backward: Triton path: ``"atomic"`` (one fused kernel adding every logit tile's contributions with float32
-            atomics, the leanest) or ``"matmul"`` (a kernel writes dlogits blocks, cuBLAS does the two products,
-            no atomics). ``None``: ``TSPIN_BACKWARD`` or ``"atomic"``.
+        backward: Triton path: ``"matmul"`` (a kernel writes dlogits blocks, cuBLAS does the two products, no
+            atomics; 2.1-2.3x faster on an H200) or ``"atomic"`` (one fused kernel adding every logit tile's
+            contributions with float32 atomics, the leanest, and the only one with ``grad_filter_eps``).
+            ``None``: ``TSPIN_BACKWARD``, else ``"matmul"`` on CUDA and ``"atomic"`` elsewhere (``"atomic"``
+            whenever ``grad_filter_eps > 0``).
         grad_filter_eps: Triton atomic backward: skip vocab tiles whose softmax is below this for every row and
             that hold no target (approximate gradients; 0 = exact). ``None``: ``TSPIN_GRAD_FILTER`` or 0.
         tiles: Triton path: ``{"fwd": ..., "bwd": ...}`` (either key optional), each ``"BLOCK_M,BLOCK_N,BLOCK_K,
             num_warps,num_stages"``, a sequence of those five ints or a dict with those keys, instead of the
             built-in per-GPU tiles. ``None`` entries: ``TSPIN_TILES_FWD`` / ``TSPIN_TILES_BWD`` or built-in.
         chunk_elements: torch path: float32 logit elements per row chunk (memory bound).
-            ``None``: ``TSPIN_CHUNK_ELEMENTS`` or 2**23 (32 MiB).
+            ``None``: ``TSPIN_CHUNK_ELEMENTS``, else 2**28 (1 GiB) on CUDA and 2**23 (32 MiB) elsewhere.
         validate: ``True`` checks everything, including the values of ``labels`` (in ``[0, V)`` or
             ``ignore_index``) and ``cu_seqlens`` (0, non-decreasing, N), reduced on the device and read back in
             **one** host sync. ``False`` (the caller vouches for those values, e.g. checked on the CPU when the
@@ -75,6 +84,17 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         float32 tensor of shape ``(S,)``, differentiable (once: double backward raises) w.r.t. ``hidden``,
         ``weight`` and ``bias``.
     """
+    return _logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift,
+                  average=average, impl=impl, backward=backward, grad_filter_eps=grad_filter_eps, tiles=tiles,
+                  chunk_elements=chunk_elements, validate=validate, check_finite=check_finite)
+
+
+def _logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index: int = -100, shift: bool = False,
+           average: bool = False, impl: str = "auto", backward=None, grad_filter_eps=None, tiles=None,
+           chunk_elements=None, validate: bool = True, check_finite: bool = False, path: LossPath | None = None,
+           loss: TupleLoss | None = None):
+    """:func:`sequence_logps` on ``path`` (None: resolved here, the recompute path); with ``loss`` (the fused path
+    of a loss) ``(loss, detached log-probs)`` instead."""
     hidden, weight, bias = _autocast(hidden, weight, bias)
     for name, flag in (("shift", shift), ("average", average), ("validate", validate),
                        ("check_finite", check_finite)):
@@ -84,8 +104,11 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         raise ValueError("shift: counted positions already name the row that predicts each target; pass shift=False")
     check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate=validate,
                  check_finite=check_finite)
-    options = resolve_options(backward, grad_filter_eps, tiles, chunk_elements)
-    impl = _device.resolve_impl(impl, hidden)
+    if path is None:
+        path = _device.loss_path(hidden, impl=impl, fused=False, backward=backward, grad_filter_eps=grad_filter_eps,
+                                 chunk_elements=chunk_elements)
+    options = kernel_options(path, tiles)
+    impl = path.impl
     if impl == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden: impl='triton' expects bfloat16, float16 or float32, got torch.float64")
     if impl == "reference":
@@ -97,8 +120,8 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         c = compact_positions(hidden, labels, average)
     else:
         c = compact(hidden, labels, cu_seqlens, ignore_index, shift, average)
-    if _loss is not None:  # tspin_loss / spin_loss on the fused path: (loss, detached log-probs)
-        return run_fused(_loss, c, weight, bias, impl, options, validate)
+    if loss is not None:  # a loss on the fused path: (loss, detached log-probs)
+        return run_fused(loss, c, weight, bias, impl, options, validate)
     if impl == "triton":
         from .functions import TritonSequenceLogps  # imports triton lazily: the torch path works without it
 
@@ -107,6 +130,18 @@ def sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore
         fn = ChunkedSequenceLogps
     return fn.apply(c.hidden2d, weight, bias, c.row_idx, c.target, c.seq_id, c.token_scale, c.num_seqs,
                     c.unique_rows, options)
+
+
+def loss_path(device, *, impl: str = "auto", fused: bool | None = None, backward: str | None = None,
+              grad_filter_eps: float | None = None, chunk_elements: int | None = None) -> LossPath:
+    """The path :func:`tspin_loss` / :func:`spin_loss` / :func:`tspin_no_history_loss` take on tensors living on
+    ``device`` (a ``torch.device``, its name or a tensor) with these keyword options, as a :class:`LossPath`
+    (``impl``, ``fused``, ``backward``, ``grad_filter_eps``, ``chunk_elements``): each option's keyword, else its
+    environment variable, else the built-in default for the device type, the fastest path measured there.
+    :func:`sequence_logps` takes the same path with ``fused=False`` (its log-probs have their own backward).
+    Raises the call's own error for a bad option or an ``impl`` that cannot run there."""
+    return _device.loss_path(device, impl=impl, fused=fused, backward=backward, grad_filter_eps=grad_filter_eps,
+                             chunk_elements=chunk_elements)
 
 
 def _autocast(hidden, weight, bias):
@@ -155,6 +190,19 @@ def _tspin_terms(real, generated, proto, alpha: float, beta: float) -> torch.Ten
     return -F.logsigmoid(current) - beta * F.logsigmoid(history)
 
 
+def tspin_no_history_loss_from_logps(real, generated, *, alpha: float = 1.0) -> torch.Tensor:
+    """T-SPIN without the history term from per-sequence log-probs: l(alpha*(real-gen)), mean over pairs. Inputs as
+    in :func:`tspin_loss_from_logps` (1-D, one length, floating; ``alpha`` finite). Every check is free."""
+    alpha = check_real("alpha", alpha)
+    _check_logps(real=real, generated=generated)
+    return _no_history_terms(real, generated, alpha).mean()
+
+
+def _no_history_terms(real, generated, alpha: float) -> torch.Tensor:
+    """Per-pair losses of T-SPIN without the history term (the one formula every path uses)."""
+    return -F.logsigmoid(alpha * (real - generated))
+
+
 def spin_loss_from_logps(real, generated, ref_real, ref_generated, *, beta: float = 0.1) -> torch.Tensor:
     """SPIN loss: l(beta*[(real - ref_real) - (gen - ref_gen)]), mean over pairs. Inputs as in
     :func:`tspin_loss_from_logps` (1-D, one length, floating; ``beta`` finite). Every check is free."""
@@ -177,39 +225,40 @@ def _rows(hidden, labels, cu_seqlens) -> int:
     return cu_seqlens.numel() - 1
 
 
-def _fused_loss_path(fused, hidden, options: dict) -> bool:
-    """Whether tspin_loss / spin_loss take the fused path (3 units of work; see ``fused_loss``).
-
-    ``None``: ``TSPIN_FUSED`` if set, else on for ``impl="torch"`` (measured faster on CPU; README "Benchmarks")
-    and off for ``impl="triton"`` (today's GPU default, until a GPU measurement says otherwise)."""
-    explicit = check_fused(fused)
-    fused = _defaults.fused() if explicit is None else explicit
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        return False  # sequence_logps names the bad argument
-    impl = _device.resolve_impl(options.get("impl", "auto"), hidden)
-    if impl == "reference":
-        if explicit:
-            raise ValueError("fused: impl='reference' is the full-logits oracle and has no fused path; "
-                             "use fused=None or False with it")
-        return False
-    return impl == "torch" if fused is None else fused
+_PATH_OPTIONS = ("impl", "backward", "grad_filter_eps", "chunk_elements")
+_OPTIONS = frozenset(("bias", "cu_seqlens", "ignore_index", "shift", "average", "tiles", "validate", "check_finite",
+                      *_PATH_OPTIONS))  # sequence_logps' keywords after (hidden, weight, labels)
 
 
-def _fused_options(options: dict) -> dict:
-    """The fused path's ``chunk_elements`` (a cap on a chunk of whole tuples) has its own built-in default."""
-    if options.get("chunk_elements") is None:
-        options = dict(options, chunk_elements=_defaults.fused_chunk_elements())
-    return options
-
-
-def _run_fused_loss(hidden, weight, labels, K: int, terms, fused, seq_counts, rows, options: dict):
-    """``(loss, detached log-probs)`` of the fused path, or None when the recompute path is to run. ``seq_counts``
-    is checked whichever path runs (free), and used only by the fused one."""
+def _loss_and_logps(hidden, weight, labels, K: int, terms, fused, seq_counts, rows, options: dict):
+    """``(loss, detached log-probs)`` on the fused path, ``(None, log-probs)`` on the recompute path (the caller
+    puts the loss on them). The one place a loss's path is decided: ``_device.loss_path`` with the call's ``fused``
+    and options. ``seq_counts`` is checked whichever path runs (free) and used only by the fused one."""
+    check_fused(fused)
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not an option of the losses (expected the keyword options of "
+                        f"sequence_logps: {', '.join(sorted(_OPTIONS))})")
     counts = check_seq_counts(seq_counts, rows) if rows is not None else None
-    if not _fused_loss_path(fused, hidden, options):
+    if rows is None:  # hidden is not a tensor sequence_logps accepts: it names the bad argument
+        return None, _logps(hidden, weight, labels, **options)
+    path = _device.loss_path(hidden, fused=fused, **{k: options[k] for k in _PATH_OPTIONS if k in options})
+    if path.fused:
+        return _logps(hidden, weight, labels, **options, path=path, loss=TupleLoss(K, terms, counts))
+    return None, _logps(hidden, weight, labels, **options, path=path)
+
+
+def _rows_of(hidden, labels, options: dict, K: int, what: str) -> int | None:
+    """The number of sequences (K per tuple) when ``hidden`` is a tensor the kernels take, else None."""
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3)):
         return None
-    spec = TupleLoss(K, terms, counts)
-    return sequence_logps(hidden, weight, labels, **_fused_options(options), _loss=spec)
+    rows = _rows(hidden, labels, options.get("cu_seqlens"))
+    if rows == 0 or rows % K:
+        raise ValueError(f"hidden: {what} needs {K}B rows {_ROWS[K]} with B>=1, got {rows} rows")
+    return rows
+
+
+_ROWS = {2: "[real; generated]", 3: "[real; generated; proto]"}
 
 
 def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1, fused: bool | None = None,
@@ -224,8 +273,10 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
     of work instead of 4; ``chunk_elements`` caps a chunk's float32 logits, default ``TSPIN_CHUNK_ELEMENTS`` or
     2**28, and a triplet above the cap takes two passes over its rows). Then only ``loss`` is differentiable: the
     returned log-probs are detached diagnostics. ``False``: per-sequence log-probs with their own backward (the
-    recompute path, 4 units), the loss on top; everything returned is differentiable. ``None`` (default):
-    ``TSPIN_FUSED`` if set, else fused for ``impl="torch"`` and not for ``impl="triton"`` / ``"reference"``.
+    recompute path, 4 units), the loss on top; everything returned is differentiable. ``None`` (default): the
+    recompute path when the call names an option only it has (``backward=``, ``grad_filter_eps > 0``), else
+    ``TSPIN_FUSED`` if set, else fused, except for ``impl="reference"`` and for ``impl="triton"`` in Triton's CPU
+    interpreter. :func:`loss_path` tells which path a call takes.
 
     ``seq_counts``: each sequence's number of counted positions (after ``shift``), as host integers (a list,
     tuple or CPU tensor), when the caller knows them (e.g. counted while building the batch on the CPU). The
@@ -235,19 +286,13 @@ def tspin_loss(hidden, weight, labels, *, alpha: float = 1.0, beta: float = 0.1,
     path does not use them.
     """
     alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
-    rows = None
-    if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
-        rows = _rows(hidden, labels, options.get("cu_seqlens"))
-        if rows == 0 or rows % 3:
-            raise ValueError(f"hidden: tspin_loss needs 3B rows [real; generated; proto] with B>=1, got {rows} rows")
-    fused_out = _run_fused_loss(hidden, weight, labels, 3, lambda x, t: _tspin_terms(x[0], x[1], x[2], alpha, beta),
-                                fused, seq_counts, rows, options)
-    if fused_out is not None:
-        loss, logps = fused_out
-        return TSPINOutput(loss, *logps.chunk(3))
-    logps = sequence_logps(hidden, weight, labels, **options)
+    rows = _rows_of(hidden, labels, options, 3, "tspin_loss")
+    loss, logps = _loss_and_logps(hidden, weight, labels, 3, lambda x, t: _tspin_terms(x[0], x[1], x[2], alpha, beta),
+                                  fused, seq_counts, rows, options)
     real, generated, proto = logps.chunk(3)
-    return TSPINOutput(tspin_loss_from_logps(real, generated, proto, alpha=alpha, beta=beta), real, generated, proto)
+    if loss is None:
+        loss = tspin_loss_from_logps(real, generated, proto, alpha=alpha, beta=beta)
+    return TSPINOutput(loss, real, generated, proto)
 
 
 def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bool | None = None,
@@ -260,11 +305,9 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bo
     skips that check.
     """
     beta = check_real("beta", beta)
-    rows = None
-    if isinstance(hidden, torch.Tensor) and hidden.dim() in (2, 3):
-        rows = _rows(hidden, labels, options.get("cu_seqlens"))
-        if rows == 0 or rows % 2:
-            raise ValueError(f"hidden: spin_loss needs 2B rows [real; generated] with B>=1, got {rows} rows")
+    rows = _rows_of(hidden, labels, options, 2, "spin_loss")
+    ref2 = None
+    if rows is not None:
         if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (rows,):
             got = tuple(ref_logps.shape) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
             raise ValueError(f"ref_logps: expected a tensor of shape ({rows},) in the same row order, got {got}")
@@ -272,16 +315,28 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bo
             raise fail_type("ref_logps", "a floating dtype", ref_logps.dtype)
         if check_flag("validate", options.get("validate", True)) and not bool(torch.isfinite(ref_logps).all()):
             raise ValueError("ref_logps: contains NaN or Inf (reference log-probs must be finite)")
-    if rows is not None:
         ref2 = ref_logps.detach().to(hidden.device, acc_dtype(hidden.dtype)).view(2, -1)
-        fused_out = _run_fused_loss(hidden, weight, labels, 2,
-                                    lambda x, t: _spin_terms(x[0], x[1], ref2[0, t], ref2[1, t], beta),
-                                    fused, seq_counts, rows, options)
-        if fused_out is not None:
-            loss, logps = fused_out
-            return SPINOutput(loss, *logps.chunk(2))
-    logps = sequence_logps(hidden, weight, labels, **options)
+    loss, logps = _loss_and_logps(hidden, weight, labels, 2,
+                                  lambda x, t: _spin_terms(x[0], x[1], ref2[0, t], ref2[1, t], beta),
+                                  fused, seq_counts, rows, options)
     real, generated = logps.chunk(2)
-    ref = ref_logps.detach().float().to(logps.device)
-    ref_real, ref_generated = ref.chunk(2)
-    return SPINOutput(spin_loss_from_logps(real, generated, ref_real, ref_generated, beta=beta), real, generated)
+    if loss is None:
+        ref_real, ref_generated = ref_logps.detach().float().to(logps.device).chunk(2)
+        loss = spin_loss_from_logps(real, generated, ref_real, ref_generated, beta=beta)
+    return SPINOutput(loss, real, generated)
+
+
+def tspin_no_history_loss(hidden, weight, labels, *, alpha: float = 1.0, fused: bool | None = None,
+                          seq_counts=None, **options) -> TSPINNoHistoryOutput:
+    """T-SPIN without the history term (the paper's ablation, ``beta = 0`` throughout) over 2B rows
+    ``[real; generated]``: ``l(alpha * (logp(real) - logp(generated)))``, mean over pairs. No proto rows are read
+    and no reference model is needed. ``options``, ``fused`` and ``seq_counts`` as in :func:`tspin_loss` (the
+    fused path chunks by pairs)."""
+    alpha = check_real("alpha", alpha)
+    rows = _rows_of(hidden, labels, options, 2, "tspin_no_history_loss")
+    loss, logps = _loss_and_logps(hidden, weight, labels, 2, lambda x, t: _no_history_terms(x[0], x[1], alpha),
+                                  fused, seq_counts, rows, options)
+    real, generated = logps.chunk(2)
+    if loss is None:
+        loss = tspin_no_history_loss_from_logps(real, generated, alpha=alpha)
+    return TSPINNoHistoryOutput(loss, real, generated)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._options import check_flag, check_impl, check_options, check_real
-from .functional import sequence_logps, spin_loss, tspin_loss
+from ._options import check_flag, check_fused, check_impl, check_options, check_real
+from .functional import sequence_logps, spin_loss, tspin_loss, tspin_no_history_loss
 
 
 class SequenceLogps(nn.Module):
@@ -31,21 +31,45 @@ class SequenceLogps(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
 
 
-class TSPINLoss(SequenceLogps):
+class _LossModule(SequenceLogps):
+    """A loss as a module: the options of :class:`SequenceLogps` plus ``fused`` (see :func:`tspin_loss`)."""
+
+    def __init__(self, *, fused: bool | None = None, **options):
+        super().__init__(**options)
+        self.fused = check_fused(fused)
+
+    def _options(self) -> dict:
+        return dict(self.options, fused=self.fused)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items() if v is not None)
+
+
+class TSPINLoss(_LossModule):
     def __init__(self, *, alpha: float = 1.0, beta: float = 0.1, **options):
         super().__init__(**options)
         self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
 
     def forward(self, hidden, weight, labels, bias=None, cu_seqlens=None):
         return tspin_loss(hidden, weight, labels, alpha=self.alpha, beta=self.beta, bias=bias,
-                          cu_seqlens=cu_seqlens, **self.options)
+                          cu_seqlens=cu_seqlens, **self._options())
 
 
-class SPINLoss(SequenceLogps):
+class SPINLoss(_LossModule):
     def __init__(self, *, beta: float = 0.1, **options):
         super().__init__(**options)
         self.beta = check_real("beta", beta)
 
     def forward(self, hidden, weight, labels, ref_logps, bias=None, cu_seqlens=None):
         return spin_loss(hidden, weight, labels, ref_logps, beta=self.beta, bias=bias, cu_seqlens=cu_seqlens,
-                         **self.options)
+                         **self._options())
+
+
+class TSPINNoHistoryLoss(_LossModule):
+    def __init__(self, *, alpha: float = 1.0, **options):
+        super().__init__(**options)
+        self.alpha = check_real("alpha", alpha)
+
+    def forward(self, hidden, weight, labels, bias=None, cu_seqlens=None):
+        return tspin_no_history_loss(hidden, weight, labels, alpha=self.alpha, bias=bias, cu_seqlens=cu_seqlens,
+                                     **self._options())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _device
+from ._defaults import CHUNK_ELEMENTS
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,6 +121,12 @@ def finish_forward(ctx, tok, lse, hidden2d, weight, bias, row_idx, target, seq_i
     return out
 
 
+def _upcast_slice(chunk_elements: int, weight: torch.Tensor) -> int:
+    """Elements of a 16-bit weight upcast at once where no float32-output product exists: the chunk on the CPU
+    (its default is 32 MiB), at most 32 MiB on CUDA (whose default chunk is 1 GiB)."""
+    return min(chunk_elements, CHUNK_ELEMENTS) if weight.is_cuda else chunk_elements
+
+
 class ChunkedSequenceLogps(torch.autograd.Function):
     """Per-sequence log-prob sums over compacted rows, chunked over rows, recomputing logits in backward."""
 
@@ -131,13 +138,14 @@ class ChunkedSequenceLogps(torch.autograd.Function):
         n = row_idx.numel()
         ctx.chunk_elements = options.chunk_elements
         step = max(1, options.chunk_elements // V)
+        slices = _upcast_slice(options.chunk_elements, weight)
         acc = acc_dtype(hidden2d.dtype)
         lse = torch.empty(n, dtype=acc, device=hidden2d.device)
         tok = torch.empty(n, dtype=acc, device=hidden2d.device)
         with torch.no_grad():
             for s in range(0, n, step):
                 e = min(s + step, n)
-                logits = _chunk_logits(hidden2d.index_select(0, row_idx[s:e]), weight, bias, ctx.chunk_elements)
+                logits = _chunk_logits(hidden2d.index_select(0, row_idx[s:e]), weight, bias, slices)
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 tok[s:e] = logits.gather(1, target[s:e, None]).squeeze(1) - lse[s:e]
                 del logits
@@ -152,6 +160,7 @@ class ChunkedSequenceLogps(torch.autograd.Function):
         V = weight.shape[0]
         n = row_idx.numel()
         step = max(1, ctx.chunk_elements // V)
+        slices = _upcast_slice(ctx.chunk_elements, weight)
         acc = lse.dtype
         g_tok = grad_out.to(acc)[seq_id] * token_scale.to(acc)  # d out / d token logp
         low_precision = weight.dtype not in (torch.float32, torch.float64)
@@ -161,20 +170,28 @@ class ChunkedSequenceLogps(torch.autograd.Function):
         # fp32 accumulators: many chunks add into the same weight rows
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
+        # A 16-bit head on CUDA: both products in the weight's dtype with float32 results (tensor cores), as the
+        # fused path does. A float32 d^T @ h there was a float32 GEMM, one reason this path ran 7x the fused one at
+        # llama3-8b on an H200 (the other: 65-row chunks, see _defaults.CUDA_CHUNK_ELEMENTS). The CPU keeps its
+        # float32 weight-gradient product.
+        tensor_cores = low_precision and weight.is_cuda
         for s in range(0, n, step):
             e = min(s + step, n)
             idx = row_idx[s:e]
             h = hidden2d.index_select(0, idx)
-            d = torch.exp(_chunk_logits(h, weight, bias, ctx.chunk_elements) - lse[s:e, None]).neg_()  # -softmax
+            d = torch.exp(_chunk_logits(h, weight, bias, slices) - lse[s:e, None]).neg_()  # -softmax
             d.scatter_add_(1, target[s:e, None], torch.ones_like(lse[s:e, None]))  # + onehot
             d.mul_(g_tok[s:e, None])
+            d_low = d.to(weight.dtype) if need_h or tensor_cores else None
             if need_h:
-                grad_h.index_add_(0, idx, (d.to(weight.dtype) @ weight).to(grad_h.dtype))
-            if need_w:
+                grad_h.index_add_(0, idx, (d_low @ weight).to(grad_h.dtype))
+            if need_w and tensor_cores:
+                grad_w += mm_f32(d_low.T, h)
+            elif need_w:
                 grad_w.addmm_(d.T, h.float() if low_precision else h)
             if need_b:
                 grad_b += d.sum(0)
-            del d
+            del d, d_low
         return (
             grad_h.to(hidden2d.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,

@@ -10,8 +10,11 @@ None then. Without labels the model is unchanged (generation, ``model(input_ids)
 paths run untouched: it is the model that computes the loss, as it always does.
 
 ``model(..., labels=labels, return_sequence_logps=True)`` returns the per-row sums of label log-probs instead
-(``outputs.sequence_logps``, float32 ``(R,)``), for preference losses computed in a custom ``compute_loss``. Both go
-through the model's ``forward``, so DDP / FSDP / Accelerate wrappers see an ordinary call.
+(``outputs.sequence_logps``, float32 ``(R,)``), for preference losses computed in a custom ``compute_loss``.
+``model(..., labels=labels, loss_spec=LossSpec(...))`` computes that loss (T-SPIN, T-SPIN without history, SPIN)
+inside the LM head's forward, where tspin_kernels can take the fused path (``outputs.loss``, and the rows'
+log-probs as ``outputs.sequence_logps``, detached on the fused path). All go through the model's ``forward``, so
+DDP / FSDP / Accelerate wrappers see an ordinary call.
 """
 
 from __future__ import annotations
@@ -25,19 +28,22 @@ import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from .hf import backbone_and_head, install_fused_head, unwrap_causal_lm
+from .loss_spec import LossSpec
 
 __all__ = ["install_fused_loss", "SequenceLogpsOutput"]
 
 
 @dataclass
 class SequenceLogpsOutput(ModelOutput):
-    """``model(..., labels=..., return_sequence_logps=True)``: per-row sums of the label tokens' log-probs."""
+    """``model(..., labels=..., return_sequence_logps=True)``: per-row sums of the label tokens' log-probs; with
+    ``loss_spec=`` also the loss (the log-probs then in row order, detached on the fused path)."""
 
+    loss: torch.Tensor | None = None
     sequence_logps: torch.Tensor | None = None
 
 
 def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index,
-                       return_sequence_logps):
+                       return_sequence_logps, loss_spec):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     decoder, head = backbone_and_head(model)
@@ -49,6 +55,9 @@ def _fused_loss_output(model, args, kwargs, labels, shift_labels, num_items_in_b
         aligned, shift = shift_labels.to(hidden.device), False
     else:
         aligned, shift = labels.to(hidden.device), True
+    if loss_spec is not None:
+        out = head(hidden, aligned, shift=shift, ignore_index=ignore_index, impl=impl, loss=loss_spec)
+        return SequenceLogpsOutput(loss=out.loss, sequence_logps=torch.cat(out[1:]))
     logps = head(hidden, aligned, shift=shift, ignore_index=ignore_index, impl=impl)
     if return_sequence_logps:
         return SequenceLogpsOutput(sequence_logps=logps)
@@ -84,15 +93,18 @@ def install_fused_loss(model: nn.Module, *, impl: str = "auto", ignore_index: in
 
     @functools.wraps(type(lm).forward)  # keeps the signature that Trainer and generate inspect
     def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, return_sequence_logps=False,
-                **kwargs):
+                loss_spec: LossSpec | None = None, **kwargs):
+        if loss_spec is not None and not isinstance(loss_spec, LossSpec):
+            raise TypeError(f"loss_spec: expected a tspin_kernels.integrations.LossSpec, got "
+                            f"{type(loss_spec).__name__}")
         if labels is None:  # like Hugging Face's models: no labels, no loss (shift_labels only refine labels)
-            if return_sequence_logps:
-                raise ValueError("labels: return_sequence_logps=True needs the labels whose log-probs to sum")
+            if return_sequence_logps or loss_spec is not None:
+                raise ValueError("labels: return_sequence_logps / loss_spec need the labels whose log-probs to sum")
             if shift_labels is not None:
                 kwargs["shift_labels"] = shift_labels
             return original(*args, **kwargs)
         return _fused_loss_output(self, args, kwargs, labels, shift_labels, num_items_in_batch, impl, ignore_index,
-                                  return_sequence_logps)
+                                  return_sequence_logps, loss_spec)
 
     forward._tspin_fused_loss = True
     lm.forward = types.MethodType(forward, lm)

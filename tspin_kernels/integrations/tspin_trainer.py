@@ -20,7 +20,10 @@ loss (one function with a reference model in every term) and its construction (i
 model unless PEFT or precomputed log-probs stand in) are all built around pairs plus a reference; T-SPIN has
 triplets and no reference, so a subclass would replace every piece and still pay for the reference. This trainer
 is the plain ``transformers.Trainer`` (the base of every TRL trainer: same arguments, launchers, PEFT, DeepSpeed /
-FSDP through Accelerate) with the loss computed through :func:`install_fused_loss`.
+FSDP through Accelerate) with the loss computed through :func:`install_fused_loss`, inside the LM head's forward
+(a :class:`LossSpec`): tspin_kernels takes its fastest measured path there (on CUDA the fused one, which forms the
+head's gradients while the logits are at hand); ``TSPINConfig(fused=False)`` asks for log-probs with their own
+backward instead.
 
 A T-SPIN *iteration* needs ``generated`` sampled from the current policy (and ``proto`` once from the initial
 one); this trainer trains on whatever the dataset holds. ``tspin iterate`` runs the whole loop (generation,
@@ -35,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..functional import tspin_loss_from_logps
 from .hf_trainer import install_fused_loss
+from .loss_spec import LossSpec
 
 __all__ = ["TSPINConfig", "TSPINTrainer", "TripletCollator", "tokenize_triplet"]
 
@@ -52,6 +55,10 @@ class TSPINConfig(TrainingArguments):
     max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per prompt+completion (from the "
                                                                    "start); None keeps everything."})
     impl: str = field(default="auto", metadata={"help": "tspin_kernels.sequence_logps implementation."})
+    fused: bool | None = field(default=None, metadata={"help": "tspin_kernels.tspin_loss' fused: None lets the kernels "
+                                                                "choose (the fastest measured path), True / False "
+                                                                "ask for the fused path or for log-probs with their "
+                                                                "own backward."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the token columns."})
 
     def __post_init__(self):
@@ -62,6 +69,7 @@ class TSPINConfig(TrainingArguments):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+        LossSpec("tspin", alpha=self.alpha, beta=self.beta, fused=self.fused)  # checks fused
 
 
 def _ids(tokenizer, value, *, generation_prompt: bool = False) -> list[int]:
@@ -177,11 +185,12 @@ class TSPINTrainer(Trainer):
         return dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, desc="Dropping too-long prompts")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = LossSpec("tspin", alpha=self.args.alpha, beta=self.args.beta, fused=self.args.fused)
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
-                    return_sequence_logps=True)
-        real, generated, proto = out.sequence_logps.chunk(3)
-        loss = tspin_loss_from_logps(real, generated, proto, alpha=self.args.alpha, beta=self.args.beta)
-        self._log_metrics(real.detach(), generated.detach(), proto.detach())
+                    loss_spec=spec)
+        loss = out.loss
+        real, generated, proto = out.sequence_logps.detach().chunk(3)
+        self._log_metrics(real, generated, proto)
         return (loss, out) if return_outputs else loss
 
     def _log_metrics(self, real, generated, proto) -> None:
