@@ -21,8 +21,8 @@ from tspin_kernels import (
     tspin_loss_from_logps,
     tspin_no_history_loss,
 )
-from tspin_kernels._inputs import Compacted
-from tspin_kernels._options import resolve_options
+from tspin_kernels._defaults import resolve_options
+from tspin_kernels._tensors import Compacted
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["torch", "triton"]

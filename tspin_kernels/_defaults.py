@@ -201,3 +201,32 @@ def resolve_path(device_type: str, *, triton: bool = True, impl: str = "auto", f
         chunk_elements = _chunk(device_type, fused)
     return LossPath(impl=builtin.impl, fused=fused, backward=backward, grad_filter_eps=eps,
                     chunk_elements=chunk_elements)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """What travels with a kernel's autograd Function, so the backward autograd runs later uses the options of the
+    forward that recorded it."""
+
+    backward: str  # "atomic" | "matmul" (Triton path)
+    grad_filter_eps: float  # Triton atomic backward; 0 = exact
+    tiles_fwd: dict | None  # None: the built-in per-GPU tiles
+    tiles_bwd: dict | None
+    chunk_elements: int  # torch path: float32 logit elements per chunk
+
+
+def kernel_options(path, tiles=None) -> KernelOptions:
+    """What travels with a kernel's autograd Function: the resolved path's (:class:`LossPath`) backward,
+    gradient filter and chunk, and the tiles (each kernel's keyword, else its variable, else None: built in)."""
+    explicit = _options.check_tiles(tiles)
+    per_kernel = {k: explicit[k] if k in explicit else env_tiles(k) for k in _options.TILE_KERNELS}
+    return KernelOptions(path.backward, path.grad_filter_eps, per_kernel["fwd"], per_kernel["bwd"],
+                         path.chunk_elements)
+
+
+def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> KernelOptions:
+    """The options of a recompute-path call on the CPU (explicit ones checked, ``None`` ones from the variables or
+    built in): for code and tests that apply a kernel Function directly."""
+    path = resolve_path("cpu", impl="torch", fused=False, backward=backward, grad_filter_eps=grad_filter_eps,
+                        chunk_elements=chunk_elements)
+    return kernel_options(path, tiles)

@@ -16,31 +16,12 @@ What the checks cost (on CUDA a "host sync" waits for the device to finish every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ._tensors import Compacted, check_tensor, fail_type
+from .positions import CountedPositions, check_positions_layout, positions_checks
+
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # float64: torch paths only, for checks
-
-
-@dataclass
-class Compacted:
-    hidden2d: torch.Tensor  # (N, D) view of the caller's hidden states (no copy when contiguous)
-    row_idx: torch.Tensor  # (Nc,) int64: rows of hidden2d that count
-    target: torch.Tensor  # (Nc,) int64 token ids
-    seq_id: torch.Tensor  # (Nc,) int64 sequence of each counted row
-    token_scale: torch.Tensor  # (Nc,) float32: 1, or 1/count(seq) when averaging
-    num_seqs: int
-    unique_rows: bool = True  # False: a row may repeat (CountedPositions); grad_hidden sums over the repeats
-
-
-def fail_type(name: str, expected: str, got) -> TypeError:
-    return TypeError(f"{name}: expected {expected}, got {got}")
-
-
-def check_tensor(name: str, t, expected: str = "a torch.Tensor") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise fail_type(name, expected, type(t).__name__)
 
 
 def check_cu_seqlens_layout(cu, device) -> None:
@@ -57,8 +38,6 @@ def check_cu_seqlens_layout(cu, device) -> None:
 
 def check_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, *, validate: bool,
                  check_finite: bool) -> None:
-    from .positions import CountedPositions, check_positions_layout, positions_checks
-
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     if not isinstance(labels, CountedPositions):

@@ -1,8 +1,7 @@
-"""The kernels' keyword options: checked (errors name the argument), then completed from ``_defaults``.
+"""The kernels' keyword options, checked: each error names the argument and what was expected.
 
-``kernel_options`` turns a call's resolved path (``_defaults.resolve_path``: backward, gradient filter, chunk) and
-its ``tiles`` into one frozen :class:`KernelOptions` that travels with the autograd Function, so the backward that
-autograd runs later uses the options of the forward that recorded it.
+Only the explicit values are checked here; what a ``None`` stands for is decided in ``_defaults``, which uses these
+checks for the environment variables too (so this module imports nothing of the package).
 """
 
 from __future__ import annotations
@@ -10,25 +9,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
-
-from . import _defaults
 
 IMPLS = ("auto", "triton", "torch", "reference")
 BACKWARDS = ("atomic", "matmul")
 TILE_KERNELS = ("fwd", "bwd")
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-
-
-@dataclass(frozen=True)
-class KernelOptions:
-    backward: str  # "atomic" | "matmul" (Triton path)
-    grad_filter_eps: float  # Triton atomic backward; 0 = exact
-    tiles_fwd: dict | None  # None: the built-in per-GPU tiles
-    tiles_bwd: dict | None
-    chunk_elements: int  # torch path: float32 logit elements per chunk
 
 
 def _is_number(value) -> bool:
@@ -114,23 +101,6 @@ def check_options(backward=None, grad_filter_eps=None, tiles=None, chunk_element
     check_tiles(tiles)
     if chunk_elements is not None:
         check_chunk_elements(chunk_elements)
-
-
-def kernel_options(path, tiles=None) -> KernelOptions:
-    """What travels with a kernel's autograd Function: the resolved path's (``_defaults.LossPath``) backward,
-    gradient filter and chunk, and the tiles (each kernel's keyword, else its variable, else None: built in)."""
-    explicit = check_tiles(tiles)
-    per_kernel = {k: explicit[k] if k in explicit else _defaults.env_tiles(k) for k in TILE_KERNELS}
-    return KernelOptions(path.backward, path.grad_filter_eps, per_kernel["fwd"], per_kernel["bwd"],
-                         path.chunk_elements)
-
-
-def resolve_options(backward=None, grad_filter_eps=None, tiles=None, chunk_elements=None) -> KernelOptions:
-    """The options of a recompute-path call on the CPU (explicit ones checked, ``None`` ones from the variables or
-    built in): for code and tests that apply a kernel Function directly."""
-    path = _defaults.resolve_path("cpu", impl="torch", fused=False, backward=backward,
-                                  grad_filter_eps=grad_filter_eps, chunk_elements=chunk_elements)
-    return kernel_options(path, tiles)
 
 
 def check_fused(value, what: str = "fused") -> bool | None:

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _device
-from ._defaults import LossPath
-from ._inputs import check_cu_seqlens_layout, check_inputs, check_tensor, compact, fail_type
-from ._options import check_flag, check_fused, check_real, check_seq_counts, kernel_options
+from ._defaults import LossPath, kernel_options
+from ._inputs import check_cu_seqlens_layout, check_inputs, compact
+from ._options import check_flag, check_fused, check_real, check_seq_counts
+from ._tensors import check_tensor, fail_type
 from .fused_loss import TupleLoss, run_fused
 from .positions import CountedPositions, compact_positions
 from .reference import ChunkedSequenceLogps, acc_dtype, naive_positions_logps, naive_sequence_logps

@@ -271,7 +271,7 @@ def _tuple_counts(spec: TupleLoss, seq_id: torch.Tensor, num_seqs: int, validate
 
 def run_fused(spec: TupleLoss, c, weight, bias, impl: str, options,
               validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, detached per-sequence log-probs) of ``spec`` over the compacted rows ``c`` (``_inputs.Compacted``)."""
+    """(loss, detached per-sequence log-probs) of ``spec`` over the compacted rows ``c`` (``_tensors.Compacted``)."""
     if impl == "triton":
         from .kernels.fused_loss import TritonEngine  # imports triton lazily: the torch path works without it
 

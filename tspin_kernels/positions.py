@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._inputs import Compacted, check_tensor, fail_type
+from ._tensors import Compacted, check_tensor, fail_type
 
 __all__ = ["CountedPositions"]
 
