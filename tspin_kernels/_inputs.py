@@ -43,6 +43,13 @@ def check_tensor(name: str, t, expected: str = "a torch.Tensor") -> None:
         raise fail_type(name, expected, type(t).__name__)
 
 
+def check_not_meta(name: str, t) -> None:
+    """The first tensor of a call must hold data (the others are then checked to be on its device)."""
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device, a tensor without data (e.g. a model built under "
+                         "torch.device('meta') whose weights were never loaded); load or move it to cpu / cuda first")
+
+
 def check_cu_seqlens_layout(cu, device) -> None:
     """The free part of the ``cu_seqlens`` checks: type, dtype, shape, device."""
     check_tensor("cu_seqlens", cu, "an integer torch.Tensor of shape (S+1,)")
