@@ -232,7 +232,7 @@ def test_a_diverging_run_stops_names_the_step_and_keeps_the_last_finite_weights(
     assert any(not torch.equal(weights[k], initial[k]) for k in initial)  # step 1 was applied, step 2 was not
     lines = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1]  # only the finite step was logged
-    state = read_state(kept, "trainer_state")
+    state = read_state(kept / "trainer_state")
     assert state["failed_step"] == 2 and len(state["prompt_ids"]) == 4
 
 

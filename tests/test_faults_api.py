@@ -69,13 +69,13 @@ def _run_both(tmp_path):
 def _store(value):
     from tspin.state_file import write_state
 
-    return lambda tmp_path: write_state(tmp_path, "s", {"ok": 1, "bad": value})
+    return lambda tmp_path: write_state(tmp_path / "s", {"ok": 1, "bad": value})
 
 
 def _read_missing(tmp_path):
     from tspin.state_file import read_state
 
-    return read_state(tmp_path, "nothing")
+    return read_state(tmp_path / "nothing")
 
 
 def _config(**overrides):
@@ -141,7 +141,7 @@ CASES = [
     ("train-resume-and-overwrite", _run_both, ValueError, "--resume and --overwrite: choose one"),
     ("state-holds-a-function", _store(print), TypeError, r"s\['bad'\]: a builtin_function_or_method cannot be stored"),
     ("state-holds-a-set", _store({1, 2}), TypeError, r"s\['bad'\]: a set cannot be stored"),
-    ("state-file-missing", _read_missing, ValueError, "nothing.json: no such file"),
+    ("state-file-missing", _read_missing, ValueError, "nothing/state.json: no such file"),
 ]
 
 
@@ -208,8 +208,8 @@ def test_a_trainer_state_survives_the_round_trip_exactly(tmp_path):
     random.random(), np.random.rand(), torch.rand(1)
     tree = {"rng": rng_state(), "optimizer": opt.state_dict(), "loss": math.nan, "norm": -math.inf,
             "epoch_avg": ({"loss": 1.5}, 3), "ids": ["a", "b"], "none": None, "flag": True}
-    write_state(tmp_path, "s", tree)
-    back = read_state(tmp_path, "s")
+    write_state(tmp_path / "s", tree)
+    back = read_state(tmp_path / "s")
     assert back["rng"]["python"] == tree["rng"]["python"] and isinstance(back["rng"]["python"], tuple)
     assert back["rng"]["numpy"][0] == "MT19937" and np.array_equal(back["rng"]["numpy"][1], tree["rng"]["numpy"][1])
     assert back["rng"]["numpy"][1].dtype == tree["rng"]["numpy"][1].dtype

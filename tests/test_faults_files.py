@@ -82,8 +82,7 @@ class Case:
 
 def _legacy_state_in_model(env, tmp):
     out = _run_copy(env, tmp)
-    for name in ("trainer_state.json", "trainer_state.safetensors"):
-        (out / "model" / name).unlink()
+    shutil.rmtree(out / "model" / "trainer_state")
     plant_pickle(out / "model" / "trainer_state.pt", tmp / "marker")
     return _train_argv(env, out, "--resume"), [out]
 
@@ -92,8 +91,7 @@ def _legacy_state_in_checkpoint(env, tmp):
     out = _run_copy(env, tmp)
     ckpt = out / "checkpoints" / "step-000002"
     shutil.move(out / "model", ckpt)  # a run killed after its checkpoint at step 2, before the end
-    for name in ("trainer_state.json", "trainer_state.safetensors"):
-        (ckpt / name).unlink()
+    shutil.rmtree(ckpt / "trainer_state")
     for name in ("summary.json", "eval.json", "eval_generations.jsonl", "train_summary.json"):
         (out / name).unlink()
     plant_pickle(ckpt / "trainer_state.pt", tmp / "marker")
@@ -111,7 +109,7 @@ def _pickled_model_weights(env, tmp):
 def _state_file_edit(name: str, edit: Callable[[Path], None]):
     def prepare(env, tmp):
         out = _run_copy(env, tmp)
-        edit(out / "model" / name)
+        edit(out / "model" / "trainer_state" / name)
         return _train_argv(env, out, "--resume"), [out]
     return prepare
 
@@ -236,17 +234,17 @@ CASES = [
          "its weights are pytorch_model.bin, a pickle, and no *.safetensors; tspin loads weights only from "
          "safetensors", 2),
     # state files cut short or replaced
-    Case("trainer-state-json-cut", _state_file_edit("trainer_state.json", _cut),
-         "trainer_state.json: not valid JSON", 2),
-    Case("trainer-state-json-not-ours", _state_file_edit("trainer_state.json", lambda p: p.write_text('{"a": 1}')),
-         "trainer_state.json: not a tspin trainer state", 2),
+    Case("trainer-state-json-cut", _state_file_edit("state.json", _cut), "trainer_state/state.json: not valid JSON",
+         2),
+    Case("trainer-state-json-not-ours", _state_file_edit("state.json", lambda p: p.write_text('{"a": 1}')),
+         "trainer_state/state.json: not a tspin trainer state", 2),
     Case("trainer-state-json-is-a-pickle", _state_file_edit(
-        "trainer_state.json", lambda p: plant_pickle(p, p.parent.parent.parent / "marker")),
-         "trainer_state.json: not valid JSON", 2),
-    Case("trainer-state-tensors-cut", _state_file_edit("trainer_state.safetensors", _cut),
-         "trainer_state.safetensors: not a complete safetensors file", 2),
-    Case("trainer-state-tensors-missing", _state_file_edit("trainer_state.safetensors", Path.unlink),
-         "trainer_state.safetensors: no such file", 2),
+        "state.json", lambda p: plant_pickle(p, p.parents[3] / "marker")),
+         "trainer_state/state.json: not valid JSON", 2),
+    Case("trainer-state-tensors-cut", _state_file_edit("tensors.safetensors", _cut),
+         "trainer_state/tensors.safetensors: not a complete safetensors file", 2),
+    Case("trainer-state-tensors-missing", _state_file_edit("tensors.safetensors", Path.unlink),
+         "trainer_state/tensors.safetensors: no such file", 2),
     # weights cut short
     Case("model-safetensors-cut", _truncated_model, "could not load the model (a safetensors file there is damaged", 2),
     Case("run-model-safetensors-cut-on-resume", _truncated_run_model,
@@ -411,3 +409,14 @@ def test_a_torch_save_cut_short_by_a_full_disk_says_so(tmp_path):
     assert r.stdout.startswith(f"could not write {tmp_path / 'out' / 'x.pt'}: no space left on the device or a file "
                                "size limit reached (torch.save: "), r.stdout + r.stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_checkpoint_with_its_trainer_state_stays_a_plain_model_directory(env):
+    """The trainer state lives in trainer_state/: the model directory's top-level *.safetensors are its weights only
+    (vLLM loads every one of them as weights), and from_pretrained loads it as it is."""
+    from transformers import AutoModelForCausalLM
+
+    model = env / "finished" / "model"
+    assert [p.name for p in model.glob("*.safetensors")] == ["model.safetensors"]
+    assert sorted(p.name for p in (model / "trainer_state").iterdir()) == ["state.json", "tensors.safetensors"]
+    assert AutoModelForCausalLM.from_pretrained(model, use_safetensors=True) is not None

@@ -94,7 +94,7 @@ def test_iterate_under_torchrun_fsdp2_writes_the_run(model_dir, tmp_path):
     torchrun("iterate", cfg, tmp_path)
     out = tmp_path / "run"
     for f in ("tspin-run.json", "config.yaml", "proto.jsonl", "eval_init.json", "iter0/data.jsonl",
-              "iter0/model/model.safetensors", "iter0/model/trainer_state.json", "iter0/eval.json",
+              "iter0/model/model.safetensors", "iter0/model/trainer_state/state.json", "iter0/eval.json",
               "iter0/eval_generations.jsonl", "summary.json"):
         assert (out / f).exists(), f
     assert not list(out.rglob("*.partial")) and not (out / "iter0" / "checkpoints").exists() or not list(

@@ -2,8 +2,8 @@
 
 A checkpoint directory is a plain Hugging Face directory (``save_pretrained``: full weights as safetensors, or the
 adapter of a LoRA run; + tokenizer) and, for a run to resume, the trainer state: the step, the optimizer state keyed
-by parameter name, the LR scheduler, the RNG states and whatever the loop adds, as ``trainer_state.json`` (structure
-and numbers) + ``trainer_state.safetensors`` (tensors) -- no pickle, so loading a checkpoint runs nothing from it
+by parameter name, the LR scheduler, the RNG states and whatever the loop adds, in ``trainer_state/``: ``state.json``
+(structure and numbers) + ``tensors.safetensors`` -- no pickle, so loading a checkpoint runs nothing from it
 (:mod:`tspin.state_file`). The state dicts come from ``torch.distributed.checkpoint.state_dict``, which gathers
 FSDP2 shards to rank 0 and scatters them back for this run's layout. A directory is complete or absent: it is
 written under a temp name and renamed into place.
@@ -24,11 +24,11 @@ import torch.nn as nn
 from .io import atomic_path
 from .ranks import barrier, is_main, world
 from .rng import rng_state, set_rng_state
-from .state_file import read_state, write_state
+from .state_file import META_FILE, read_state, write_state
 from .wrapping import policy_of, reshard, tied_head
 
-STATE_STEM = "trainer_state"
-STATE_FILE = STATE_STEM + ".json"  # its tensors: trainer_state.safetensors
+STATE_DIR = "trainer_state"  # state.json + tensors.safetensors
+STATE_FILE = f"{STATE_DIR}/{META_FILE}"
 LEGACY_STATE_FILE = "trainer_state.pt"  # a pickle (tspin 0.1.0 and earlier): never loaded
 _PREFIX = "model."  # CausalLMLogps keeps the Hugging Face model as .model
 
@@ -77,7 +77,7 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer=None, optimizer=None, scheduler=None,
                     state: dict | None = None) -> Path:
     """Write ``path``: the policy's weights as a Hugging Face directory (+ tokenizer), and the trainer state
-    (``state`` + optimizer + scheduler + RNG states; ``trainer_state.json`` / ``.safetensors``) when any of those
+    (``state`` + optimizer + scheduler + RNG states; ``trainer_state/``) when any of those
     is given. ``state`` holds JSON-like values (dicts, lists, tuples, numbers, strings, None) and tensors.
 
     ``model`` is the training policy (:func:`tspin.wrapping.wrap_model`: one process, DDP or FSDP2). Every rank
@@ -102,7 +102,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer=None, optim
                     full["optimizer"] = opt_sd
                 if scheduler is not None:
                     full["scheduler"] = scheduler.state_dict()
-                write_state(tmp, STATE_STEM, full)
+                write_state(tmp / STATE_DIR, full)
     barrier()
     return path
 
@@ -123,7 +123,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, optimizer=None, sched
                              "tspin no longer loads (unpickling a file can run code from it); its weights load "
                              "with from_pretrained, its optimizer state cannot be resumed: start the run afresh")
         return {}
-    state = read_state(path, STATE_STEM)
+    state = read_state(path / STATE_DIR)
     if optimizer is not None and "optimizer" in state:
         load_optimizer_state_dict(model, optimizer, state.pop("optimizer"))
     if scheduler is not None and "scheduler" in state:

@@ -1,4 +1,5 @@
-"""A trainer state on disk without pickle: the structure and every number as JSON, the tensors in a safetensors file.
+"""A trainer state on disk without pickle: a folder with the structure and every number as JSON (``state.json``) and
+the tensors in a safetensors file (``tensors.safetensors``).
 
 Reading it runs no code from the file (a pickle can: ``torch.load(weights_only=False)`` on a file someone handed
 you executes whatever it names). The state is a tree of dicts, lists, tuples, strings, numbers, booleans, None,
@@ -6,8 +7,11 @@ torch tensors and numpy arrays (an optimizer's state dict, a scheduler's, the RN
 non-string dict keys survive the round trip, so ``random.setstate`` and ``optimizer.load_state_dict`` get back
 exactly what they gave.
 
-    write_state(directory, "trainer_state", tree)    # trainer_state.json + trainer_state.safetensors
-    tree = read_state(directory, "trainer_state")     # StateFileError (a ValueError naming the file) if damaged
+    write_state(ckpt / "trainer_state", tree)    # trainer_state/state.json + trainer_state/tensors.safetensors
+    tree = read_state(ckpt / "trainer_state")     # StateFileError (a ValueError naming the file) if damaged
+
+A folder of its own, so that a model directory holding it stays a model directory: vLLM takes every top-level
+``*.safetensors`` file of a directory without an index as weights.
 """
 
 from __future__ import annotations
@@ -76,30 +80,30 @@ def _decode(value, tensors: dict[str, torch.Tensor]):
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
-def state_paths(directory: str | Path, stem: str) -> tuple[Path, Path]:
-    directory = Path(directory)
-    return directory / f"{stem}.json", directory / f"{stem}.safetensors"
+META_FILE, TENSORS_FILE = "state.json", "tensors.safetensors"
 
 
-def write_state(directory: str | Path, stem: str, tree: dict) -> None:
-    """Write ``tree`` as ``<stem>.json`` (+ ``<stem>.safetensors`` when it holds tensors) in ``directory``. Not
-    atomic by itself: call it inside :func:`tspin.io.atomic_path`'s temp directory."""
+def write_state(directory: str | Path, tree: dict) -> None:
+    """Write ``tree`` as ``directory/state.json`` (+ ``tensors.safetensors`` when it holds tensors); the folder is
+    created. Not atomic by itself: call it inside :func:`tspin.io.atomic_path`'s temp directory."""
     from safetensors.torch import save_file
 
-    meta, tensors_path = state_paths(directory, stem)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta, tensors_path = directory / META_FILE, directory / TENSORS_FILE
     tensors: dict[str, torch.Tensor] = {}
-    body = _encode(tree, tensors, stem)
+    body = _encode(tree, tensors, directory.name)
     if tensors:
         save_file(tensors, str(tensors_path))
     meta.write_text(json.dumps({"format": FORMAT, "version": VERSION, "tensors": bool(tensors), "state": body}))
 
 
-def read_state(directory: str | Path, stem: str) -> dict:
+def read_state(directory: str | Path) -> dict:
     """The tree :func:`write_state` wrote. Reads JSON and safetensors only: nothing in the files can run."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta, tensors_path = state_paths(directory, stem)
+    meta, tensors_path = Path(directory) / META_FILE, Path(directory) / TENSORS_FILE
     damaged = "the file is damaged or was not written by tspin; delete its checkpoint directory to go back to an " \
               "earlier one"
     try:
