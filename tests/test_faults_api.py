@@ -16,7 +16,6 @@ from datasets import Dataset
 from tests._oracle import make_inputs
 from tests._trl_tiny import char_tokenizer, tiny_model, triplet_rows
 from tspin_kernels import (
-    SequenceLogps,
     SPINLoss,
     TSPINLoss,
     sequence_logps,
@@ -245,4 +244,3 @@ def test_probe_kinds_are_all_covered():
     """The API cases span every kind the probe found: meta tensors, loss scales, the trainer, config, state."""
     kinds = {c[0].split("-")[0] for c in CASES}
     assert {"sequence", "tspin", "spin", "module", "loss", "trainer", "config", "state", "train"} <= kinds
-    assert SequenceLogps  # the module wrapper is exercised through TSPINLoss above
