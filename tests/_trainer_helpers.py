@@ -61,3 +61,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root` (hidden ones included, links not followed): a file's bytes, 'dir', or the link's
+    target; compare two snapshots to show nothing there changed."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(Path(root).rglob("*")):
+        key = p.relative_to(root).as_posix()
+        out[key] = f"link -> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def one_clear_line(err: str, fragment: str) -> str:
+    """stderr of a failed command: one line, `tspin <command>: error: ...` holding `fragment`, no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert ": error: " in lines[0] and lines[0].startswith("tspin"), lines[0]
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+class Plant:
+    """Unpickling this creates the file `marker`: what a crafted pickle could do with any code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant_pickle(path: Path, marker: Path) -> Path:
+    """A torch.save file that runs code when loaded with weights_only=False (checked here: it does; the marker is
+    removed again before the caller hands the file to tspin)."""
+    torch.save({"step": 1, "payload": Plant(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert Path(marker).exists()
+    Path(marker).unlink()
+    return path

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _trainer_helpers import one_clear_line as _one_clear_line
 from _trainer_helpers import one_thread, tiny_run_inputs, write_jsonl  # noqa: F401 (one_thread: autouse)
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tspin.cli import main
 from tspin.io import read_jsonl
 from tspin.run_dir import holds_results
+from tspin.state_file import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "--max_length=40 --max_prompt_length=24 --max_new_tokens=4 --progress=false --device=cpu"
@@ -58,21 +60,19 @@ def _argv(env: Path, out: Path, text: str) -> list[str]:
     return shlex.split(text.format(base=base, d=env, out=out))
 
 
-def _one_clear_line(err: str, fragment: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert ": error: " in lines[0] and lines[0].startswith("tspin"), lines[0]
-    assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 # (id, command line, fragment the one line must hold, exit code). {base}: model, data, output_dir and tiny sizes.
 CASES = [
     # non-finite and out-of-range settings: the key is named, before anything is loaded
     ("beta-nan", "train {base} --beta=nan", "beta=nan: must be a finite number", 2),
     ("alpha-inf", "train {base} --alpha=inf", "alpha=inf: must be a finite number", 2),
     ("alpha-beyond-float32", "train {base} --alpha=1e39", "alpha=1e+39: must be a finite number", 2),
+    # loss scales: the kernels' bound (a larger scale overflows the float32 loss), the same rule as the API's
+    ("alpha-above-loss-scale-bound", "train {base} --alpha=1e7", "alpha=10000000.0: must be <= 1e+06", 2),
+    ("beta-above-loss-scale-bound", "iterate {base} --beta=2e6", "beta=2000000.0: must be <= 1e+06", 2),
+    ("beta-iter0-above-loss-scale-bound", "iterate {base} --beta_iter0=1e30", "beta_iter0=1e+30: must be <= 1e+06",
+     2),
+    ("spin-lambda-above-loss-scale-bound", "train {base} --method=spin --spin_lambda=5e6",
+     "spin_lambda=5000000.0: must be <= 1e+06", 2),
     ("max-grad-norm-nan", "train {base} --max_grad_norm=nan", "max_grad_norm=nan", 2),
     ("max-grad-norm-zero", "train {base} --max_grad_norm=0", "max_grad_norm=0.0: must be > 0 or null", 2),
     ("weight-decay-inf", "train {base} --weight_decay=inf", "weight_decay=inf", 2),
@@ -166,6 +166,10 @@ CASES = [
     ("proto-path-missing", "iterate {base} --proto_path={d}/nope.jsonl", "proto_path='{d}/nope.jsonl': file not found",
      2),
     # output directories
+    ("output-dir-empty", "train {base} --output_dir=", "output_dir='': must name a directory (an empty value would "
+                                                       "be the current directory)", 2),
+    ("output-dir-empty-iterate", "iterate {base} --output_dir=", "output_dir='': must name a directory", 2),
+    ("resume-and-overwrite", "train {base} --resume --overwrite", "--resume and --overwrite: choose one", 2),
     ("output-dir-under-a-file", "train {base} --output_dir={d}/a_file.txt/run", "{d}/a_file.txt is a file", 2),
     ("output-dir-is-a-file", "train {base} --output_dir={d}/a_file.txt", "{d}/a_file.txt is a file", 2),
     pytest.param("output-dir-not-writable", "train {base} --output_dir=/sys/tspin-test/run",
@@ -228,21 +232,26 @@ def test_a_diverging_run_stops_names_the_step_and_keeps_the_last_finite_weights(
     assert any(not torch.equal(weights[k], initial[k]) for k in initial)  # step 1 was applied, step 2 was not
     lines = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1]  # only the finite step was logged
-    state = torch.load(kept / "trainer_state.pt", weights_only=False)
+    state = read_state(kept / "trainer_state")
     assert state["failed_step"] == 2 and len(state["prompt_ids"]) == 4
 
 
 def test_a_first_step_that_is_not_finite_keeps_the_initial_weights(env, tmp_path, capsys):
-    """alpha near float32's largest value makes the very first T-SPIN loss overflow: nothing is applied, the kept
-    weights are the initial ones, bit for bit."""
+    """A model whose (tied) LM head holds one row near float32's largest value: its logits overflow, so the very
+    first T-SPIN loss is not finite. Nothing is applied, the kept weights are the initial ones, bit for bit."""
     data = tmp_path / "triplets.jsonl"
     write_jsonl(data, [{**r, "real": r["response"], "generated": r["response"][::-1] + "ab", "proto": "a"}
                        for r in read_jsonl(env / "data.jsonl")])
+    model = tmp_path / "overflowing"
+    shutil.copytree(env / "model", model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.embed_tokens.weight"][-1] = 3e38  # the last token's logit: +-inf at every position
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "run"
-    rc = main(_argv(env, out, f"train {{base}} --data_path={data} --method=tspin --alpha=3e38"))
+    rc = main(_argv(env, out, f"train {{base}} --data_path={data} --method=tspin --model_name_or_path={model}"))
     _one_clear_line(capsys.readouterr().err, "train tspin: step 1/")
     kept = load_file(str(out / "nonfinite-step-000001" / "model.safetensors"))
-    initial = load_file(str(env / "model" / "model.safetensors"))
+    initial = load_file(str(model / "model.safetensors"))
     assert rc == 1 and all(torch.equal(kept[k], initial[k]) for k in initial)
     assert not (out / "model").exists() and not (out / "metrics.jsonl").exists()
 

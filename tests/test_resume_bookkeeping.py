@@ -66,27 +66,40 @@ def test_a_resumed_run_cleans_what_killed_writes_left(inputs, tmp_path):
     _killed_atomic_write(out / "checkpoints" / "step-000002")
     _killed_atomic_write(out / "model")
     # a kill between atomic_path's two renames, while replacing model/, leaves only the old copy aside
-    os.replace(out / "model", out / ".model.old")
+    os.replace(out / "model", out / ".model.tspin-old")
     hidden = sorted(p.name for p in out.rglob(".*"))
-    assert len(hidden) == 3 and ".model.old" in hidden, hidden
+    assert len(hidden) == 3 and ".model.tspin-old" in hidden, hidden
     assert _train(inputs, out, "--resume") == 0
     assert not list(out.rglob(".*"))  # temp folders removed
     assert (out / "model" / "model.safetensors").read_bytes() == weights  # put back, not trained again
     assert (out / "metrics.jsonl").read_text() == lines
 
 
-def test_clean_stale_temps_leaves_other_files_alone(tmp_path):
+def test_clean_stale_temps_removes_only_its_own_temps_where_it_is_told_to_look(tmp_path):
+    """The writer's own leftovers (.<name>.tspin-XXXXXXXX.tmp holding its one 'x' entry, .<name>.tspin-old) go,
+    in the root and the sub-folders `descend` accepts; look-alikes (a user's .notes.old, .cache.abcd1234.tmp, a
+    tagged folder holding other files) and anything in other folders stay, untouched."""
     (tmp_path / ".git").mkdir()
     (tmp_path / ".hidden.tmp").mkdir()  # not a mkdtemp name
     (tmp_path / "data.jsonl").write_text("{}\n")
-    (tmp_path / ".data.jsonl.abcd_123.tmp").mkdir()
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".model.old").mkdir()
-    (tmp_path / "sub" / "model").mkdir()
-    removed = clean_stale_temps(tmp_path)
-    assert sorted(p.name for p in removed) == [".data.jsonl.abcd_123.tmp", ".model.old"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", ".hidden.tmp", "data.jsonl", "sub"]
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["model"]
+    (tmp_path / ".data.jsonl.tspin-abcd_123.tmp").mkdir()
+    (tmp_path / ".data.jsonl.tspin-abcd_123.tmp" / "x").write_text("half")
+    (tmp_path / ".notes.old").mkdir()  # a user's: no tag
+    (tmp_path / ".cache.abcd1234.tmp").mkdir()
+    (tmp_path / ".mine.tspin-abcd1234.tmp").mkdir()  # tagged, but holds what atomic_path never writes
+    (tmp_path / ".mine.tspin-abcd1234.tmp" / "notes.txt").write_text("keep")
+    for sub in ("iter0", "deep"):
+        (tmp_path / sub / ".model.tspin-old").mkdir(parents=True)
+        (tmp_path / sub / "model").mkdir()
+    removed = clean_stale_temps(tmp_path, descend=lambda name: name == "iter0")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [".data.jsonl.tspin-abcd_123.tmp",
+                                                                            "iter0/.model.tspin-old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.abcd1234.tmp", ".git", ".hidden.tmp",
+                                                          ".mine.tspin-abcd1234.tmp", ".notes.old", "data.jsonl",
+                                                          "deep", "iter0"]
+    assert (tmp_path / ".mine.tspin-abcd1234.tmp" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == [".model.tspin-old", "model"]
+    assert [p.name for p in (tmp_path / "iter0").iterdir()] == ["model"]
 
 
 def test_a_start_that_fails_after_recording_its_config_does_not_block_the_corrected_command(inputs, tmp_path):

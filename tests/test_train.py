@@ -92,7 +92,7 @@ def test_sft_loss_goes_down_and_metrics_have_spec_names(model_dir, tmp_path):
                metrics=MetricsWriter(tmp_path / "s.jsonl"))
     losses = [r["loss"] for r in read_jsonl(tmp_path / "s.jsonl")]
     assert losses[-1] < 0.8 * losses[0]
-    assert (tmp_path / "s" / "model" / "trainer_state.pt").exists()
+    assert (tmp_path / "s" / "model" / "trainer_state" / "state.json").exists()
 
     model = tiny_policy(model_dir)
     train_loop(model, tok, _feats(tok, 8), tiny_cfg(), method="tspin", out_dir=tmp_path / "t", iteration=1,

@@ -93,8 +93,9 @@ def test_iterate_under_torchrun_fsdp2_writes_the_run(model_dir, tmp_path):
                    per_device_train_batch_size=2)
     torchrun("iterate", cfg, tmp_path)
     out = tmp_path / "run"
-    for f in ("config.yaml", "proto.jsonl", "eval_init.json", "iter0/data.jsonl", "iter0/model/model.safetensors",
-              "iter0/model/trainer_state.pt", "iter0/eval.json", "iter0/eval_generations.jsonl", "summary.json"):
+    for f in ("tspin-run.json", "config.yaml", "proto.jsonl", "eval_init.json", "iter0/data.jsonl",
+              "iter0/model/model.safetensors", "iter0/model/trainer_state/state.json", "iter0/eval.json",
+              "iter0/eval_generations.jsonl", "summary.json"):
         assert (out / f).exists(), f
     assert not list(out.rglob("*.partial")) and not (out / "iter0" / "checkpoints").exists() or not list(
         (out / "iter0" / "checkpoints").iterdir())

@@ -1,10 +1,12 @@
 """Checkpoints of the training policy: one format for one process, DDP and FSDP2, loadable at any rank count.
 
-A checkpoint directory is a plain Hugging Face directory (``save_pretrained``: full weights, or the adapter of a
-LoRA run; + tokenizer) and, for a run to resume, ``trainer_state.pt``: the step, the optimizer state keyed by
-parameter name, the LR scheduler, the RNG states and whatever the loop adds. The state dicts come from
-``torch.distributed.checkpoint.state_dict``, which gathers FSDP2 shards to rank 0 and scatters them back for this
-run's layout. A directory is complete or absent: it is written under a temp name and renamed into place.
+A checkpoint directory is a plain Hugging Face directory (``save_pretrained``: full weights as safetensors, or the
+adapter of a LoRA run; + tokenizer) and, for a run to resume, the trainer state: the step, the optimizer state keyed
+by parameter name, the LR scheduler, the RNG states and whatever the loop adds, in ``trainer_state/``: ``state.json``
+(structure and numbers) + ``tensors.safetensors`` -- no pickle, so loading a checkpoint runs nothing from it
+(:mod:`tspin.state_file`). The state dicts come from ``torch.distributed.checkpoint.state_dict``, which gathers
+FSDP2 shards to rank 0 and scatters them back for this run's layout. A directory is complete or absent: it is
+written under a temp name and renamed into place.
 
     save_checkpoint(path, policy, tokenizer=tok, optimizer=opt, scheduler=sched, state={"step": 10})
     state = load_checkpoint(path, policy, optimizer=opt, scheduler=sched)   # {"step": 10, ...}
@@ -12,20 +14,22 @@ run's layout. A directory is complete or absent: it is written under a temp name
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from .io import atomic_path
 from .ranks import barrier, is_main, world
+from .rng import rng_state, set_rng_state
+from .state_file import META_FILE, read_state, write_state
 from .wrapping import policy_of, reshard, tied_head
 
-STATE_FILE = "trainer_state.pt"
+STATE_DIR = "trainer_state"  # state.json + tensors.safetensors
+STATE_FILE = f"{STATE_DIR}/{META_FILE}"
+LEGACY_STATE_FILE = "trainer_state.pt"  # a pickle (tspin 0.1.0 and earlier): never loaded
 _PREFIX = "model."  # CausalLMLogps keeps the Hugging Face model as .model
 
 
@@ -69,26 +73,12 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=_broadcast()))
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------- save / load
 def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer=None, optimizer=None, scheduler=None,
                     state: dict | None = None) -> Path:
-    """Write ``path``: the policy's weights as a Hugging Face directory (+ tokenizer), and ``trainer_state.pt``
-    (``state`` + optimizer + scheduler + RNG states) when any of those is given.
+    """Write ``path``: the policy's weights as a Hugging Face directory (+ tokenizer), and the trainer state
+    (``state`` + optimizer + scheduler + RNG states; ``trainer_state/``) when any of those
+    is given. ``state`` holds JSON-like values (dicts, lists, tuples, numbers, strings, None) and tensors.
 
     ``model`` is the training policy (:func:`tspin.wrapping.wrap_model`: one process, DDP or FSDP2). Every rank
     calls it (gathering FSDP2 shards is a collective); rank 0 writes, then all ranks meet at a barrier.
@@ -112,7 +102,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, tokenizer=None, optim
                     full["optimizer"] = opt_sd
                 if scheduler is not None:
                     full["scheduler"] = scheduler.state_dict()
-                torch.save(full, tmp / STATE_FILE)
+                write_state(tmp / STATE_DIR, full)
     barrier()
     return path
 
@@ -128,8 +118,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, optimizer=None, sched
     path = Path(path)
     _load_weights(path, model)
     if not (path / STATE_FILE).exists():
+        if (path / LEGACY_STATE_FILE).exists():
+            raise ValueError(f"{path / LEGACY_STATE_FILE}: a trainer state in the pickle format of tspin 0.1.0, which "
+                             "tspin no longer loads (unpickling a file can run code from it); its weights load "
+                             "with from_pretrained, its optimizer state cannot be resumed: start the run afresh")
         return {}
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_state(path / STATE_DIR)
     if optimizer is not None and "optimizer" in state:
         load_optimizer_state_dict(model, optimizer, state.pop("optimizer"))
     if scheduler is not None and "scheduler" in state:
@@ -162,7 +156,7 @@ def _load_weights(path: Path, model: nn.Module) -> None:
         names = {k.replace(".default.", "."): k for k in module_keys if ".default." in k}
     else:
         names = {k: k for k in module_keys}
-    in_file = {k for f in files for k in safe_open(str(f), "pt").keys()}
+    in_file = {k for f in files for k in _safetensors_keys(f, safe_open)}
     unexpected = sorted(k for k in in_file if k not in names)
     tied = tied_head(model)
     # a LoRA checkpoint holds the adapter only; a tied LM head is saved once
@@ -172,9 +166,33 @@ def _load_weights(path: Path, model: nn.Module) -> None:
                          f"{unexpected[:3]})")
     sd = {}
     if is_main() or not _broadcast():
-        sd = {_PREFIX + names[k]: v for f in files for k, v in load_file(str(f)).items()}
+        sd = {_PREFIX + names[k]: v for f in files for k, v in _read_safetensors(f, load_file).items()}
     reshard(model)  # after a generate() the FSDP2 root holds temporary full tensors: load into the shards
     set_model_state_dict(model, sd, options=_options(broadcast_from_rank0=_broadcast(), strict=False))
+
+
+def _damaged(f: Path, e: Exception) -> ValueError:
+    return ValueError(f"{f}: not a complete safetensors file ({' '.join(str(e).split())}); the checkpoint is damaged "
+                      f"(e.g. a copy cut short): delete {f.parent} to go back to an earlier checkpoint")
+
+
+def _safetensors_keys(f: Path, safe_open) -> list[str]:
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(f), "pt") as fh:
+            return list(fh.keys())
+    except (SafetensorError, OSError) as e:
+        raise _damaged(f, e) from None
+
+
+def _read_safetensors(f: Path, load_file) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(f, e) from None
 
 
 # ----------------------------------------------------------------------------- mid-iteration checkpoints
@@ -185,7 +203,9 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / STATE_FILE).exists()]
+    # a legacy pickled state is listed too, so that resuming from it stops with load_checkpoint's message
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name))
+             and ((p / STATE_FILE).exists() or (p / LEGACY_STATE_FILE).exists())]
     return sorted(found)
 
 

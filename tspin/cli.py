@@ -12,13 +12,16 @@ Any config key can be given as `--key=value` (or `--key value`); it overrides th
 Expected failures (a bad setting, a missing or malformed file, a full or read-only disk, an unknown device, a run
 whose loss went non-finite, out of memory) end with one line on stderr naming the key, file, path or device, and a
 non-zero exit: 2 for what is wrong in the command, its config or its inputs, 1 for a failure while running. Pass
-`--debug` to see the traceback instead.
+`--debug` to see the traceback instead. SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) end a command the same
+way: one line saying how to continue, exit 130 / 143; what was written stays resumable.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .config import config_from_args, config_keys, read_yaml
 
@@ -74,6 +77,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
             if name in ("train", "iterate"):
                 sp.add_argument("--resume", action="store_true", help="continue the run in output_dir after a stop")
+                sp.add_argument("--overwrite", action="store_true",
+                                help="start afresh in output_dir: delete the files a tspin run wrote there (nothing "
+                                     "else), or use a non-empty folder that is not a run, beside its files")
             if name == "generate":
                 sp.add_argument("--out", required=True, help="output JSONL (written atomically, resumable)")
                 sp.add_argument("--field", default="generated", help="field to write the responses to "
@@ -93,10 +99,38 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt: the same unwinding (temp files
+    removed by their writers, nothing half-written), a message and exit 143."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, as a second Ctrl-C
+    raise Terminated()
+
+
+def _how_to_continue(command: str) -> str:
+    return {"tspin train": "run the same command with --resume to continue",
+            "tspin iterate": "run the same command with --resume to continue",
+            "tspin generate": "run the same command again to continue",
+            "tspin demo": "run the same command with --resume to continue",
+            "tspin study": "run the same command again to continue"}.get(command, "")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = f"tspin {argv[0]}" if argv and argv[0] in COMMANDS else "tspin"
     debug = "--debug" in argv  # known before parsing, so that a parse error can show its traceback too
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        return _main(argv, command, debug)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], command: str, debug: bool) -> int:
     try:
         args, rest = parse(argv)
         if args.command in ("demo", "study"):
@@ -129,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         rank, world_size = world()  # under torchrun every rank says what stopped it
         print(f"{command}: error: {f'[rank {rank}] ' if world_size > 1 else ''}{_one_line(e)}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        how = _how_to_continue(command)
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{command}: {what}{'; ' + how if how else ''}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     from .ranks import cleanup_distributed
 
     cleanup_distributed()  # under torchrun: leave the process group together (on errors, torchrun ends the rest)
@@ -178,11 +214,11 @@ def _run(args: argparse.Namespace, cfg) -> None:
     if args.command == "generate":
         print(f"wrote {selfplay.generate(cfg, args.out, args.field)}")
     elif args.command == "train":
-        r = selfplay.train(cfg, resume=args.resume)
+        r = selfplay.train(cfg, resume=args.resume, overwrite=args.overwrite)
         if is_main():  # under torchrun every rank holds the same result
             print(r)
     else:
-        s = selfplay.iterate(cfg, resume=args.resume)
+        s = selfplay.iterate(cfg, resume=args.resume, overwrite=args.overwrite)
         for e in s["evals"] if is_main() else []:
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()})
 

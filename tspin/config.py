@@ -172,6 +172,15 @@ class Config:
         for name in ("eval_size", "save_steps", "weight_decay", "alpha", "beta", "spin_lambda", "temperature", "top_k"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        from tspin_kernels._options import MAX_LOSS_SCALE, check_real  # the kernels' own rule for loss scales
+
+        for name in ("alpha", "beta", "beta_iter0", "spin_lambda"):
+            try:
+                check_real(name, getattr(self, name) if getattr(self, name) is not None else 0.0)
+            except ValueError:
+                bad(name, f"must be <= {MAX_LOSS_SCALE:g} (a larger loss scale overflows the float32 loss)")
+        if not self.output_dir.strip():
+            bad("output_dir", "must name a directory (an empty value would be the current directory)")
         if self.lora_rank < 0:
             bad("lora_rank", "must be >= 0 (0 disables LoRA)")
         if self.lora_rank and self.lora_alpha <= 0:

@@ -53,12 +53,28 @@ def _load_dataset(path: Path, split: str):
         if not files:
             raise FileNotFoundError(f"data files not found: no match for {path}")
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # datasets' own errors rarely name the file or the line: find them ourselves
         if builder == "json":
             for f in files:
                 _raise_json_location(f)
-        raise DataError(f"{path}: could not be loaded as {builder}: {e}") from e
+        if all(_no_records(f, builder) for f in files):
+            ds = None
+        else:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"{path}: could not be loaded as {builder}: {reason}") from e
+    if ds is None or len(ds) == 0:
+        raise DataError(f"{path}: holds no records (expected one JSON object per line, a JSON list of objects or "
+                        "Parquet rows)")
+    return ds
+
+
+def _no_records(path: Path, builder: str) -> bool:
+    """A file with nothing in it for the builder (an empty file, only blank lines, an empty JSON list)."""
+    if builder != "json":
+        return path.stat().st_size == 0
+    text = "".join(_decode_lines(path)).strip()
+    return text in ("", "[]")
 
 
 def _decode_lines(path: Path) -> list[str]:
@@ -217,8 +233,16 @@ def format_prompt(tokenizer, prompt: str, template: str) -> str:
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_template='chat' but the tokenizer has no chat_template; use 'paper'")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2 (sandboxed)
+
+        try:
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except TemplateError as e:  # a template error, or one stopped by the sandbox (an unsafe attribute)
+            where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            raise ValueError(f"prompt_template='chat': the chat_template of {where} failed "
+                             f"({type(e).__name__}: {' '.join(str(e).split())}); fix the template in its "
+                             "tokenizer_config.json / chat_template.jinja, or use prompt_template 'paper'") from None
     return (PAPER_TEMPLATE if template == "paper" else template).replace("{prompt}", prompt)
 
 

@@ -6,6 +6,7 @@ Written once to OUT/iter{t}/data.jsonl and read back on resume, so a killed run 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .config import Config
@@ -14,6 +15,28 @@ from .generation import generate_field
 from .io import atomic_write_jsonl, read_jsonl
 from .losses import autocast, batched_logps
 from .ranks import on_main
+
+
+def prompt_key(record: dict) -> tuple[str, str]:
+    """What pairs a sampled response with a training record: its prompt_id and a hash of its prompt's text (an id
+    alone would pair a file of other prompts that reuses the ids)."""
+    return record["prompt_id"], hashlib.sha256(record["prompt"].encode("utf-8")).hexdigest()
+
+
+def match_prompts(rows: list[dict], records: list[dict], source: str) -> list[dict]:
+    """``rows`` (e.g. a proto file's) in the order of ``records``, each paired by :func:`prompt_key`; a record
+    without its row raises a ValueError naming ``source``, the prompt_id and what differs."""
+    by_key = {prompt_key(r): r for r in rows}
+    missing = [r for r in records if prompt_key(r) not in by_key]
+    if missing:
+        first = missing[0]
+        ids = {r["prompt_id"]: r for r in rows}
+        why = ("holds another prompt under that prompt_id" if first["prompt_id"] in ids
+               else "has no row with that prompt_id")
+        raise ValueError(f"{source}: {why} (prompt_id {first['prompt_id']!r}; {len(missing)} of the {len(records)} "
+                         "training prompts unmatched): a proto file must hold the same prompts (by id and text) as "
+                         "the training subset; leave proto_path unset to sample one")
+    return [by_key[prompt_key(r)] for r in records]
 
 
 def spin_refs(model, tokenizer, rows: list[dict], cfg: Config) -> list[dict]:

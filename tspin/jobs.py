@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,20 @@ def makespan(jobs: list[Job], seconds: dict[str, float], processes: int) -> floa
     return max(done_at.values(), default=0.0)
 
 
+@contextmanager
+def _stop_workers_on_interrupt():
+    """Ctrl-C reaches the workers too, a SIGTERM only this process: on either, stop the pool's workers rather than
+    wait for their jobs to end (each resumes on the next start). Entered inside the pool, so it runs first."""
+    import multiprocessing
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        for p in multiprocessing.active_children():
+            p.terminate()
+        raise
+
+
 def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Callable[[str], None] = print,
              prefix: str = "[jobs]") -> dict[str, dict]:
     """Run every job not yet done, dependencies first, at most `processes` at a time; return every job's result.
@@ -161,7 +176,7 @@ def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Call
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_start,
-                             initargs=(ctx.Value("i", 0), threads)) as pool:
+                             initargs=(ctx.Value("i", 0), threads)) as pool, _stop_workers_on_interrupt():
         running = {}
         while todo or running:
             for j in [j for j in todo if ready(j)][: processes - len(running)]:

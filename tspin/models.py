@@ -22,9 +22,10 @@ from .wrapping import STRATEGIES, wrap_model
 _HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
 
 
-def check_source(key: str, value: str) -> None:
+def check_source(key: str, value: str, weights: bool = False) -> None:
     """A model or tokenizer given by a path that can only be local (absolute, ./, ../, ~, nested) must be a
-    directory: say so naming the key, before transformers turns it into a Hub lookup."""
+    directory: say so naming the key, before transformers turns it into a Hub lookup. ``weights``: a local model
+    directory must hold its weights as safetensors (:func:`check_safetensors`)."""
     if not value:
         raise ValueError(f"config: {key} is required")
     p = Path(value).expanduser()
@@ -33,15 +34,37 @@ def check_source(key: str, value: str) -> None:
                          "got a file")
     if not p.exists() and (not _HUB_ID.fullmatch(value) or value.startswith(".")):
         raise FileNotFoundError(f"config: {key}={value!r}: no such directory")
+    if weights and p.is_dir():
+        check_safetensors(f"config: {key}={value!r}", p)
+
+
+# weight files that are pickles: loading one can run code it names, so tspin never does
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors(label: str, path: Path) -> None:
+    """A model directory whose weights are pickles only (pytorch_model.bin, ...) is refused, with how to convert it;
+    one with no weights at all is left to transformers' own message."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in _PICKLED_WEIGHTS for f in path.glob(pattern))
+    if pickled:
+        raise ValueError(f"{label}: its weights are {', '.join(pickled[:3])}, a pickle, and no *.safetensors; tspin "
+                         "loads weights only from safetensors (loading a pickle can run code from the file). Convert "
+                         "them once, where you trust the file: AutoModelForCausalLM.from_pretrained(path)"
+                         ".save_pretrained(path)")
 
 
 def _from_pretrained(load, path, what: str):
-    """transformers' loading errors (missing files, no network for a Hub id, unknown architecture) as one
-    ValueError naming the path."""
+    """transformers' loading errors (missing files, no network for a Hub id, unknown architecture, a weight file
+    cut short) as one ValueError naming the path."""
+    from safetensors import SafetensorError
+
     try:
         return load(str(path))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: could not load the {what}: {e}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        cut = " (a safetensors file there is damaged or cut short)" if isinstance(e, SafetensorError) else ""
+        raise ValueError(f"{path}: could not load the {what}{cut}: {e}") from e
 
 
 def load_tokenizer(path: str):
@@ -73,7 +96,7 @@ def load_policy(cfg: Config) -> nn.Module:
     both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy. Its forward is the fused log-prob path,
     so DDP's all-reduce and FSDP2's unsharding cover the whole loss. fp32 master weights: bf16 comes from autocast
     (one process, DDP) or from FSDP2's own mixed precision."""
-    check_source("model_name_or_path", cfg.model_name_or_path)
+    check_source("model_name_or_path", cfg.model_name_or_path, weights=True)
     info = init_distributed()
     if cfg.strategy != "none" and not info.distributed:
         raise ValueError(f"config: strategy={cfg.strategy!r} needs a process group: launch with torchrun "
@@ -115,7 +138,9 @@ def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistIn
         kw["attn_implementation"] = attn_implementation
     rank0_reads = strategy != "none" and info.distributed and info.world_size > 1
     if not rank0_reads or info.is_main:
-        model = _from_pretrained(lambda p: AutoModelForCausalLM.from_pretrained(p, **kw), path, "model")
+        # safetensors only: a pytorch_model.bin is a pickle, and loading one can run code from the file
+        model = _from_pretrained(lambda p: AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, **kw),
+                                 path, "model")
     else:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(_from_pretrained(AutoConfig.from_pretrained, path, "model"),

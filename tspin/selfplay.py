@@ -4,11 +4,12 @@
 Output layout (every file written atomically, every stage skipped when its output already exists, so a killed
 run resumes where it stopped):
 
-    OUT/config.yaml  metrics.jsonl  summary.json  proto.jsonl
+    OUT/tspin-run.json            the run manifest, written first: the directory is tspin's (tspin.run_dir)
+    OUT/config.yaml  inputs.json  metrics.jsonl  summary.json  proto.jsonl
     OUT/iter{t}/generated.jsonl   y' sampled by the start-of-iteration policy (not at t=0 when it is the proto)
     OUT/iter{t}/data.jsonl        the iteration's training records (+ SPIN reference log-probs, computed once)
     OUT/iter{t}/checkpoints/      mid-iteration checkpoints (every `save_steps`)
-    OUT/iter{t}/model/            the iteration's final policy (save_pretrained + trainer state)
+    OUT/iter{t}/model/            the iteration's final policy (save_pretrained + trainer_state/)
     OUT/iter{t}/eval.json         held-out evaluation of that policy
 """
 
@@ -18,19 +19,18 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from .batch import fields_for
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import DataError, build_features, drop_truncated, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
 from .generation import check_backend, generate_field, partial_path
-from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_jsonl
-from .iteration_data import expand_spin_mix, iteration_data, spin_refs
+from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_json, read_jsonl
+from .iteration_data import expand_spin_mix, iteration_data, match_prompts, spin_refs
 from .metrics import MetricsWriter
 from .models import check_source, load_policy, load_tokenizer
 from .ranks import init_distributed, on_main
+from .rng import seed_all
 from .run_dir import (
     check_output_dir,
     check_same_inputs,
@@ -62,11 +62,11 @@ def prepare_records(cfg: Config) -> tuple[list[dict], list[dict]]:
     return select_subset(train, cfg.data_fraction, cfg.data_count, cfg.data_seed), held
 
 
-def _start(cfg: Config, resume: bool):
-    """Common start of `train` and `iterate`: refuse to overwrite a run, load and check everything, then record the
-    config (a start that fails before that writes nothing; one that fails after it, before any result, is started
-    afresh by the corrected command: tspin.run_dir.holds_results)."""
-    out, started = open_run(cfg, resume)
+def _start(cfg: Config, resume: bool, overwrite: bool):
+    """Common start of `train` and `iterate`: refuse a directory that is not free for this run, load and check
+    everything, then record the run (a start that fails before that writes nothing; one that fails after it, before
+    any result, is started afresh by the corrected command: tspin.run_dir.holds_results)."""
+    out, started = open_run(cfg, resume, overwrite)
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
@@ -79,16 +79,16 @@ def _start(cfg: Config, resume: bool):
     inputs = input_fingerprints(cfg, records, held)
     if started:
         check_same_inputs(out, inputs)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)  # LoRA's initial adapters
     model = load_policy(cfg)  # joins the process group under torchrun
     tokenizer = _tokenizer(cfg)
     format_prompt(tokenizer, records[0]["prompt"], cfg.prompt_template)  # e.g. 'chat' without a chat template
-    record_run(cfg, out, inputs)
+    record_run(cfg, out, inputs, overwrite)
     return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl")
 
 
 def _check_sources(cfg: Config) -> None:
-    check_source("model_name_or_path", cfg.model_name_or_path)
+    check_source("model_name_or_path", cfg.model_name_or_path, weights=True)
     if cfg.tokenizer_name_or_path:
         check_source("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
     check_backend(cfg)  # generation_backend 'vllm': installed, and the initial policy a saved model it serves
@@ -104,7 +104,7 @@ def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: Met
     metric line and `path` drops that line before logging the evaluation again. `weights`: the saved policy
     `model` holds (generation_backend 'vllm' samples from it)."""
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, "evaluation")
     e = {"iteration": iteration, **evaluate(model, tokenizer, held, cfg, generations, weights=weights)}
     metrics.rewind(lambda r: not (r.get("phase") == "eval" and r.get("iteration") == iteration))
     metrics.write(phase="eval", method=cfg.method, **e)
@@ -126,9 +126,10 @@ def _features(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
                           ref=cfg.method == "spin", truncated_samples=cfg.truncated_samples)
 
 
-def iterate(cfg: Config, resume: bool = False) -> dict:
-    """The whole self-play loop (or `num_iterations` rounds of SFT with evaluation after each)."""
-    out, tokenizer, records, held, model, metrics = _start(cfg, resume)
+def iterate(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """The whole self-play loop (or `num_iterations` rounds of SFT with evaluation after each). ``resume``: continue
+    the run in cfg.output_dir; ``overwrite``: start afresh there (tspin.run_dir: what is deleted, what is kept)."""
+    out, tokenizer, records, held, model, metrics = _start(cfg, resume, overwrite)
 
     evals = []
     if held:
@@ -141,11 +142,11 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
         proto_path = Path(cfg.proto_path) if cfg.proto_path else out / "proto.jsonl"
         proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", cfg, seed=cfg.seed,
                                     desc="proto (pi_0)", weights=cfg.model_name_or_path)
-        if [p["prompt_id"] for p in proto_rows] != [r["prompt_id"] for r in records]:
-            raise ValueError(f"proto_path {proto_path}: its prompts do not match the training subset")
+        proto_rows = match_prompts(proto_rows, records, f"proto_path {proto_path}")
 
     for t in range(cfg.num_iterations):
         it_dir = out / f"iter{t}"
+        seed_all(cfg.seed, t)  # each iteration starts from its own RNG state, whatever ran before in this process
         if not (it_dir / "model").exists():
             rows = iteration_data(model, tokenizer, records, proto_rows, cfg, t, it_dir, out)
             train_loop(model, tokenizer, _features(rows, tokenizer, cfg), cfg, method=cfg.method, out_dir=it_dir,
@@ -158,17 +159,19 @@ def iterate(cfg: Config, resume: bool = False) -> dict:
         else:
             evals.append({"iteration": t})
         if (it_dir / "train_summary.json").exists():  # the iteration's last-epoch training diagnostics
-            evals[-1].update(json.loads((it_dir / "train_summary.json").read_text()))
+            evals[-1].update(read_json(it_dir / "train_summary.json", "training summary"))
     summary = {"method": cfg.method, "output_dir": str(out), "num_train_records": len(records),
                "num_eval_records": len(held), "evals": evals}
     on_main(atomic_write_json, out / "summary.json", summary)
     return summary
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """One training run on a data file (SFT on pairs; T-SPIN on files with generated+proto; SPIN with generated,
-    its reference log-probs computed first by the loaded policy when the file lacks them). Writes OUT/model."""
-    out, tokenizer, records, held, model, metrics = _start(cfg, resume)
+    its reference log-probs computed first by the loaded policy when the file lacks them). Writes OUT/model.
+    ``resume`` / ``overwrite`` as for :func:`iterate`."""
+    out, tokenizer, records, held, model, metrics = _start(cfg, resume, overwrite)
+    seed_all(cfg.seed, 0)
     if (out / "model").exists():
         load_checkpoint(out / "model", model)
     else:
@@ -195,6 +198,10 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
     if not re.fullmatch(r"[A-Za-z_]\w*", field) or field in INPUT_COLUMNS or field.startswith("ref_"):
         raise ValueError(f"--field={field!r}: expected a new column name (letters, digits, _), not one of "
                          f"{', '.join(INPUT_COLUMNS)} or ref_*")
+    if not str(out_path).strip():
+        raise ValueError("--out: expected the path of the JSONL file to write, got an empty value")
+    if Path(out_path).is_dir():
+        raise IsADirectoryError(f"--out {out_path}: is a directory; expected the path of the JSONL file to write")
     if not cfg.data_path:
         raise ValueError("config: data_path is required")
     _check_sources(cfg)
@@ -206,12 +213,12 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
     out = Path(out_path)
     check_output_dir(out.parent, f"--out {out}")
     if out.exists():  # a finished earlier run of this command is kept (resumable); anything else is refused
-        try:
-            done = load_records(out, require_response=False)
-        except ValueError:
+        try:  # the records as written (load_records keeps only the columns it knows, not a custom --field)
+            done = read_jsonl(out) if out.is_file() else None
+        except (ValueError, UnicodeDecodeError):
             done = None
-        if done is None or [r["prompt_id"] for r in done] != [r["prompt_id"] for r in records] \
-                or any(field not in r for r in done):
+        if done is None or [str(r.get("prompt_id")) for r in done] != [r["prompt_id"] for r in records] \
+                or any(r.get(field) is None for r in done):
             raise FileExistsError(f"--out {out}: the file exists and is not this command's output (the {field!r} "
                                   "column for the same prompts); remove it or choose another --out")
     settings = _check_generation_settings(cfg, records, field, out)

@@ -23,6 +23,7 @@ from .losses import autocast, compute_loss
 from .methods import LOSS_FIELDS, loss_of
 from .metrics import Averager, MetricsWriter, read_back
 from .ranks import all_sum, on_main, world
+from .rng import seed_all
 from .wrapping import clip_grad_norm, grad_sync, policy_of, reshard
 
 MAX_STEPS = 10_000_000
@@ -102,7 +103,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     `model` is the training policy (tspin.models.load_policy, or tspin.wrapping.wrap_model); under torchrun every
     rank calls this with the same features and trains on its share of each step.
 
-    Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run.
+    Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run:
+    every micro-batch seeds the RNGs from (seed, step, micro-batch, rank), so dropout draws the same masks too.
     Metrics stay on the device and are read back once per logged step. Returns the means of the last epoch's
     metrics (also written to out_dir/train_summary.json).
     """
@@ -114,7 +116,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
     beta = cfg.beta_at(iteration) if beta is None else beta
-    windows = step_windows(len(features), cfg, cfg.seed + 1000 * iteration if seed is None else seed, world_size)
+    run_seed = cfg.seed + 1000 * iteration if seed is None else seed
+    windows = step_windows(len(features), cfg, run_seed, world_size)
     total = len(windows)
     optimizer = build_optimizer(reshard(model), cfg)  # FSDP2: the sharded parameters, not a generate()'s gathers
     scheduler = build_scheduler(optimizer, cfg, total)
@@ -149,6 +152,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         shares = [rank_share(mb, rank, world_size) for mb in windows[step]]
         avg, window_loss = Averager(), 0.0
         for j, (mine, w) in enumerate(shares):
+            # what the micro-batch draws (dropout) is a function of its position alone: a resumed run draws the same
+            seed_all(run_seed, step, j, rank)
             batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size).to(device)
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):

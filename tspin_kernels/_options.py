@@ -137,8 +137,17 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+# The loss scales (T-SPIN's alpha and beta, SPIN's beta / lambda) are at most this in absolute value: the loss
+# l(alpha * margin) + beta * l(alpha * margin') is computed in float32, and with |alpha|, |beta| <= 1e6 it stays
+# finite for every margin below 1e26 nats (a sum of log-probs never comes near); alpha=1e39 would make it inf.
+# tspin's config checks its keys with this same function.
+MAX_LOSS_SCALE = 1e6
+
+
 def check_real(name: str, value) -> float:
-    """A finite Python number (bool excluded), e.g. alpha / beta."""
-    if not _is_number(value) or not math.isfinite(value):
-        raise (ValueError if _is_number(value) else TypeError)(f"{name}: expected a finite number, got {value!r}")
+    """A loss scale (alpha / beta / lambda): a finite Python number (bool excluded) with |value| <= MAX_LOSS_SCALE."""
+    if not _is_number(value) or not math.isfinite(value) or abs(value) > MAX_LOSS_SCALE:
+        raise (ValueError if _is_number(value) else TypeError)(
+            f"{name}: expected a finite number with |{name}| <= {MAX_LOSS_SCALE:g} (a larger scale overflows the "
+            f"float32 loss), got {value!r}")
     return float(value)

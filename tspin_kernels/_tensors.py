@@ -29,3 +29,10 @@ def fail_type(name: str, expected: str, got) -> TypeError:
 def check_tensor(name: str, t, expected: str = "a torch.Tensor") -> None:
     if not isinstance(t, torch.Tensor):
         raise fail_type(name, expected, type(t).__name__)
+
+
+def check_not_meta(name: str, t) -> None:
+    """The first tensor of a call must hold data (the others are then checked to be on its device)."""
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device, a tensor without data (e.g. a model built under "
+                         "torch.device('meta') whose weights were never loaded); load or move it to cpu / cuda first")

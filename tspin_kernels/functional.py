@@ -11,7 +11,7 @@ from . import _device
 from ._defaults import LossPath, kernel_options
 from ._inputs import check_cu_seqlens_layout, check_inputs, compact
 from ._options import check_flag, check_fused, check_real, check_seq_counts
-from ._tensors import check_tensor, fail_type
+from ._tensors import check_not_meta, check_tensor, fail_type
 from .fused_loss import TupleLoss, run_fused
 from .positions import CountedPositions, compact_positions
 from .reference import ChunkedSequenceLogps, acc_dtype, naive_positions_logps, naive_sequence_logps
@@ -149,6 +149,7 @@ def _autocast(hidden, weight, bias):
     """Under torch.autocast, compute in the autocast dtype as F.linear would (fp32 master weights, bf16 activations)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return hidden, weight, bias
+    check_not_meta("hidden", hidden)  # before asking autocast about a device type it does not know
     dev = hidden.device.type
     if not torch.is_autocast_enabled(dev) or not hidden.is_floating_point():
         return hidden, weight, bias
@@ -160,6 +161,7 @@ def _autocast(hidden, weight, bias):
 def _check_logps(**named) -> None:
     """Per-sequence log-prob vectors: 1-D floating tensors of one length (>= 1) on one device; no broadcasting."""
     first_name, first = next(iter(named.items()))
+    check_not_meta(first_name, first)
     for name, t in named.items():
         check_tensor(name, t, "a 1-D floating torch.Tensor (B,)")
         if not t.dtype.is_floating_point:
@@ -306,6 +308,7 @@ def spin_loss(hidden, weight, labels, ref_logps, *, beta: float = 0.1, fused: bo
     skips that check.
     """
     beta = check_real("beta", beta)
+    check_not_meta("hidden", hidden)  # before ref_logps' values are read
     rows = _rows_of(hidden, labels, options, 2, "spin_loss")
     ref2 = None
     if rows is not None:

@@ -37,13 +37,16 @@ def naive_sequence_logps(hidden, weight, labels, *, bias=None, cu_seqlens=None, 
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
         return torch.cat(parts)
-    logits = F.linear(hidden, weight, bias).to(acc)  # (R, T, V), as HF computes them
     if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
+    # ignored positions may hold anything (NaN in padding): zeroed before the matmul, so that neither the sums nor
+    # any gradient (torch.where passes none to the branch it drops) sees them; counted logits are untouched
+    hidden = torch.where(mask.unsqueeze(-1), hidden, hidden.new_zeros(()))
+    logits = F.linear(hidden, weight, bias).to(acc)  # (R, T, V), as HF computes them
     logp = torch.log_softmax(logits, dim=-1)
     tok = logp.gather(-1, labels.masked_fill(~mask, 0).long().unsqueeze(-1)).squeeze(-1)
-    tok = tok * mask
+    tok = torch.where(mask, tok, tok.new_zeros(()))
     out = tok.sum(-1)
     if average:
         out = out / mask.sum(-1).clamp_min(1)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .._options import check_real
 from .hf_trainer import install_fused_loss
 from .loss_spec import LossSpec
 
@@ -63,9 +64,13 @@ class TSPINConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta"):  # the kernels' rule for loss scales (finite, bounded), and not negative
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+            try:
+                check_real(name, value)
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+            if value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
@@ -163,7 +168,7 @@ class TSPINTrainer(Trainer):
         install_fused_loss(model, impl=args.impl)
         train_dataset = self._tokenize(train_dataset, processing_class, args) if train_dataset is not None else None
         if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, processing_class, args)
+            eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval_dataset")
         collator = data_collator or TripletCollator(processing_class.pad_token_id, args.max_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=collator, **kwargs)
@@ -173,16 +178,23 @@ class TSPINTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
-    def _tokenize(dataset, tokenizer, args: TSPINConfig):
+    def _tokenize(dataset, tokenizer, args: TSPINConfig, name: str = "train_dataset"):
         columns = set(dataset.column_names or [])
         if not {"prompt", *FIELDS} <= columns:
-            raise ValueError(f"train_dataset: expected columns prompt, real, generated, proto, got {sorted(columns)}")
+            raise ValueError(f"{name}: expected columns prompt, real, generated, proto, got {sorted(columns)}")
         dataset = dataset.map(tokenize_triplet, fn_kwargs={"tokenizer": tokenizer}, remove_columns=sorted(columns),
                               desc="Tokenizing triplets")
         if args.max_length is None:
             return dataset
         # a prompt that fills max_length leaves no completion token to train on (TRL drops these too)
-        return dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, desc="Dropping too-long prompts")
+        kept = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, desc="Dropping too-long prompts")
+        if len(dataset) and not len(kept):
+            longest = max(len(ids) for ids in dataset["prompt_ids"])
+            shortest = min(len(ids) for ids in dataset["prompt_ids"])
+            raise ValueError(f"{name}: every one of its {len(dataset)} prompts has at least max_length="
+                             f"{args.max_length} tokens ({shortest} to {longest}), so no completion token is left "
+                             "to train on; raise max_length or shorten the prompts")
+        return kept
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = LossSpec("tspin", alpha=self.args.alpha, beta=self.args.beta, fused=self.args.fused)
