@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tspin_kernels.integrations import backbone_and_head
+from tspin_kernels.integrations import attention_implementation, backbone_and_head
 
 from .batch import collate, count_tokens, fields_for
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -111,6 +111,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     fields = fields_for(method, cfg.no_history)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
+    attn = attention_implementation(policy_of(model).model)  # how collate lays out shared-prefix rows
     beta = cfg.beta_at(iteration) if beta is None else beta
     windows = step_windows(len(features), cfg, cfg.seed + 1000 * iteration if seed is None else seed, world_size)
     total = len(windows)
@@ -147,7 +148,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         shares = [rank_share(mb, rank, world_size) for mb in windows[step]]
         avg, window_loss = Averager(), 0.0
         for j, (mine, w) in enumerate(shares):
-            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size).to(device)
+            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size,
+                            attn_implementation=attn).to(device)
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):
                     loss, m = compute_loss(model, batch, method=method, alpha=cfg.alpha, beta=beta,
