@@ -8,7 +8,8 @@ character-level tokenizer, and per length mix a triplet file (after the template
   means).
 
 Then runs the real console command ``tspin train --config RECIPE --layout=LAYOUT --output_dir=...`` once per
-(mix, layout) per round, rounds interleaving them in rotated order, with one torch thread. Per (mix, layout): the
+(mix, layout) per round (``--layouts packed:sdpa,...`` adds ``--attn_implementation=sdpa``), rounds interleaving
+them in rotated order, with one torch thread. Per (mix, layout): the
 whole command's wall time and CPU seconds (the child process's), the training loop's time (from the trainer's
 own metrics: tokens / tokens_per_s over steps), min and median over rounds, the attention implementation the run
 recorded, and per mix the speed-ups over padded as medians of the paired per-round ratios. The issue's goals are
@@ -100,10 +101,12 @@ def build_run_dir(root: Path, *, L: int, r: float, n: int, batch: int, model: di
 
 
 def run_train(recipe: Path, layout: str, out_dir: Path, threads: int) -> dict:
+    """One ``tspin train``; ``layout`` is a layout, or ``layout:attn`` to run it with another attention."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(common.ROOT)}
     env.pop("TRITON_INTERPRET", None)
+    layout, _, attn = layout.partition(":")
     cmd = [sys.executable, "-m", "tspin.cli", "train", "--config", str(recipe), f"--layout={layout}",
-           f"--output_dir={out_dir}"]
+           f"--output_dir={out_dir}", *([f"--attn_implementation={attn}"] if attn else [])]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=7200)
@@ -132,8 +135,8 @@ def measure(root: Path, setups: dict[str, dict], rounds: int, threads: int = 1, 
         for mix, layout in combos[k:] + combos[:k]:
             print(f"round {i + 1}/{rounds}: {mix} {layout} (load {os.getloadavg()[0]:.2f})", file=sys.stderr,
                   flush=True)
-            runs[mix, layout].append(run_train(setups[mix]["recipe"], layout, root / f"run-{mix}-{layout}-{i}",
-                                               threads))
+            runs[mix, layout].append(run_train(setups[mix]["recipe"], layout,
+                                               root / f"run-{mix}-{layout.replace(':', '-')}-{i}", threads))
     out: dict = {mix: {} for mix in setups}
     for (mix, layout), rs in runs.items():
         tokens = setups[mix]["tokens"]  # sequence tokens of one epoch, the same for every layout
@@ -173,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=72, help="triplets in the data file (one epoch)")
     p.add_argument("--batch", type=int, default=8, help="triplets per step")
     p.add_argument("--mixes", default=",".join(MIXES), help="comma-separated: equal, vary")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="comma-separated layouts, each optionally layout:attn_implementation (packed:sdpa)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", choices=sorted(MODELS), default="cpu")
@@ -181,13 +186,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="append the results to this JSON file")
     a = p.parse_args(argv)
     mixes = [m.strip() for m in a.mixes.split(",") if m.strip()]
+    layouts = tuple(x.strip() for x in a.layouts.split(",") if x.strip())
     model = TOY if a.toy else MODELS[a.model]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         setups = {mix: build_run_dir(root, L=a.L, r=a.ratio, n=a.n, batch=a.batch, model=model, mix=mix,
                                      device=a.device) for mix in mixes}
-        results = measure(root, setups, a.rounds, a.threads)
+        results = measure(root, setups, a.rounds, a.threads, layouts)
     record = {"benchmark": f"tspin train, T-SPIN, {a.device}", "command": " ".join(
                   ["python -m benchmarks.train_layouts", *(argv if argv is not None else sys.argv[1:])]),
               "r": a.ratio, "L": a.L, "length_spread_vary": SPREAD, "triplets": a.n, "batch": a.batch,

@@ -66,13 +66,13 @@ def run(model, fn):
     """(output, every parameter's gradient) of a distinct weighting per sequence."""
     model.zero_grad(set_to_none=True)
     out = fn()
-    (out.float() * torch.linspace(-1.0, 2.0, out.numel())).sum().backward()
+    (out.float() * torch.linspace(-1.0, 2.0, out.numel(), device=out.device)).sum().backward()
     return out.detach().float(), {n: p.grad.detach().float() for n, p in model.named_parameters()
                                   if p.grad is not None}
 
 
-def assert_same(a, b, dtype=torch.float32):
-    tol, grad_tol = TOL[dtype]
+def assert_same(a, b, dtype=torch.float32, tolerances=None):
+    tol, grad_tol = tolerances or TOL[dtype]
     torch.testing.assert_close(a[0], b[0], rtol=tol, atol=tol)
     assert set(a[1]) == set(b[1]) and a[1]
     for name, g in b[1].items():  # float sums in another order: relative to the tensor's largest entry
@@ -159,15 +159,21 @@ class _LargestShape(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
 @pytest.mark.parametrize("attn", ["sdpa", "varlen_sdpa"])
-def test_nothing_of_the_rows_squared_length(attn):
-    """sdpa on a packed row builds (N, N) masks and scores; varlen_sdpa no tensor with two dimensions of N."""
+def test_nothing_of_the_rows_squared_length(attn, layout):
+    """sdpa on a row of several sequences builds (N, N) masks and scores; varlen_sdpa no tensor with two
+    dimensions of the row's length N (forward and backward)."""
     model = tiny_llama(0, attn_implementation=attn)
-    rows = rows_of(MIXED * 2)
-    ids, labels, _, cu = pack_padded(rows["input_ids"], rows["labels"], rows["attention_mask"])
-    N = ids.shape[1]
+    if layout == "packed":
+        rows = rows_of(MIXED * 2)
+        ids, labels, _, cu = pack_padded(rows["input_ids"], rows["labels"], rows["attention_mask"])
+        N, fn = ids.shape[1], lambda: causal_lm_sequence_logps(model, ids, labels, cu_seqlens=cu, impl="torch")
+    else:
+        batch = build_shared_prefix_batch(triplets() + triplets(seed=1), max_row_tokens=10_000)
+        N, fn = batch.input_ids.shape[1], lambda: shared_prefix_sequence_logps(model, batch, impl="torch")
     with _LargestShape() as seen:
-        causal_lm_sequence_logps(model, ids, labels, cu_seqlens=cu, impl="torch").sum().backward()
+        fn().sum().backward()
     squared = [s for s in seen.shapes if sum(d >= N for d in s) >= 2]
     assert bool(squared) == (attn == "sdpa"), squared[:3]
 
@@ -270,3 +276,18 @@ def test_bad_segments_name_the_argument():
         AttentionSegments.packed([5, 0, 3])
     with pytest.raises(TypeError, match="cu_seqlens: expected a 1-D integer tensor"):
         AttentionSegments.from_cu_seqlens(cu.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_packed_and_shared_prefix_equal_padded(dtype):
+    """On CUDA sdpa runs its flash / memory-efficient kernels per bucket: the padded values and gradients."""
+    sdpa, varlen = (m.cuda() for m in model_pair("llama", dtype))
+    rows = {k: v.cuda() for k, v in rows_of(MIXED).items()}
+    loose = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 5e-2)}[dtype]  # TF32 may be on for the matmuls
+    assert_same(packed_run(varlen, rows), padded_run(sdpa, rows), tolerances=loose)
+    examples = triplets()
+    batch = build_shared_prefix_batch(examples, max_row_tokens=10_000).to("cuda")
+    out = run(varlen, lambda: shared_prefix_sequence_logps(varlen, batch, impl="torch"))
+    ref = {k: v.cuda() for k, v in padded_rows(examples).items()}
+    assert_same(out, padded_run(sdpa, ref), tolerances=loose)

@@ -247,12 +247,13 @@ def _attn_implementation(model_or_name) -> tuple[str, object]:
     return attention_implementation(model_or_name), unwrap_causal_lm(model_or_name).config
 
 
-def _check_window(config, batch: SharedPrefixBatch) -> None:
+def _check_window(config, batch: SharedPrefixBatch, *, sliding: bool = True) -> None:
     """A sliding window (or attention chunks) shorter than a sequence would cut differently here than in a padded
-    row, where the other responses are not in between; refuse rather than differ."""
+    row, where the other responses are not in between; refuse rather than differ. ``sliding=False``: the
+    attention applies the window in each response's own positions (varlen_sdpa); chunks are still refused."""
     if config is None:
         return
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) if sliding else None
     if getattr(config, "use_sliding_window", True) is False:
         window = None
     layer_types = getattr(config, "layer_types", None)
@@ -285,9 +286,9 @@ def shared_prefix_attention_mask(batch: SharedPrefixBatch, model, *, dtype: torc
             f"mask, one of {SHARED_PREFIX_ATTENTION} (flash-attention kernels only know causal and varlen-packed "
             "masks). Load the model with attn_implementation='varlen_sdpa', 'sdpa' or 'flex_attention', or use "
             "layout 'packed'")
-    if name == VARLEN_SDPA:  # the window applies within each response's own positions there: exact
+    _check_window(config, batch, sliding=name != VARLEN_SDPA)
+    if name == VARLEN_SDPA:
         return batch.segments
-    _check_window(config, batch)
     if name == "flex_attention":
         return _block_mask(batch)
     visible = _dense_visible(batch)[:, None]

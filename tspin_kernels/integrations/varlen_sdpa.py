@@ -15,8 +15,9 @@ Where the pieces come from, in this order: the ``attention_segments`` keyword (w
 the device), transformers' flash-attention keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k``, or ``position_ids``
 restarting per sequence (TRL's and transformers' padding-free collators). The last two are read on the host once
 per forward (a device sync on a GPU; every layer reuses it). Everything else -- padded rows with a padding mask,
-a KV cache, decoding, bidirectional layers -- is plain ``sdpa``, with the mask ``sdpa`` would get. Sliding-window
-layers (the ``sliding_window`` keyword transformers hands to every attention) get the window inside each piece.
+a KV cache, decoding, bidirectional layers, attention chunks -- is plain ``sdpa``, with the mask ``sdpa`` would
+get. Sliding-window layers (the ``sliding_window`` keyword transformers hands to every attention) get the window
+inside each piece. Logit soft-capping and attention sinks, which torch's sdpa lacks, are refused.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _segments_from_keywords(kwargs: dict, rows: int, tokens: int) -> AttentionSe
 # ---------------------------------------------------------------------------------------------------------------
 
 _masks: dict = {}
+_MASK_CACHE_ELEMENTS = 1 << 25  # 32 MiB of booleans: every layer of a batch reuses them, shapes vary with the data
 
 
 def _piece_mask(q_len: int, prefix_len: int, window: int | None, device) -> torch.Tensor:
@@ -106,7 +108,7 @@ def _piece_mask(q_len: int, prefix_len: int, window: int | None, device) -> torc
         mask = kv <= q
         if window is not None:
             mask &= q - kv < window
-        if len(_masks) > 256:  # shapes vary with the data; keep the cache bounded
+        if sum(m.numel() for m in _masks.values()) + mask.numel() > _MASK_CACHE_ELEMENTS:
             _masks.clear()
         _masks[key] = mask
     return _masks[key]
@@ -157,7 +159,7 @@ def varlen_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if attention_mask is not None or not self_attention:
         if attention_segments is not None:
             raise ValueError("attention_segments: they describe causal self-attention over whole rows; this layer "
-                             f"got a mask or {key.shape[2]} keys for {T} queries")
+                             f"got a mask (padding, attention chunks) or {key.shape[2]} keys for {T} queries")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     for name in ("softcap", "s_aux"):  # logit soft-capping, attention sinks: not in torch's sdpa
@@ -177,14 +179,15 @@ def varlen_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 def _varlen_sdpa_mask(*args, **kwargs):
     """The mask function transformers calls for this implementation: none where the pieces describe the rows
     (causal self-attention over whole rows without padding: plain, packed or shared-prefix), otherwise
-    ``sdpa``'s mask (padding, a KV cache with earlier tokens, custom overlays)."""
+    ``sdpa``'s mask (padding, a KV cache with earlier tokens, custom overlays, attention chunks)."""
     from transformers.masking_utils import sdpa_mask
 
     q_length = kwargs.get("q_length")
     if q_length is None and kwargs.get("cache_position") is not None:  # transformers 4.53-4.5x
         q_length = kwargs["cache_position"].shape[0]
     q_offset = kwargs.get("q_offset", 0)
-    whole_rows = (kwargs.get("attention_mask") is None and not kwargs.get("use_vmap", False)
+    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) is not None  # chunks: not in the pieces
+    whole_rows = (kwargs.get("attention_mask") is None and not kwargs.get("use_vmap", False) and not chunked
                   and kwargs.get("kv_length") == q_length and isinstance(q_offset, int) and q_offset == 0
                   and kwargs.get("kv_offset", 0) == 0)
     if whole_rows:
