@@ -4,6 +4,7 @@ every metrics line, and packed rows under varlen_sdpa train exactly like padded 
 final weights, for SFT (which packs) and T-SPIN, with sequences cut at max_length."""
 
 import pytest
+import torch
 from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
     assert_trains_alike,
     one_thread,
@@ -43,6 +44,18 @@ def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2': the shared_prefix layout needs"):
         load_config(None, {"attn_implementation": "flash_attention_2", "layout": "shared_prefix"})
     load_config(None, {"attn_implementation": "flash_attention_2", "layout": "shared_prefix", "method": "sft"})
+
+
+@pytest.mark.parametrize("name,reason", [("flex_attention", "FlexAttention has no backward on the CPU"),
+                                         ("flash_attention_2", "needs a CUDA device and the flash-attn package")])
+def test_what_cannot_train_here_is_refused_before_loading(model_dir, name, reason):
+    from tspin.models import resolve_attn_implementation
+
+    cfg = tiny_cfg(model_name_or_path=str(model_dir), layout="packed", attn_implementation=name)
+    with pytest.raises(ValueError, match=f"attn_implementation='{name}'.*{reason}"):
+        resolve_attn_implementation(cfg, torch.device("cpu"))
+    with pytest.raises(ValueError, match=reason):
+        load_policy(cfg)
 
 
 def _feats(tok, n, fields):
