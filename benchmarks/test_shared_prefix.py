@@ -122,30 +122,40 @@ def _layout_step(benchmark, cfg, attn, r, device):
 
 
 def test_train_layouts_data_has_the_intended_lengths(tmp_path):
-    """benchmarks.train_layouts: after the template, BOS and EOS, prompts have P tokens and every response L, and
-    the shared part of each triplet is the prompt exactly."""
+    """benchmarks.train_layouts: after the template, BOS and EOS, prompts have P tokens and every response L (the
+    equal mix), or lengths spread 4x around those (the vary mix); the shared part of each triplet is the prompt."""
     from benchmarks import train_layouts as tl
     from tspin.config import load_config
     from tspin.data import build_features, load_records
     from tspin.models import load_tokenizer
     from tspin_kernels.integrations import build_shared_prefix_batch
 
-    setup = tl.build_run_dir(tmp_path, L=10, r=2.0, n=3, batch=2, model=tl.TOY)
-    cfg = load_config(str(setup["recipe"]), {})
-    tok = load_tokenizer(cfg.model_name_or_path)
-    feats = build_features(load_records(cfg.data_path), tok, ("real", "generated", "proto"),
-                           template=cfg.prompt_template, max_length=cfg.max_length,
-                           max_prompt_length=cfg.max_prompt_length)
-    b = build_shared_prefix_batch([[f[k] for k in ("real", "generated", "proto")] for f in feats])
+    def batch_of(setup):
+        cfg = load_config(str(setup["recipe"]), {})
+        feats = build_features(load_records(cfg.data_path), load_tokenizer(cfg.model_name_or_path),
+                               ("real", "generated", "proto"), template=cfg.prompt_template,
+                               max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        return build_shared_prefix_batch([[f[k] for k in ("real", "generated", "proto")] for f in feats])
+
+    b = batch_of(tl.build_run_dir(tmp_path, L=10, r=2.0, n=3, batch=2, model=tl.TOY))
     assert b.prefix_lengths == (20,) * 3 and b.response_lengths == ((10, 10, 10),) * 3
+    setup = tl.build_run_dir(tmp_path, L=20, r=1.0, n=40, batch=2, model=tl.TOY, mix="vary")
+    b = batch_of(setup)
+    responses = [n for r in b.response_lengths for n in r]
+    assert min(b.prefix_lengths) >= 8 and max(b.prefix_lengths) <= 32 and min(responses) >= 8 and max(responses) <= 32
+    assert max(responses) / min(responses) > 3 and max(b.prefix_lengths) / min(b.prefix_lengths) > 3
+    assert setup["tokens"] == sum(b.prefix_lengths) * 3 + sum(responses)
 
 
 @pytest.mark.slow
 def test_train_layouts_runs_the_cli(tmp_path):
-    """The real `tspin train` per layout (toy model): every layout logs the same first loss."""
+    """The real `tspin train` per layout (toy model): every layout logs the same first loss, and the attention
+    `auto` chose for it."""
     from benchmarks import train_layouts as tl
 
     setup = tl.build_run_dir(tmp_path, L=8, r=1.0, n=4, batch=2, model=tl.TOY)
-    res = tl.measure(tmp_path, setup, rounds=1, layouts=("packed", "shared_prefix"))
-    assert res["shared_prefix"]["first_loss"] == pytest.approx(res["packed"]["first_loss"], rel=1e-5)
-    assert res["shared_prefix"]["steps"] == 2 and "speedup_wall_seconds_vs_packed" in res["shared_prefix"]
+    res = tl.measure(tmp_path, {"equal": setup}, rounds=1)["equal"]
+    for layout, attn in (("padded", "sdpa"), ("packed", "varlen_sdpa"), ("shared_prefix", "varlen_sdpa")):
+        assert res[layout]["first_loss"] == pytest.approx(res["padded"]["first_loss"], rel=1e-5)
+        assert res[layout]["steps"] == 2 and res[layout]["attn_implementation"] == attn
+    assert "speedup_vs_padded_cpu_seconds" in res["shared_prefix"] and "equal/packed" in tl.goals({"equal": res})

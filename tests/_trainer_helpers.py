@@ -53,6 +53,33 @@ def tiny_cfg(**kw):
     return demo_config(**base)
 
 
+def assert_trains_alike(tok, feats, cfgs: dict, *, method: str, out: Path, keys=None) -> None:
+    """A fresh policy per config of ``cfgs`` (name -> Config) trained on ``feats``, the same data and steps: the
+    final trainable weights and the logged numbers (``keys``, default every float but the throughput) agree with
+    the first config's."""
+    from tspin.io import read_jsonl
+    from tspin.metrics import MetricsWriter
+    from tspin.models import load_policy
+    from tspin.train import train_loop
+
+    finals, logs = [], []
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)  # the same LoRA init for every run
+        model = load_policy(cfg)
+        train_loop(model, tok, feats, cfg, method=method, out_dir=out / name, iteration=1,
+                   metrics=MetricsWriter(out / f"{name}.jsonl"))
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        logs.append(read_jsonl(out / f"{name}.jsonl"))
+    for final, log in zip(finals[1:], logs[1:]):
+        for n in finals[0]:
+            torch.testing.assert_close(final[n], finals[0][n], rtol=1e-3, atol=1e-4,
+                                       msg=lambda m, n=n: f"{n}: {m}")  # Adam amplifies fp noise near 0
+        assert len(log) == len(logs[0]) > 0
+        for a, b in zip(logs[0], log):
+            for key in keys or [k for k, v in a.items() if isinstance(v, float) and k != "tokens_per_s"]:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box spinning OpenMP workers cost

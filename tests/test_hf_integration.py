@@ -244,5 +244,5 @@ def test_bad_options_name_the_argument():
         causal_lm_sequence_logps(model, p_ids, p_lab, cu_seqlens=cu.tolist())
     with pytest.raises(ValueError, match="cu_seqlens: must be non-decreasing"):
         causal_lm_sequence_logps(model, p_ids, p_lab, cu_seqlens=cu[[0, 2, 1, 3]])
-    with pytest.raises(TypeError, match="attention_mask: expected a torch.Tensor or None"):
+    with pytest.raises(TypeError, match="attention_mask: expected a torch.Tensor, AttentionSegments or None"):
         causal_lm_sequence_logps(model, ids, labels, attention_mask=mask.tolist())

@@ -4,17 +4,21 @@ runs end to end, and SFT falls back to packed."""
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # noqa: F401 (autouse)
+from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
+    assert_trains_alike,
+    one_thread,
+    task_file,
+    tiny_cfg,
+    tiny_model_dir,
+)
 
 from tspin.batch import collate
 from tspin.data import build_features
 from tspin.demo import make_task
 from tspin.io import read_jsonl
 from tspin.losses import batched_logps
-from tspin.metrics import MetricsWriter
 from tspin.models import load_policy, load_tokenizer
 from tspin.selfplay import iterate
-from tspin.train import train_loop
 
 FIELDS = {"tspin": ("real", "generated", "proto"), "spin": ("real", "generated")}
 
@@ -37,26 +41,17 @@ def _feats(tok, n, fields, ref=False):
                          ids=["full", "checkpointing+lora"])
 @pytest.mark.parametrize("method", ["tspin", "spin"])
 def test_trains_like_the_padded_layout(model_dir, tmp_path, method, extra):
-    """Same data, same steps: the final weights and every logged loss agree with the padded layout's."""
+    """Same data, same steps: the final weights and every logged loss agree with the padded layout's, under
+    either attention."""
     tok = load_tokenizer(str(model_dir))
     feats = _feats(tok, 12, FIELDS[method], ref=method == "spin")
-    finals, logs = [], []
-    for layout in ("padded", "shared_prefix"):
-        cfg = tiny_cfg(learning_rate=1e-2, model_name_or_path=str(model_dir), layout=layout, loss_impl="torch",
-                       gradient_accumulation_steps=2, per_device_train_batch_size=3, **extra)
-        torch.manual_seed(0)  # the same LoRA init for both runs
-        model = load_policy(cfg)
-        train_loop(model, tok, feats, cfg, method=method, out_dir=tmp_path / layout, iteration=1,
-                   metrics=MetricsWriter(tmp_path / f"{layout}.jsonl"))
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        logs.append(read_jsonl(tmp_path / f"{layout}.jsonl"))
-    for n in finals[0]:
-        torch.testing.assert_close(finals[1][n], finals[0][n], rtol=1e-3, atol=1e-4,
-                                   msg=lambda m, n=n: f"{n}: {m}")  # Adam amplifies fp noise near 0
-    assert len(logs[0]) == len(logs[1]) == 2
-    for a, b in zip(*logs):
-        for key in ("loss", "grad_norm", "logps/real", "logps/generated"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    cfg = lambda **kw: tiny_cfg(learning_rate=1e-2, model_name_or_path=str(model_dir), loss_impl="torch",  # noqa: E731
+                                gradient_accumulation_steps=2, per_device_train_batch_size=3, **extra, **kw)
+    # shared_prefix under auto (varlen_sdpa: one row) and under sdpa (dense masks, rows of the longest example)
+    cfgs = {"padded": cfg(layout="padded"), "shared_prefix": cfg(layout="shared_prefix"),
+            "shared_prefix_sdpa": cfg(layout="shared_prefix", attn_implementation="sdpa")}
+    assert_trains_alike(tok, feats, cfgs, method=method, out=tmp_path,
+                        keys=("loss", "grad_norm", "logps/real", "logps/generated"))
 
 
 def test_reference_and_evaluation_logps_equal_padded(model_dir):

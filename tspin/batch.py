@@ -9,12 +9,13 @@ the same check on device tensors would stall the GPU stream.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
-from tspin_kernels.integrations import SharedPrefixBatch, build_shared_prefix_batch
+from tspin_kernels.integrations import VARLEN_SDPA, AttentionSegments, SharedPrefixBatch, build_shared_prefix_batch
 
 from .config import LAYOUTS
 from .data import IGNORE_INDEX
@@ -36,9 +37,11 @@ class Batch:
     # per sequence (row order) the positions the kernels count: labels after the first that are not ignored.
     # Known here for free; the fused loss path plans its chunks from them instead of reading them from the device
     seq_counts: tuple[int, ...] = ()
+    # packed: what each token attends to, on the host, for attn_implementation="varlen_sdpa" (no device read-back)
+    segments: AttentionSegments | None = None
 
     def to(self, device) -> Batch:
-        movable = (torch.Tensor, SharedPrefixBatch)
+        movable = (torch.Tensor, SharedPrefixBatch)  # the segments stay on the host
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, movable) else t
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
 
@@ -71,12 +74,14 @@ def _check(seqs: list, pad_token_id: int, vocab_size: int | None) -> None:
 
 
 def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, layout: str = "padded", *,
-            vocab_size: int | None = None) -> Batch:
+            vocab_size: int | None = None, attn_implementation: str | None = None) -> Batch:
     """One batch of ``features`` (from :func:`tspin.data.build_features`): every example's ``fields`` as rows.
 
     With ``vocab_size`` every token id and label is checked to lie in the model's vocabulary (labels may be -100).
     ``shared_prefix`` puts each example's ``fields`` in one sequence, the prompt once
     (:func:`tspin_kernels.integrations.build_shared_prefix_batch`); with a single field it is ``packed``.
+    ``attn_implementation``: the model's; under ``varlen_sdpa`` and ``flex_attention``, whose cost does not grow
+    with the row, the shared-prefix examples go into one row without padding (else rows of the longest example).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -93,15 +98,18 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     if all("ref" in feat for feat in features):
         ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
     if layout == "shared_prefix" and len(fields) > 1:
+        one_row = attn_implementation in (VARLEN_SDPA, "flex_attention")
         shared = build_shared_prefix_batch([[feat[f] for f in fields] for feat in features],
-                                           pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX)
+                                           pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX,
+                                           max_row_tokens=sys.maxsize if one_row else None)
         return Batch(None, None, None, None, None, **counts, ref_logps=ref, shared=shared)
     if layout in ("packed", "shared_prefix"):
         ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
         labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
         pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]
         cu = torch.tensor([0, *accumulate(len(s) for s, _ in seqs)], dtype=torch.int32)
-        return Batch(ids, labels, None, pos, cu, **counts, ref_logps=ref)
+        segments = AttentionSegments.packed([len(s) for s, _ in seqs])
+        return Batch(ids, labels, None, pos, cu, **counts, ref_logps=ref, segments=segments)
     T = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)

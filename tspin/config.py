@@ -19,6 +19,8 @@ from .methods import METHODS
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 LAYOUTS = ("padded", "packed", "shared_prefix")
+# "auto" or an attention implementation transformers knows (varlen_sdpa: tspin_kernels.integrations registers it)
+ATTN_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flex_attention", "flash_attention_2")
 FUSED_LOSS = ("auto", "true", "false")
 TRUNCATED_SAMPLES = ("keep_without_eos", "drop", "append_eos")  # what training does with a cut sample
 STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
@@ -71,7 +73,15 @@ class Config:
                                  "their own backward, then the loss on them.")
     layout: str = _f("padded", "Batch layout: padded rows; packed padding-free rows with cu_seqlens/position_ids; "
                                "shared_prefix (tspin, spin): each prompt runs through the backbone once for all "
-                               "its responses, exactly (needs sdpa, eager or flex_attention; sft uses packed).")
+                               "its responses, exactly (needs varlen_sdpa, sdpa, eager or flex_attention; sft uses "
+                               "packed).")
+    attn_implementation: str = _f("auto", "The policy's attention: auto | varlen_sdpa | sdpa | eager | "
+                                          "flex_attention | flash_attention_2. auto: transformers' default (sdpa) "
+                                          "for padded rows; for packed and shared_prefix rows one whose cost is the "
+                                          "sum of the sequences' attention, not the square of the row: "
+                                          "flash_attention_2 for packed where flash-attn is installed (CUDA), else "
+                                          "varlen_sdpa (sdpa per bucket of equal sequences). The choice is in every "
+                                          "metrics line (attn_implementation).")
     # --- self-play
     num_iterations: int = _f(4, "Self-play iterations (Iter0..Iter{n-1}).")
     proto_path: str | None = _f(None, "Existing proto-synthetic file to reuse instead of generating one.")
@@ -149,7 +159,7 @@ class Config:
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "layout": LAYOUTS,
                    "loss_impl": ("auto", "triton", "torch", "reference"), "strategy": STRATEGIES,
                    "fused_loss": FUSED_LOSS, "generation_backend": GENERATION_BACKENDS,
-                   "truncated_samples": TRUNCATED_SAMPLES}
+                   "truncated_samples": TRUNCATED_SAMPLES, "attn_implementation": ATTN_IMPLEMENTATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"expected one of {', '.join(allowed)}")
@@ -217,6 +227,9 @@ class Config:
             resolve_path("cpu", impl=self.loss_impl, fused=self.fused_loss_option())
         except ValueError as e:
             bad("fused_loss", f"with loss_impl={self.loss_impl!r}: {e}")
+        if self.attn_implementation == "flash_attention_2" and self.layout == "shared_prefix" and self.method != "sft":
+            bad("attn_implementation", "the shared_prefix layout needs an attention that takes its mask (varlen_sdpa, "
+                                       "sdpa, eager or flex_attention); flash-attention knows causal and packed rows")
         return self
 
     def fused_loss_option(self) -> bool | None:

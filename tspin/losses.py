@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from tspin_kernels.integrations import LossSpec, shared_prefix_attention_mask
+from tspin_kernels.integrations import VARLEN_SDPA, LossSpec, attention_implementation, shared_prefix_attention_mask
 
 from .batch import Batch, collate
 from .methods import LOSS_FIELDS, check_loss
@@ -36,7 +36,8 @@ def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = Fal
 
     `model` is the training policy (one process, DDP or FSDP2). It is *called*, so DDP's gradient all-reduce and
     FSDP2's unshard hooks run. Padded rows use the attention mask; a packed row (1, N) uses position_ids restarting
-    at 0 per sequence and cu_seqlens; shared-prefix rows their own mask, positions and counted triples.
+    at 0 per sequence and cu_seqlens (and, under varlen_sdpa, its host-side segments); shared-prefix rows their own
+    mask, positions and counted triples.
     """
     policy = policy_of(model)  # a clear error for anything but the policy
     # validate=False: collate already checked token ids, labels and offsets on the CPU, where it is free; the
@@ -46,7 +47,10 @@ def policy_logps(model, batch: Batch, *, impl: str = "auto", average: bool = Fal
         mask = shared_prefix_attention_mask(sp, policy.model)
         return model(sp.input_ids, sp.positions, mask, sp.position_ids, average=average, impl=impl, validate=False,
                      loss=loss)
-    return model(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids, batch.cu_seqlens,
+    mask = batch.attention_mask
+    if batch.segments is not None and attention_implementation(policy.model) == VARLEN_SDPA:
+        mask = batch.segments  # the packed row's sequences, known on the host: the attention reads nothing back
+    return model(batch.input_ids, batch.labels, mask, batch.position_ids, batch.cu_seqlens,
                  average=average, impl=impl, validate=False, loss=loss)
 
 
@@ -127,12 +131,14 @@ def batched_logps(model, features: list[dict], fields: tuple[str, ...], pad_toke
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    attn = attention_implementation(policy_of(model).model)
     was_training = model.training
     model.eval()
     out = {f: [] for f in fields}
     for i in tqdm(range(0, len(features), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = features[i: i + batch_size]
-        lp = policy_logps(model, collate(chunk, fields, pad_token_id, layout).to(device), impl=impl, average=average)
+        batch = collate(chunk, fields, pad_token_id, layout, attn_implementation=attn).to(device)
+        lp = policy_logps(model, batch, impl=impl, average=average)
         for f, part in zip(fields, lp.float().cpu().chunk(len(fields))):
             out[f].extend(part.tolist())
     model.train(was_training)

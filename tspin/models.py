@@ -4,6 +4,7 @@ adapters and gradient checkpointing, wrap for the strategy (:mod:`tspin.wrapping
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tspin_kernels.integrations import CausalLMLogps, backbone_and_head
+from tspin_kernels.integrations import VARLEN_SDPA, CausalLMLogps, backbone_and_head, packing_attn_implementation
 
 from .config import Config
 from .ranks import DistInfo, dist_info, init_distributed
@@ -91,6 +92,28 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def resolve_attn_implementation(cfg: Config, device: torch.device) -> str | None:
+    """The attention the policy runs for ``cfg.layout`` on ``device``: ``cfg.attn_implementation``, or for "auto"
+    one whose cost is the sum of the sequences' attention where rows hold several sequences (a packed row behind
+    sdpa's dense mask costs the square of the row: 3.0-4.5x padded's CPU seconds for a whole ``tspin train`` in
+    benchmarks/results/cpu-20261204-train-layouts-mixes.json), and transformers' default (None: sdpa where the
+    model has it) for padded rows.
+    A choice that cannot train on ``device`` is refused here, before the model is read."""
+    name = cfg.attn_implementation
+    if name == "flex_attention" and device.type == "cpu":
+        raise ValueError("config: attn_implementation='flex_attention': torch's FlexAttention has no backward on the "
+                         "CPU; use varlen_sdpa (what auto picks there)")
+    if name == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        raise ValueError("config: attn_implementation='flash_attention_2' needs a CUDA device and the flash-attn "
+                         "package (pip install 'tspin[flash]'); use varlen_sdpa (or auto)")
+    if name != "auto":
+        return name
+    layout = "packed" if cfg.layout == "shared_prefix" and cfg.method == "sft" else cfg.layout  # as collate does
+    if layout == "packed":
+        return packing_attn_implementation(device)  # flash_attention_2 where installed (CUDA), else varlen_sdpa
+    return VARLEN_SDPA if layout == "shared_prefix" else None
+
+
 def load_policy(cfg: Config) -> nn.Module:
     """The policy every command trains and samples from: the HF model (+ LoRA adapters, + gradient checkpointing,
     both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy. Its forward is the fused log-prob path,
@@ -114,8 +137,10 @@ def load_policy(cfg: Config) -> nn.Module:
 
     if cfg.strategy == "none":  # one copy per process, on cfg.device
         info = dataclasses.replace(info, device=resolve_device(cfg.device))
+    attn = resolve_attn_implementation(cfg, info.device)
     bf16 = torch.bfloat16 if cfg.strategy == "fsdp2" and info.device.type == "cuda" and cfg.bf16 else None
-    return load_for_training(cfg.model_name_or_path, cfg.strategy, info=info, param_dtype=bf16, prepare=prepare)
+    return load_for_training(cfg.model_name_or_path, cfg.strategy, info=info, param_dtype=bf16, prepare=prepare,
+                             attn_implementation=attn)
 
 
 def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistInfo | None = None,
@@ -126,7 +151,8 @@ def load_for_training(path: str | Path, strategy: str = "fsdp2", *, info: DistIn
     The other ranks build the model on the meta device (no memory); after wrapping, rank 0's weights and buffers
     are broadcast (FSDP2: and sharded). Host memory is one copy per node instead of one per rank (8 x 28 GB for
     a 7B model in fp32). ``prepare(model) -> model`` runs on every rank before wrapping, e.g. :func:`apply_lora`
-    (rank 0's adapter init is the one broadcast) or :func:`enable_gradient_checkpointing`.
+    (rank 0's adapter init is the one broadcast) or :func:`enable_gradient_checkpointing`. ``attn_implementation``:
+    transformers' ``attn_implementation`` (None: its default), e.g. ``"varlen_sdpa"`` for packed rows.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

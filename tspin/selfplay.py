@@ -19,6 +19,8 @@ import json
 import re
 from pathlib import Path
 
+from tspin_kernels.integrations import attention_implementation
+
 from .batch import fields_for
 from .checkpoint import load_checkpoint
 from .config import Config
@@ -41,6 +43,7 @@ from .run_dir import (
     source_fingerprint,
 )
 from .train import train_loop
+from .wrapping import policy_of
 
 # Columns an input record has (tspin.data.normalize_record): `generate --field` never writes over them.
 INPUT_COLUMNS = ("prompt_id", "prompt", "real", "response", "messages")
@@ -84,7 +87,9 @@ def _start(cfg: Config, resume: bool, overwrite: bool):
     tokenizer = _tokenizer(cfg)
     format_prompt(tokenizer, records[0]["prompt"], cfg.prompt_template)  # e.g. 'chat' without a chat template
     record_run(cfg, out, inputs, overwrite)
-    return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl")
+    # the attention the policy runs (config attn_implementation, "auto" resolved), on every metrics line
+    static = {"attn_implementation": attention_implementation(policy_of(model).model)}
+    return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl", static=static)
 
 
 def _check_sources(cfg: Config) -> None:

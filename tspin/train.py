@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tspin_kernels.integrations import backbone_and_head
+from tspin_kernels.integrations import attention_implementation, backbone_and_head
 
 from .batch import collate, count_tokens
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -115,6 +115,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     fields = LOSS_FIELDS[loss_name]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
+    attn = attention_implementation(policy_of(model).model)  # how collate lays out shared-prefix rows
     beta = cfg.beta_at(iteration) if beta is None else beta
     run_seed = cfg.seed + 1000 * iteration if seed is None else seed
     windows = step_windows(len(features), cfg, run_seed, world_size)
@@ -154,7 +155,8 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         for j, (mine, w) in enumerate(shares):
             # what the micro-batch draws (dropout) is a function of its position alone: a resumed run draws the same
             seed_all(run_seed, step, j, rank)
-            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size).to(device)
+            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size,
+                            attn_implementation=attn).to(device)
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
                 with autocast(device, cfg.bf16):
                     loss, m = compute_loss(model, batch, method=loss_name, alpha=cfg.alpha, beta=beta,

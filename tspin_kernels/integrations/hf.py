@@ -11,8 +11,10 @@ layer. :class:`CausalLMLogps` is the module to wrap with DDP / ``fully_shard``: 
 
 Packed, padding-free batches are one row of concatenated sequences with ``position_ids`` restarting at 0 per
 sequence and no attention mask. transformers (>= 4.53, 5.x) detects that layout from ``position_ids``: sdpa/eager/flex
-get a block-diagonal causal mask, ``flash_attention_2`` the varlen kernel. That detection is skipped when a KV cache
-exists, hence ``use_cache=False`` on every backbone call here.
+get a block-diagonal causal mask over the whole row (work and memory grow with the square of the row),
+``flash_attention_2`` the varlen kernel, and ``varlen_sdpa`` (ours, :mod:`.varlen_sdpa`) one sdpa per bucket of
+equal sequences. That detection is skipped when a KV cache exists, hence ``use_cache=False`` on every backbone call
+here.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from .._inputs import check_cu_seqlens_layout, cu_seqlens_checks, raise_first
 from .._options import check_flag, check_impl, check_options
 from ..functional import sequence_logps
 from ..positions import CountedPositions
+from .attention_segments import VARLEN_SDPA, AttentionSegments
 from .loss_spec import LossSpec
 from .packing import packed_position_ids
 
 __all__ = [
-    "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "backbone_and_head", "install_fused_head",
+    "CausalLMLogps", "causal_lm_sequence_logps", "unwrap_causal_lm", "attention_implementation", "backbone_and_head",
+    "install_fused_head",
 ]
 
 
@@ -50,6 +54,16 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
     return model
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation ``model`` runs (``config._attn_implementation``), through any wrapper."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    name = getattr(config, "_attn_implementation", None) if config is not None else None
+    if name is None:
+        raise TypeError(f"model: expected a Hugging Face causal LM (with config._attn_implementation), got "
+                        f"{type(model).__name__}")
+    return name
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -145,14 +159,22 @@ def _check_positions_inputs(input_ids, labels, attention_mask, position_ids, cu_
         raise ValueError(f"input_ids: with counted positions expected (R, T) rows, got {tuple(input_ids.shape)}")
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens: counted positions address hidden rows directly; pass cu_seqlens=None")
-    if attention_mask is not None and len(getattr(attention_mask, "shape", ())) != 4:
+    if isinstance(attention_mask, AttentionSegments):
+        _check_segments(attention_mask, input_ids.numel())
+    elif attention_mask is not None and len(getattr(attention_mask, "shape", ())) != 4:
         raise ValueError(
-            "attention_mask: with counted positions expected the layout's 4D mask (R, 1, T, T) or a FlexAttention "
-            f"BlockMask, got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+            "attention_mask: with counted positions expected the layout's 4D mask (R, 1, T, T), a FlexAttention "
+            f"BlockMask or AttentionSegments, got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
     if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
                                      or tuple(position_ids.shape) != tuple(input_ids.shape)):
         got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
         raise ValueError(f"position_ids: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+
+
+def _check_segments(segments: AttentionSegments, tokens: int) -> None:
+    if segments.tokens != tokens:
+        raise ValueError(f"attention_mask: the AttentionSegments cover {segments.tokens} tokens, input_ids holds "
+                         f"{tokens}")
 
 
 def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, validate: bool):
@@ -166,9 +188,15 @@ def _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seql
             raise TypeError(f"{name}: expected an integer torch.Tensor, got {got}")
     if tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    segments = attention_mask if isinstance(attention_mask, AttentionSegments) else None
+    if segments is not None:
+        if cu_seqlens is None:
+            raise ValueError("attention_mask: AttentionSegments describe a packed row; pass its cu_seqlens too")
+        _check_segments(segments, input_ids.numel())
+        attention_mask = None
     for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+            raise TypeError(f"{name}: expected a torch.Tensor, AttentionSegments or None, got {type(t).__name__}")
     if cu_seqlens is None:
         if input_ids.dim() != 2:
             raise ValueError(
@@ -225,7 +253,9 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
             Or a :class:`tspin_kernels.CountedPositions` over the ``(R*T)`` hidden rows, for layouts whose rows
             repeat (the shared-prefix layout, :mod:`tspin_kernels.integrations.shared_prefix`): ``attention_mask``
             is then the layout's 4D mask or BlockMask, passed to the backbone as is, and ``shift`` does not apply.
-        attention_mask: padded rows only; positions where it is 0 never count, whatever ``labels`` holds.
+        attention_mask: padded rows: positions where it is 0 never count, whatever ``labels`` holds. With
+            ``attn_implementation="varlen_sdpa"`` it may be the rows' :class:`AttentionSegments` (packed rows, and
+            counted positions), which spares the attention reading the sequence offsets back from the device.
         position_ids: optional; for packed rows they default to positions restarting per sequence.
         cu_seqlens: ``(S+1,)`` offsets of the packed sequences; the shift stays inside each sequence.
         average, impl, backward, grad_filter_eps, tiles, chunk_elements: as in
@@ -238,6 +268,13 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
     """
     _check_model_inputs(input_ids, labels, attention_mask, position_ids, cu_seqlens, check_flag("validate", validate))
     decoder, head = backbone_and_head(model)
+    backbone_kwargs = {}
+    if isinstance(attention_mask, AttentionSegments):
+        name = attention_implementation(model)
+        if name != VARLEN_SDPA:
+            raise ValueError(f"attention_mask: AttentionSegments are for attn_implementation={VARLEN_SDPA!r}; this "
+                             f"model runs {name!r}")
+        backbone_kwargs["attention_segments"], attention_mask = attention_mask, None
     explicit = isinstance(labels, CountedPositions)
     if explicit:
         shift = False  # each triple already names the row that predicts its target
@@ -249,7 +286,8 @@ def causal_lm_sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: 
         attention_mask = None  # an explicit mask would switch off transformers' packed-sequence detection
     elif attention_mask is not None:
         labels = labels.masked_fill(attention_mask == 0, ignore_index)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  **backbone_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if explicit:
         hidden = hidden.reshape(-1, hidden.shape[-1])

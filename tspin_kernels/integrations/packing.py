@@ -1,9 +1,12 @@
 """Padding-free batches for Hugging Face causal LMs: one row of concatenated sequences, ``position_ids`` restarting
-at 0 per sequence, ``cu_seqlens`` offsets for the kernels, and the attention implementation that can run them."""
+at 0 per sequence, ``cu_seqlens`` offsets for the kernels, and the attention implementation that runs them at the
+cost of their sequences."""
 
 from __future__ import annotations
 
 import torch
+
+from .attention_segments import VARLEN_SDPA
 
 __all__ = ["packed_position_ids", "pack_padded", "packing_attn_implementation"]
 
@@ -36,7 +39,10 @@ def pack_padded(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: t
 
 
 def packing_attn_implementation(device: torch.device | str | None = None) -> str:
-    """``"flash_attention_2"`` where flash-attn varlen can run (CUDA + package installed), else ``"sdpa"``.
+    """The attention implementation whose cost on a packed row is the sum of its sequences' attention, not the
+    square of the row: ``"flash_attention_2"`` where flash-attn's varlen kernel can run (CUDA + package
+    installed), else ``"varlen_sdpa"`` (:mod:`tspin_kernels.integrations.varlen_sdpa`: sdpa per bucket of equal
+    sequences; registered with transformers when ``tspin_kernels.integrations`` is imported).
 
     Pass it as ``attn_implementation=`` to ``from_pretrained`` / ``from_config`` for padding-free batches.
     """
@@ -45,6 +51,6 @@ def packing_attn_implementation(device: torch.device | str | None = None) -> str
         try:
             import flash_attn  # noqa: F401
         except Exception:
-            return "sdpa"
+            return VARLEN_SDPA
         return "flash_attention_2"
-    return "sdpa"
+    return VARLEN_SDPA

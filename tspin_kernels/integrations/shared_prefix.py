@@ -19,14 +19,16 @@ tokenizer does at the prompt/response boundary, and a shared first response toke
   hidden row serves up to ``k`` targets in ``k`` sequences. They are given to the kernel as
   :class:`tspin_kernels.CountedPositions`, whose gradient sums over the repeats.
 
-The masks come in the forms transformers passes through to its attention functions unchanged: a 4D
-``(rows, 1, T, T)`` mask for ``sdpa`` and ``eager`` (a dense mask: memory and attention work grow with ``T**2``
-per row, so rows are kept short by default), and a FlexAttention ``BlockMask`` for ``flex_attention`` (the fully
-masked blocks cost nothing there). Flash-attention kernels cannot take an arbitrary mask and are refused, as are
-sliding-window models whose window is shorter than a sequence of the batch (the window would be measured across
-the other responses). Versions: transformers 4.51-4.52 take a 4D mask in each model's ``_update_causal_mask``
-(additive float for sdpa/eager) and a ``BlockMask`` for flex; from 4.53 ``masking_utils`` returns any 4D tensor or
-``BlockMask`` as it is.
+The masks come in the forms the attention implementations take: :class:`AttentionSegments` for ``varlen_sdpa``
+(one sdpa per bucket of equal pieces -- prefixes, responses with their prefix --, nothing of size ``T**2``: put
+all examples in one row, no padding), a 4D ``(rows, 1, T, T)`` mask for ``sdpa`` and ``eager`` (a dense mask:
+memory and attention work grow with ``T**2`` per row, so rows are kept short by default), and a FlexAttention
+``BlockMask`` for ``flex_attention`` (the fully masked blocks cost nothing there). Flash-attention kernels cannot
+take an arbitrary mask and are refused, as are, except under ``varlen_sdpa`` (which measures the window in each
+response's own positions), sliding-window models whose window is shorter than a sequence of the batch (the
+window would be measured across the other responses). Versions: transformers 4.51-4.52 take a 4D mask in each
+model's ``_update_causal_mask`` (additive float for sdpa/eager) and a ``BlockMask`` for flex; from 4.53
+``masking_utils`` returns any 4D tensor or ``BlockMask`` as it is.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import torch
 import torch.nn as nn
 
 from ..positions import CountedPositions
-from .hf import causal_lm_sequence_logps, unwrap_causal_lm
+from .attention_segments import VARLEN_SDPA, AttentionSegments
+from .hf import attention_implementation, causal_lm_sequence_logps, unwrap_causal_lm
 
 __all__ = ["SharedPrefixBatch", "build_shared_prefix_batch", "shared_prefix_attention_mask",
            "shared_prefix_sequence_logps", "SHARED_PREFIX_ATTENTION"]
 
-# attention implementations that take a custom mask as transformers hands it over
-SHARED_PREFIX_ATTENTION = ("sdpa", "eager", "flex_attention")
+# attention implementations that take the layout's mask (varlen_sdpa: as AttentionSegments)
+SHARED_PREFIX_ATTENTION = (VARLEN_SDPA, "sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -65,6 +68,7 @@ class SharedPrefixBatch:
     num_responses: int
     prefix_lengths: tuple[int, ...]  # per example
     response_lengths: tuple[tuple[int, ...], ...]  # per example, per response: tokens after the prefix
+    segments: AttentionSegments  # host-side: what each token attends to, for attn_implementation="varlen_sdpa"
 
     @property
     def num_sequences(self) -> int:
@@ -141,8 +145,8 @@ def build_shared_prefix_batch(examples, *, pad_token_id: int = 0, ignore_index: 
         pad_token_id: the token filling rows after their last example (never attended to, never counted).
         max_row_tokens: examples are packed into rows of at most this many tokens (first fit, longest first; an
             example longer than this gets a row of its own). ``None``: the longest example's length, which keeps
-            dense-mask attention work per row no larger than one example's. Pass a large value for one row (what
-            a FlexAttention ``BlockMask`` handles best).
+            dense-mask attention work per row no larger than one example's. Pass a large value for one row, no
+            padding (what ``varlen_sdpa`` and a FlexAttention ``BlockMask`` handle best).
     """
     if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes)) or not examples:
         raise ValueError("examples: expected a non-empty list of examples, each a list of (input_ids, labels) pairs")
@@ -184,12 +188,13 @@ def build_shared_prefix_batch(examples, *, pad_token_id: int = 0, ignore_index: 
     position_ids = np.zeros((R, T), dtype=np.int64)
     example_ids = np.full((R, T), -1, dtype=np.int64)
     branch_ids = np.full((R, T), -1, dtype=np.int64)
-    rows, targets, seq_ids = [], [], []
+    rows, targets, seq_ids, pieces = [], [], [], []
     for r, members in enumerate(row_members):
         start = r * T  # flat index of this row's first token
         off = 0
         for e in members:
             P, seqs, labs = prefix[e], ids_of[e], labels_of[e]
+            pieces.append((start + off, P, 0, 0))
             sl = slice(off, off + lengths[e])
             input_ids[r, sl] = seqs[0][:P] + [t for s in seqs for t in s[P:]]
             position_ids[r, sl] = list(range(P)) + [t for s in seqs for t in range(P, len(s))]
@@ -204,13 +209,16 @@ def build_shared_prefix_batch(examples, *, pad_token_id: int = 0, ignore_index: 
                 rows.append(flat)
                 targets.append(lab_np[t])
                 seq_ids.append(np.full(t.size, j * B + e, dtype=np.int64))
+                pieces.append((start + resp_start, len(s) - P, start + off, P))
                 resp_start += len(s) - P
             off += lengths[e]
+        pieces.extend((start + t, 1, 0, 0) for t in range(off, T))  # padding sees itself only
     cat = lambda parts: torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
     positions = CountedPositions(cat(rows), cat(targets), cat(seq_ids), k * B)
     return SharedPrefixBatch(
         torch.from_numpy(input_ids), torch.from_numpy(position_ids), torch.from_numpy(example_ids),
-        torch.from_numpy(branch_ids), positions, B, k, tuple(prefix), tuple(resp_len))
+        torch.from_numpy(branch_ids), positions, B, k, tuple(prefix), tuple(resp_len),
+        AttentionSegments(pieces, R * T))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,20 +243,16 @@ def _dense_visible(batch: SharedPrefixBatch) -> torch.Tensor:
 def _attn_implementation(model_or_name) -> tuple[str, object]:
     if isinstance(model_or_name, str):
         return model_or_name, None
-    config = getattr(unwrap_causal_lm(model_or_name), "config", None)
-    name = getattr(config, "_attn_implementation", None) if config is not None else None
-    if name is None:
-        raise TypeError(f"model: expected a Hugging Face causal LM (with config._attn_implementation), got "
-                        f"{type(model_or_name).__name__}")
-    return name, config
+    return attention_implementation(model_or_name), unwrap_causal_lm(model_or_name).config
 
 
-def _check_window(config, batch: SharedPrefixBatch) -> None:
+def _check_window(config, batch: SharedPrefixBatch, *, sliding: bool = True) -> None:
     """A sliding window (or attention chunks) shorter than a sequence would cut differently here than in a padded
-    row, where the other responses are not in between; refuse rather than differ."""
+    row, where the other responses are not in between; refuse rather than differ. ``sliding=False``: the
+    attention applies the window in each response's own positions (varlen_sdpa); chunks are still refused."""
     if config is None:
         return
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) if sliding else None
     if getattr(config, "use_sliding_window", True) is False:
         window = None
     layer_types = getattr(config, "layer_types", None)
@@ -268,19 +272,22 @@ def shared_prefix_attention_mask(batch: SharedPrefixBatch, model, *, dtype: torc
     """The attention mask of ``batch`` in the form ``model``'s attention implementation takes.
 
     ``model``: the causal LM (or a wrapper of it; its ``config._attn_implementation`` decides), or the name of an
-    implementation. ``sdpa``: a boolean ``(R, 1, T, T)`` mask (transformers >= 4.53; an additive float mask in
-    ``dtype`` before). ``eager``: an additive float ``(R, 1, T, T)`` mask in ``dtype`` (default: the input
-    embeddings' dtype, else float32): 0 where a query may attend, the dtype's minimum elsewhere.
-    ``flex_attention``: a FlexAttention ``BlockMask``. Built on ``batch``'s device, without host syncs (the
-    BlockMask excepted: its block counts are computed there).
+    implementation. ``varlen_sdpa``: ``batch.segments`` (host-side; no mask is built). ``sdpa``: a boolean
+    ``(R, 1, T, T)`` mask (transformers >= 4.53; an additive float mask in ``dtype`` before). ``eager``: an
+    additive float ``(R, 1, T, T)`` mask in ``dtype`` (default: the input embeddings' dtype, else float32): 0 where
+    a query may attend, the dtype's minimum elsewhere. ``flex_attention``: a FlexAttention ``BlockMask``. Built on
+    ``batch``'s device, without host syncs (the BlockMask excepted: its block counts are computed there).
     """
     name, config = _attn_implementation(model)
     if name not in SHARED_PREFIX_ATTENTION:
         raise ValueError(
             f"attn_implementation={name!r}: the shared-prefix layout needs an attention that takes an arbitrary "
             f"mask, one of {SHARED_PREFIX_ATTENTION} (flash-attention kernels only know causal and varlen-packed "
-            "masks). Load the model with attn_implementation='sdpa' or 'flex_attention', or use layout 'packed'")
-    _check_window(config, batch)
+            "masks). Load the model with attn_implementation='varlen_sdpa', 'sdpa' or 'flex_attention', or use "
+            "layout 'packed'")
+    _check_window(config, batch, sliding=name != VARLEN_SDPA)
+    if name == VARLEN_SDPA:
+        return batch.segments
     if name == "flex_attention":
         return _block_mask(batch)
     visible = _dense_visible(batch)[:, None]
