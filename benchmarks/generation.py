@@ -43,7 +43,7 @@ def build(name: str, path: Path) -> int:
     """Save the random-init model `name` and its tokenizer to `path`; its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tspin.demo import DEMO_SETTINGS, build_model, build_tokenizer
+    from tspin.experiments.demo import DEMO_SETTINGS, build_model, build_tokenizer
 
     spec = MODELS[name]["model"]
     tok = build_tokenizer()
@@ -64,7 +64,7 @@ def build(name: str, path: Path) -> int:
 
 def measure(name: str, path: Path, backend: str, threads: int) -> dict:
     from tspin.config import Config
-    from tspin.demo import make_task
+    from tspin.experiments.demo import make_task
     from tspin.generation import generate_samples
     from tspin.models import load_policy, load_tokenizer
 

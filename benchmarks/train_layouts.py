@@ -43,7 +43,7 @@ def build_run_dir(root: Path, *, L: int, r: float, n: int, batch: int, model: di
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tspin.config import Config, save_config
-    from tspin.demo import LETTERS, build_tokenizer
+    from tspin.experiments.demo import LETTERS, build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8 * L + 64, tie_word_embeddings=False,

@@ -160,8 +160,8 @@ def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
 def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
     from pathlib import Path
 
-    from tspin.demo import settings
-    from tspin.demo_runs import selfplay_config
+    from tspin.experiments.demo import settings
+    from tspin.experiments.runs import selfplay_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = {p.name: load_config(p) for p in sorted(root.glob("*.yaml"))}

@@ -21,7 +21,7 @@ from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, ti
 
 from tspin import vllm_engine
 from tspin.config import load_config
-from tspin.demo import DEMO_SETTINGS, build_model, build_tokenizer, make_task
+from tspin.experiments.demo import DEMO_SETTINGS, build_model, build_tokenizer, make_task
 from tspin.generation import Sample, generate_field, generate_samples
 from tspin.models import load_tokenizer
 
@@ -110,7 +110,7 @@ def test_engine_processes_start_without_the_launcher_environment(monkeypatch):
 
 
 def test_demo_samples_with_vllm_when_it_is_installed_and_says_which_backend_ran():
-    from tspin.demo import pick_backend
+    from tspin.experiments.demo import pick_backend
 
     backend, line = pick_backend("auto")
     assert backend == ("vllm" if HAS_VLLM else "hf")
@@ -175,7 +175,7 @@ def test_generate_field_records_truncation_atomically_and_caches(demo, tmp_path)
 # ----------------------------------------------------------------------------- resume
 KILLED_RUN = """
 import sys
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.generation import generate_samples
 from tspin.models import load_tokenizer
 if __name__ == "__main__":
@@ -221,7 +221,7 @@ def test_killed_generation_resumes_where_it_stopped(demo, tmp_path):
 
 TORCHRUN_WORKER = """
 import json, sys
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.generation import generate_samples
 from tspin.models import load_tokenizer
 from tspin.ranks import cleanup_distributed, init_distributed

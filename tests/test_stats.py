@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from tspin.claims import MARGIN, evaluate_claims
-from tspin.stats import binom_tail, bootstrap_diff, mcnemar, mean_sd
+from tspin.experiments.claims import MARGIN, evaluate_claims
+from tspin.experiments.stats import binom_tail, bootstrap_diff, mcnemar, mean_sd
 
 
 def _pairs(both: int, a_only: int, b_only: int, neither: int):

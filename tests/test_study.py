@@ -14,7 +14,7 @@ import pytest
 from _trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from tspin.cli import main
-from tspin.study import QUICK_GRID, grid_points
+from tspin.experiments.study import QUICK_GRID, grid_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_killed_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys):
 def test_committed_study_is_the_demos_source_and_meets_the_protocol():
     """docs/results/study.json (the README's numbers): settings chosen on validation, the demo runs exactly those
     settings, at least 3 seeds and 1000 test prompts, a verdict per claim, the test outcomes of every seed."""
-    from tspin.demo import settings
+    from tspin.experiments.demo import settings
 
     study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
     s = settings()

@@ -8,7 +8,7 @@ from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # 
 
 from tspin.batch import collate
 from tspin.data import build_features
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.losses import batched_logps
 from tspin.metrics import MetricsWriter

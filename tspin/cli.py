@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.jobs < 1 or args.threads < 1:
                 raise ValueError("--jobs and --threads must be >= 1")
             if args.command == "demo":
-                from .demo import run_demo
+                from .experiments.demo import run_demo
 
                 run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
                          threads=args.threads, processes=args.jobs, seed=args.seed,
                          backend=args.backend)
             else:
-                from .study import run_study
+                from .experiments.study import run_study
 
                 if args.seeds < 2:
                     raise ValueError("--seeds must be >= 2 (a verdict needs more than one seed)")
@@ -144,7 +144,7 @@ def _exit_code(e: Exception) -> int | None:
     """2: the command, its config or its inputs are wrong; 1: a failure while running; None: unexpected."""
     import torch
 
-    from .jobs import WorkerDiedError
+    from .experiments.jobs import WorkerDiedError
     from .train import NonFiniteError
 
     if isinstance(e, (torch.OutOfMemoryError, NonFiniteError, WorkerDiedError)):

@@ -1,4 +1,4 @@
-"""The demo's and the study's runs for one seed, as jobs (:mod:`tspin.jobs`), all through the project's own
+"""The demo's and the study's runs for one seed, as jobs (:mod:`tspin.experiments.jobs`), all through the project's own
 `tspin train` / `tspin iterate` / `tspin generate` code paths.
 
 Layout under OUT (the demo: one seed; the study: several, plus the grid of seed 0)::
@@ -19,9 +19,9 @@ import json
 import math
 from pathlib import Path
 
-from .config import Config
-from .data import load_records
-from .io import atomic_path, atomic_write_jsonl, read_jsonl
+from ..config import Config
+from ..data import load_records
+from ..io import atomic_path, atomic_write_jsonl, read_jsonl
 from .jobs import Job
 
 METHODS = ("tspin", "tspin_nohist", "spin", "sft25_cont")
@@ -57,7 +57,7 @@ def _cfg(s: dict, data: Path, seed: int, progress: bool, backend: str = "hf", **
 
 # ----------------------------------------------------------------------------- job functions
 def make_data(*, out: str, s: dict) -> dict:
-    from .demo_task import make_corpus, make_splits
+    from .task import make_corpus, make_splits
 
     out = Path(out)
     kw = dict(min_len=s["min_len"], max_len=s["max_len"])
@@ -72,8 +72,8 @@ def make_data(*, out: str, s: dict) -> dict:
 
 def pretrain(*, out: str, data: str, s: dict, seed: int, progress: bool = False, backend: str = "hf") -> dict:
     """Base model (init seed `seed`) + causal-LM training on the raw corpus (template ``{prompt}``)."""
-    from .demo_task import build_model, build_tokenizer
-    from .selfplay import train
+    from ..selfplay import train
+    from .task import build_model, build_tokenizer
 
     out, data = Path(out), Path(data)
     if not (out / "base" / "config.json").exists():
@@ -101,7 +101,7 @@ def _sft_rounds(out: str, data: str, s: dict, seed: int, model: str, fraction: f
     """`rounds` rounds of instruction SFT (``tspin iterate --method=sft``), each one epoch (or `steps_per_round`
     optimizer steps) at a constant learning rate, evaluated on validation after each; resumes, so rounds can be
     added. (Each round starts a fresh AdamW; at a constant rate and with bias correction that changes little.)"""
-    from .selfplay import iterate
+    from ..selfplay import iterate
 
     epochs = 1.0
     if steps_per_round is not None:
@@ -154,7 +154,7 @@ def sft_matched(*, out: str, data: str, s: dict, seed: int, model: str, referenc
 
 def proto(*, out: str, data: str, s: dict, seed: int, pi0: str, progress: bool = False, backend: str = "hf") -> dict:
     """y0 for every training prompt of the 25% subset, sampled once by pi_0 (``tspin generate --field=proto``)."""
-    from .selfplay import generate
+    from ..selfplay import generate
 
     cfg = _cfg(s, Path(data), seed, progress, backend, method="tspin", model_name_or_path=pi0, data_fraction=0.25,
                output_dir=out)
@@ -163,7 +163,7 @@ def proto(*, out: str, data: str, s: dict, seed: int, pi0: str, progress: bool =
 
 
 def _match_rate(rows: list[dict], field: str) -> float:
-    from .evaluation import _normalize
+    from ..evaluation import _normalize
 
     return sum(_normalize(r[field]) == _normalize(r["real"]) for r in rows) / max(len(rows), 1)
 
@@ -186,7 +186,7 @@ def selfplay_config(*, out: str, data: str, s: dict, seed: int, pi0: str, proto_
 def selfplay(**kw) -> dict:
     """`iterations` rounds of a method from pi_0 on the 25% subset (``tspin iterate``), validation after each;
     keywords as :func:`selfplay_config`."""
-    from .selfplay import iterate
+    from ..selfplay import iterate
 
     cfg = selfplay_config(**kw)
     out, iterations = Path(cfg.output_dir), cfg.num_iterations
@@ -201,8 +201,8 @@ def selfplay(**kw) -> dict:
 def test_eval(*, out: str, data: str, s: dict, models: dict[str, str], backend: str = "hf") -> dict:
     """Greedy evaluation of `models` ({label: model dir}) on the test prompts: metrics per label, and per-prompt
     outcomes in OUT/<label>.jsonl for the paired tests."""
-    from .evaluation import evaluate
-    from .models import load_policy, load_tokenizer
+    from ..evaluation import evaluate
+    from ..models import load_policy, load_tokenizer
 
     test = load_records(Path(data) / "test.jsonl")
     result = {}
@@ -220,7 +220,7 @@ def read_outcomes(test_dir: Path, label: str) -> list[bool]:
 
 # ----------------------------------------------------------------------------- the jobs of one seed
 def data_job(out: Path, s: dict) -> Job:
-    return Job("data", "tspin.demo_runs:make_data", out / "data", dict(out=str(out / "data"), s=s))
+    return Job("data", "tspin.experiments.runs:make_data", out / "data", dict(out=str(out / "data"), s=s))
 
 
 def seed_jobs(out: Path, s: dict, seed: int, runs: dict[str, list[dict]], *, progress: bool = False,
@@ -235,7 +235,7 @@ def seed_jobs(out: Path, s: dict, seed: int, runs: dict[str, list[dict]], *, pro
     pi0 = str(d / "sft25" / "best")
 
     def job(name, fn, deps, **kw):
-        return Job(f"{tag}/{name}", f"tspin.demo_runs:{fn}", d / name, dict(out=str(d / name), **kw),
+        return Job(f"{tag}/{name}", f"tspin.experiments.runs:{fn}", d / name, dict(out=str(d / name), **kw),
                    tuple(f"{tag}/{x}" if x != "data" else x for x in deps))
 
     jobs = [job("pretrain", "pretrain", ["data"], **base),

@@ -7,7 +7,7 @@
    the last iteration is chosen (ties: the smaller learning rate, then the smaller coefficient).
 2. Seeds: the whole pipeline (init, pretraining, SFT, proto, the chosen runs) for every seed; only the chosen
    policies are scored on the test prompts.
-3. Claims (:mod:`tspin.claims`): each of the paper's claims gets a verdict from exact paired tests per seed.
+3. Claims (:mod:`tspin.experiments.claims`): each of the paper's claims gets a verdict from exact paired tests per seed.
 
 Writes OUT/study.json (everything: settings, grid, validation numbers, choice, per seed/method/iteration results,
 p-values, verdicts, runtime, commit, versions, machine), OUT/study.png (mean +- sd over seeds) and OUT/study.md.
@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..io import atomic_write_json, atomic_write_text
 from .claims import comparisons, evaluate_claims
 from .demo import collect_seed, outcome_reader, plot_curves, settings
-from .demo_runs import COEF, METHODS, data_job, run_name, seed_jobs
-from .io import atomic_write_json, atomic_write_text
 from .jobs import makespan, run_jobs
+from .runs import COEF, METHODS, data_job, run_name, seed_jobs
 from .stats import mean_sd
 
 # The learning rates bracket what exploration on the validation split showed: at 1e-3 T-SPIN and SPIN collapsed

@@ -1,5 +1,5 @@
 """`tspin demo`: the paper's comparison at laptop scale, end to end on CPU, for one seed with the settings the study
-(:mod:`tspin.study`) chose on the validation split.
+(:mod:`tspin.experiments.study`) chose on the validation split.
 
 1. a tiny Llama is pretrained (causal LM) on raw, untemplated documents over a family of 12 string operations;
 2. instruction SFT on 25% of the annotations of 6 of them, early-stopped on validation -> pi_0; the same on 100%;
@@ -7,7 +7,7 @@
 3. from pi_0, 4 iterations each of T-SPIN, T-SPIN without the history term, SPIN and SFT continued on the same 25%;
 4. every chosen policy is scored on 1000 test prompts (exact match), with exact McNemar tests between iterations.
 
-The world (task, tokenizer, model): :mod:`tspin.demo_task`; the runs as jobs: :mod:`tspin.demo_runs`.
+The world (task, tokenizer, model): :mod:`tspin.experiments.task`; the runs as jobs: :mod:`tspin.experiments.runs`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import json
 import time
 from pathlib import Path
 
+from ..io import atomic_write_json, atomic_write_text
 from .claims import steps
-from .demo_runs import METHODS, data_job, demo_config, read_outcomes, run_name, seed_jobs
-from .demo_task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
-from .io import atomic_write_json, atomic_write_text
 from .jobs import makespan, run_jobs
+from .runs import METHODS, data_job, demo_config, read_outcomes, run_name, seed_jobs
+from .task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
 
 __all__ = ["DEMO_SETTINGS", "LETTERS", "build_model", "build_tokenizer", "demo_config", "make_task", "pick_backend",
            "run_demo"]
@@ -149,7 +149,7 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
 # ----------------------------------------------------------------------------- the command
 def pick_backend(backend: str = "auto") -> tuple[str, str]:
     """(backend, a line saying which one samples and why): 'auto' is vLLM when it is installed, else HF generate."""
-    from . import vllm_engine
+    from .. import vllm_engine
 
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend={backend!r}: expected auto, hf or vllm")

@@ -3,7 +3,7 @@
 Definitions (fixed before any test number was looked at; written into the results with the verdicts):
 
 - A *step* of a method is iteration t against iteration t-1, iteration 0 against pi_0 (4 steps for 4 iterations).
-  A step is a *significant improvement* when the exact one-sided McNemar test (:func:`tspin.stats.mcnemar`) on the
+  A step is a *significant improvement* when the exact one-sided McNemar test (:func:`.stats.mcnemar`) on the
   test prompts gives p < ALPHA for "better", a *significant decline* when it gives p < ALPHA for "worse".
 - A claim is **supported** when its test succeeds in every seed, **contradicted** when the opposite test succeeds
   in every seed, and **not supported** otherwise. Requiring every seed (not a pooled test) is the guard against
