@@ -373,9 +373,9 @@ def test_demo_samples_with_vllm_in_two_worker_processes_and_ends(tmp_path):
     line = f"vllm ({vllm_engine.version()}; picked by --backend auto: it is installed)"
     assert f"[demo] generation backend: {line}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["generation_backend"] == line and "tspin iter1" in proc.stdout
+    assert summary["generation_backend"] == line and "tspin/iter1" in proc.stdout
     runs = sorted((out / "seed0" / "runs").iterdir())
-    assert len(runs) == 4 and all("generation_backend: vllm" in (r / "config.yaml").read_text() for r in runs)
+    assert len(runs) == 5 and all("generation_backend: vllm" in (r / "config.yaml").read_text() for r in runs)
     settings = json.loads((out / "seed0" / "proto" / "proto.jsonl.settings.json").read_text())
     assert settings["generation_backend"] == "vllm"
 

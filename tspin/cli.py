@@ -27,7 +27,8 @@ COMMANDS = {
     "train": "one training run (sft / tspin / spin) on a data file",
     "iterate": "the whole self-play loop: proto once, then generate -> train -> evaluate",
     "demo": "the embedded T-SPIN vs SPIN vs SFT comparison, one seed (tiny Llama, CPU, under 10 min)",
-    "study": "the demo's comparison with a validation grid, several seeds, paired tests and verdicts",
+    "study": "the demo's comparison, pre-registered: a validation grid, main and stability seeds, pooled tests, "
+             "verdicts",
 }
 
 
@@ -61,9 +62,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                 sp.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
                 sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                                 help="who samples: auto (vLLM when it is installed, else HF generate), hf, or vllm")
-            else:
-                sp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3); a killed study "
-                                                                     "resumes when started again")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
             sp = sub.add_parser(name, help=text, description=text, parents=[config_keys()], allow_abbrev=False,
@@ -113,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from .experiments.study import run_study
 
-                if args.seeds < 2:
-                    raise ValueError("--seeds must be >= 2 (a verdict needs more than one seed)")
-                run_study(args.out, seeds=args.seeds, processes=args.jobs, threads=args.threads, quick=args.quick,
+                # seeds, grid and tests are the pre-registered design's (tspin.experiments.preregistration)
+                run_study(args.out, processes=args.jobs, threads=args.threads, quick=args.quick,
                           progress=not args.no_progress)
             return 0
         cfg = config_from_args(args, rest)

@@ -1,132 +1,179 @@
-"""The paper's claims as pre-stated tests on per-prompt test outcomes, and the verdicts.
+"""The paper's claims as pre-registered tests on per-prompt test outcomes, and their verdicts.
 
-Definitions (fixed before any test number was looked at; written into the results with the verdicts):
+Every test here is fixed before the study runs (:data:`RULES` is written into the results' ``preregistered``
+section) and every verdict comes from a test pooled over the seeds; per-seed tests are reported beside it.
 
-- A *step* of a method is iteration t against iteration t-1, iteration 0 against pi_0 (4 steps for 4 iterations).
-  A step is a *significant improvement* when the exact one-sided McNemar test (:func:`.stats.mcnemar`) on the
-  test prompts gives p < ALPHA for "better", a *significant decline* when it gives p < ALPHA for "worse".
-- A claim is **supported** when its test succeeds in every seed, **contradicted** when the opposite test succeeds
-  in every seed, and **not supported** otherwise. Requiring every seed (not a pooled test) is the guard against
-  a lucky seed; no further multiple-comparison correction is applied.
+- A *step* of a method is iteration t against iteration t-1 (iteration 0 against pi_0).
+- *Better* / *worse*: the exact one-sided CMH test for matched pairs pooled over seeds (:func:`.stats.cmh_paired`)
+  at ALPHA. *At most MARGIN worse* (non-inferior): the pooled Wald test of :func:`.stats.paired_margin_test`.
+  *No difference larger than MARGIN* (equivalent): its two one-sided tests. "Not better" is said only with the
+  equivalence test; without it the words are "no consistent difference".
+- A method *declines* when some step is significantly worse (Bonferroni over its steps: p < ALPHA / steps); it
+  *holds* when it does not decline and every step is at most MARGIN worse than the one before (each p < ALPHA).
 
-(a) "T-SPIN improves every iteration while SPIN is unstable": (a1) every T-SPIN step is a significant
-    improvement [contradicted: some T-SPIN step is a significant decline]; (a2) some SPIN step is a significant
-    decline [contradicted: every SPIN step is a significant improvement]. (a) is supported when both are,
-    contradicted when either is.
-(b) "T-SPIN on 25% matches or beats SFT on 100%": T-SPIN's last iteration against SFT-100 (early-stopped on
-    validation), paired bootstrap of the exact-match difference with a non-inferiority margin of MARGIN:
-    supported when p_noninferior < ALPHA (T-SPIN is worse by less than the margin), contradicted when
-    p_inferior < ALPHA (SFT-100 is better by more than the margin).
-(c) "The history term is what keeps T-SPIN stable": T-SPIN without the history term has a significant decline,
-    T-SPIN has none, and T-SPIN's last iteration beats the no-history one's (one-sided McNemar, p < ALPHA)
-    [contradicted: T-SPIN's last iteration is significantly worse than the no-history one's].
+Claims (main study, the settings chosen on validation):
+(a1) "T-SPIN improves every iteration": supported when every T-SPIN step is better; contradicted when T-SPIN
+     declines.
+(b)  "T-SPIN on 25% matches or beats SFT on 100%": T-SPIN's last iteration against SFT continued from pi_0 on
+     100% for the same optimizer steps: supported when T-SPIN is at most MARGIN worse; contradicted when it is
+     more than MARGIN worse (p_inferior < ALPHA).
+Claims (stability test: fixed aggressive settings, fresh seeds), a verdict per learning rate:
+(a2) "SPIN is unstable, T-SPIN is not": supported when SPIN declines and T-SPIN holds; contradicted when T-SPIN
+     declines or SPIN holds.
+(c)  "the history term matters": T-SPIN's last iteration against the no-history one's: supported when better,
+     contradicted when worse.
+A claim with several settings is supported (contradicted) when it is at every one; otherwise not supported.
+(a) = (a1) and (a2): supported when both are, contradicted when either is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .stats import bootstrap_diff, mcnemar, mean_sd
+from .stats import cmh_paired, mcnemar, paired_margin_test
 
 ALPHA = 0.05
 MARGIN = 0.02
-Outcomes = Callable[[int, str], list]  # (seed, label) -> per-prompt exact-match outcomes on the test prompts
+Outcomes = Callable[[int, str], list]  # (seed, label) -> per-prompt exact-match outcomes on that seed's test prompts
+VERDICTS = ("supported", "not supported", "contradicted")
 
-DEFINITIONS = {
-    "step": "iteration t vs t-1 (iteration 0 vs pi_0); exact one-sided McNemar on the test prompts, alpha "
-            f"{ALPHA}: p_better < alpha = significant improvement, p_worse < alpha = significant decline",
-    "verdict": "supported: the test succeeds in every seed; contradicted: the opposite test succeeds in every "
-               "seed; otherwise not supported",
-    "a1": "every T-SPIN step is a significant improvement [opposite: some T-SPIN step is a significant decline]",
-    "a2": "some SPIN step is a significant decline [opposite: every SPIN step is a significant improvement]",
-    "a": "supported if (a1) and (a2) are supported; contradicted if either is contradicted",
-    "b": f"T-SPIN last iteration vs SFT-100 (early-stopped): paired bootstrap, 10000 resamples, margin {MARGIN}: "
-         f"p_noninferior < {ALPHA} [opposite: p_inferior < {ALPHA}, SFT-100 better by more than the margin]",
-    "c": "T-SPIN without history has a significant decline, T-SPIN has none, and T-SPIN's last iteration beats "
-         "the no-history last iteration (one-sided McNemar p < alpha) [opposite: T-SPIN's last iteration is "
-         "significantly worse than the no-history one]",
+RULES = {
+    "alpha": ALPHA,
+    "margin": MARGIN,
+    "step": "iteration t vs t-1 (iteration 0 vs pi_0)",
+    "better / worse": "exact one-sided CMH test for matched pairs pooled over the seeds (each seed a stratum with "
+                      f"its own test prompts), p < {ALPHA}",
+    "at most margin worse": f"pooled Wald test of the stratified accuracy difference, H0 diff <= -{MARGIN}, "
+                            f"p < {ALPHA}",
+    "equivalent": f"two one-sided pooled Wald tests, H0 |diff| >= {MARGIN}, p < {ALPHA}; 'not better' is said only "
+                  "with it, otherwise 'no consistent difference'",
+    "declines": f"some step is worse at p < {ALPHA} / steps (Bonferroni over the method's steps)",
+    "holds": f"does not decline, and every step is at most {MARGIN} worse than the one before",
+    "verdict": "from the pooled tests only; the per-seed tests are reported beside them (replication); a claim "
+               "tested at several settings is supported (contradicted) when it is at every one",
+    "a1": "every T-SPIN step is better [contradicted: T-SPIN declines]",
+    "b": "T-SPIN's last iteration is at most margin worse than SFT continued from pi_0 on 100% for the same "
+         "optimizer steps [contradicted: more than margin worse, p_inferior < alpha]",
+    "b_from_pretrained": "extra, labelled: the earlier design's comparison: T-SPIN from an SFT-25% pi_0 (last "
+                         "iteration) against SFT on 100% from the pretrained model (early-stopped); same rule as (b)",
+    "a2": "per stability setting: SPIN declines and T-SPIN holds [contradicted: T-SPIN declines or SPIN holds]",
+    "c": "per stability setting: T-SPIN's last iteration is better than the no-history one's [contradicted: worse]",
+    "a": "supported if (a1) and (a2) are; contradicted if either is",
 }
 
 
-def labels(method: str, iterations: int) -> list[str]:
-    return ["pi_0"] + [f"{method}/iter{t}" for t in range(iterations)]
+def labels(method: str, iterations: int, start: str = "pi_0") -> list[str]:
+    return [start] + [f"{method}/iter{t}" for t in range(iterations)]
 
 
-def steps(outcomes: Outcomes, seed: int, method: str, iterations: int) -> list[dict]:
-    seq = [outcomes(seed, x) for x in labels(method, iterations)]
-    return [mcnemar(a, b) for a, b in zip(seq, seq[1:])]
+def _pairs(outcomes: Outcomes, seeds: list[int], a: str, b: str) -> list[tuple[list, list]]:
+    return [(outcomes(s, a), outcomes(s, b)) for s in seeds]
 
 
-def _verdict(ok: list[bool], opposite: list[bool]) -> str:
-    if all(ok):
-        return "supported"
-    if all(opposite):
-        return "contradicted"
-    return "not supported"
+def compare(outcomes: Outcomes, seeds: list[int], a: str, b: str) -> dict:
+    """B against A: the pooled tests (better / worse, margin tests) and the exact McNemar test per seed."""
+    pairs = _pairs(outcomes, seeds, a, b)
+    return {"a": a, "b": b, "pooled": cmh_paired(pairs), "margin": paired_margin_test(pairs, MARGIN),
+            "per_seed": [{"seed": s, **mcnemar(x, y)} for s, (x, y) in zip(seeds, pairs)]}
+
+
+def reading(c: dict) -> str:
+    """What one comparison supports, in the words the rules allow."""
+    if c["pooled"]["p_b_better"] < ALPHA:
+        return "better"
+    if c["pooled"]["p_b_worse"] < ALPHA:
+        return "worse"
+    if c["margin"]["p_equivalent"] < ALPHA:
+        return f"no difference larger than {MARGIN}"
+    return "no consistent difference"
+
+
+def trajectory(outcomes: Outcomes, seeds: list[int], method: str, iterations: int, start: str = "pi_0") -> dict:
+    """Every step of a method, and whether it improves at every step, declines or holds."""
+    seq = labels(method, iterations, start)
+    steps = [compare(outcomes, seeds, a, b) for a, b in zip(seq, seq[1:])]
+    declines = any(x["pooled"]["p_b_worse"] < ALPHA / len(steps) for x in steps)
+    return {"method": method, "steps": steps, "improves": all(x["pooled"]["p_b_better"] < ALPHA for x in steps),
+            "declines": declines,
+            "holds": not declines and all(x["margin"]["p_noninferior"] < ALPHA for x in steps)}
+
+
+def _verdict(supported: bool, contradicted: bool) -> str:
+    return "supported" if supported else "contradicted" if contradicted else "not supported"
+
+
+def _combine(verdicts: list[str]) -> str:
+    """Several settings: supported (contradicted) when every one is, else not supported."""
+    return verdicts[0] if len(set(verdicts)) == 1 else "not supported"
 
 
 def _p(x: float) -> str:
     return f"{x:.2g}" if x >= 1e-3 else "<0.001"
 
 
-def evaluate_claims(outcomes: Outcomes, seeds: list[int], iterations: int) -> dict:
+def _margin_claim(c: dict) -> str:
+    m = c["margin"]
+    return _verdict(m["p_noninferior"] < ALPHA, m["p_inferior"] < ALPHA)
+
+
+def _margin_evidence(c: dict) -> str:
+    m, per = c["margin"], c["per_seed"]
+    return (f"pooled diff {m['diff']:+.3f} (90% CI {m['ci90'][0]:+.3f}..{m['ci90'][1]:+.3f}; p at most {MARGIN} "
+            f"worse {_p(m['p_noninferior'])}, p more than {MARGIN} worse {_p(m['p_inferior'])}, p better "
+            f"{_p(c['pooled']['p_b_better'])}); per seed " + ", ".join(f"{x['diff']:+.3f}" for x in per))
+
+
+def _steps_evidence(t: dict, key: str) -> str:
+    return ", ".join(f"{_p(x['pooled'][key])} ({x['pooled']['diff']:+.3f})" for x in t["steps"])
+
+
+def main_claims(outcomes: Outcomes, seeds: list[int], iterations: int, *, from_pretrained: bool = True) -> dict:
+    """(a1), (b) and the labelled extra (b, from pretrained) on the main study's seeds."""
     last = f"/iter{iterations - 1}"
-    out = {}
-    st = {m: [steps(outcomes, s, m, iterations) for s in seeds] for m in ("tspin", "spin", "tspin_nohist")}
-    improves = {m: [all(x["p_b_better"] < ALPHA for x in ss) for ss in st[m]] for m in st}
-    declines = {m: [any(x["p_b_worse"] < ALPHA for x in ss) for ss in st[m]] for m in st}
-
-    def step_ps(m, key):
-        return "; ".join(f"seed {s}: " + ", ".join(_p(x[key]) for x in ss) for s, ss in zip(seeds, st[m]))
-
-    out["a1"] = {"claim": "T-SPIN improves every iteration", "test": DEFINITIONS["a1"],
-                 "verdict": _verdict(improves["tspin"], declines["tspin"]),
-                 "evidence": f"p(better) per step: {step_ps('tspin', 'p_b_better')}",
-                 "per_seed": [{"improves_every_step": i, "has_decline": d, "steps": ss}
-                              for i, d, ss in zip(improves["tspin"], declines["tspin"], st["tspin"])]}
-    out["a2"] = {"claim": "SPIN is unstable", "test": DEFINITIONS["a2"],
-                 "verdict": _verdict(declines["spin"], improves["spin"]),
-                 "evidence": f"p(worse) per step: {step_ps('spin', 'p_b_worse')}",
-                 "per_seed": [{"improves_every_step": i, "has_decline": d, "steps": ss}
-                              for i, d, ss in zip(improves["spin"], declines["spin"], st["spin"])]}
-    v1, v2 = out["a1"]["verdict"], out["a2"]["verdict"]
-    out["a"] = {"claim": "T-SPIN improves every iteration while SPIN is unstable", "test": DEFINITIONS["a"],
-                "verdict": ("supported" if v1 == v2 == "supported" else
-                            "contradicted" if "contradicted" in (v1, v2) else "not supported"),
-                "evidence": f"(a1) {v1}, (a2) {v2}"}
-    b = [bootstrap_diff(outcomes(s, "sft100"), outcomes(s, "tspin" + last), margin=MARGIN, seed=s) for s in seeds]
-    out["b"] = {"claim": "T-SPIN on 25% matches or beats SFT on 100%", "test": DEFINITIONS["b"],
-                "verdict": _verdict([x["p_noninferior"] < ALPHA for x in b], [x["p_inferior"] < ALPHA for x in b]),
-                "evidence": "diff T-SPIN - SFT-100 per seed: " + "; ".join(
-                    f"{x['diff']:+.3f} (p_noninferior {_p(x['p_noninferior'])}, p_inferior {_p(x['p_inferior'])})"
-                    for x in b), "per_seed": b}
-    final = [mcnemar(outcomes(s, "tspin_nohist" + last), outcomes(s, "tspin" + last)) for s in seeds]
-    ok = [declines["tspin_nohist"][i] and not declines["tspin"][i] and final[i]["p_b_better"] < ALPHA
-          for i in range(len(seeds))]
-    out["c"] = {"claim": "the history term is what keeps T-SPIN stable", "test": DEFINITIONS["c"],
-                "verdict": _verdict(ok, [x["p_b_worse"] < ALPHA for x in final]),
-                "evidence": "per seed: " + "; ".join(
-                    f"no-history declines {d}, T-SPIN declines {t}, last iteration diff {f['diff']:+.3f} "
-                    f"(p_better {_p(f['p_b_better'])}, p_worse {_p(f['p_b_worse'])})"
-                    for d, t, f in zip(declines["tspin_nohist"], declines["tspin"], final)),
-                "per_seed": [{"nohist_declines": d, "tspin_declines": t, "last_iteration": f}
-                             for d, t, f in zip(declines["tspin_nohist"], declines["tspin"], final)]}
-    return {"definitions": DEFINITIONS, "alpha": ALPHA, "margin": MARGIN, **out}
+    tsp = trajectory(outcomes, seeds, "tspin", iterations)
+    out = {"a1": {"claim": "T-SPIN improves every iteration", "rule": RULES["a1"],
+                  "verdict": _verdict(tsp["improves"], tsp["declines"]),
+                  "evidence": "pooled p better (diff) per step: " + _steps_evidence(tsp, "p_b_better"),
+                  "trajectory": tsp}}
+    b = compare(outcomes, seeds, "sft_cont", "tspin" + last)
+    out["b"] = {"claim": "T-SPIN on 25% matches or beats SFT on 100% (continued from pi_0, same steps)",
+                "rule": RULES["b"], "verdict": _margin_claim(b), "evidence": _margin_evidence(b), "test": b}
+    if from_pretrained:
+        x = compare(outcomes, seeds, "pi_0", "pt_tspin" + last)
+        out["b_from_pretrained"] = {
+            "claim": "extra: T-SPIN from an SFT-25% pi_0 matches or beats SFT on 100% from the pretrained model",
+            "rule": RULES["b_from_pretrained"], "verdict": _margin_claim(x), "evidence": _margin_evidence(x),
+            "test": x}
+    return out
 
 
-def comparisons(outcomes: Outcomes, seeds: list[int], iterations: int, methods: tuple[str, ...]) -> list[dict]:
-    """Every comparison of interest: B vs A, mean +- sd over seeds of acc(B) - acc(A), exact McNemar per seed."""
+def stability_claims(outcomes: Outcomes, seeds: list[int], iterations: int, settings: list[str]) -> dict:
+    """(a2) and (c) on the stability seeds, per setting (run names such as ``lr0.0003``: methods are labelled
+    ``<method>@<setting>``)."""
     last = f"/iter{iterations - 1}"
-    pairs = [(a, b) for m in methods for a, b in zip(labels(m, iterations), labels(m, iterations)[1:])]
-    pairs += [("sft100", m + last) for m in methods] + [("spin" + last, "tspin" + last),
-                                                       ("tspin_nohist" + last, "tspin" + last),
-                                                       ("sft25_cont" + last, "tspin" + last),
-                                                       ("pi_0", "sft100"), ("pi_0", "sft25_matched"),
-                                                       ("sft25_matched", "sft100")]
-    rows = []
-    for a, b in pairs:
-        tests = [mcnemar(outcomes(s, a), outcomes(s, b)) for s in seeds]
-        rows.append({"a": a, "b": b, "diff": mean_sd([t["diff"] for t in tests]),
-                     "p_two_sided": [t["p_two_sided"] for t in tests], "p_b_better": [t["p_b_better"] for t in tests],
-                     "p_b_worse": [t["p_b_worse"] for t in tests]})
-    return rows
+    a2, c = {}, {}
+    for st in settings:
+        tr = {m: trajectory(outcomes, seeds, f"{m}@{st}", iterations) for m in ("tspin", "tspin_nohist", "spin")}
+        a2[st] = {"verdict": _verdict(tr["spin"]["declines"] and tr["tspin"]["holds"],
+                                      tr["tspin"]["declines"] or tr["spin"]["holds"]),
+                  "evidence": "; ".join(f"{m}: {'declines' if t['declines'] else 'holds' if t['holds'] else 'neither'}"
+                                        f" (pooled p worse per step {_steps_evidence(t, 'p_b_worse')})"
+                                        for m, t in tr.items()),
+                  "trajectories": tr}
+        h = compare(outcomes, seeds, f"tspin_nohist@{st}{last}", f"tspin@{st}{last}")
+        c[st] = {"verdict": _verdict(h["pooled"]["p_b_better"] < ALPHA, h["pooled"]["p_b_worse"] < ALPHA),
+                 "reading": reading(h),
+                 "evidence": f"T-SPIN - no history at the last iteration: pooled {h['pooled']['diff']:+.3f} (p better "
+                             f"{_p(h['pooled']['p_b_better'])}, p worse {_p(h['pooled']['p_b_worse'])}); per seed "
+                             + ", ".join(f"{x['diff']:+.3f}" for x in h["per_seed"]),
+                 "test": h}
+    return {"a2": {"claim": "SPIN is unstable, T-SPIN is not", "rule": RULES["a2"],
+                   "verdict": _combine([v["verdict"] for v in a2.values()]), "per_setting": a2},
+            "c": {"claim": "the history term matters (T-SPIN ends above T-SPIN without it)", "rule": RULES["c"],
+                  "verdict": _combine([v["verdict"] for v in c.values()]), "per_setting": c}}
+
+
+def combined_a(a1: str, a2: str) -> dict:
+    return {"claim": "T-SPIN improves every iteration while SPIN is unstable", "rule": RULES["a"],
+            "verdict": _verdict(a1 == a2 == "supported", "contradicted" in (a1, a2)),
+            "evidence": f"(a1) {a1}, (a2) {a2}"}
