@@ -117,15 +117,18 @@ def run_study(out: str | Path, *, processes: int = 1, threads: int = 1, quick: b
     prov, load_start = provenance(), os.getloadavg()
     log = print if progress else (lambda _: None)
     stab = stability_runs(design)
-    # phase 1: everything that does not depend on the choice; nothing here reads the test prompts
+    # phase 1: everything that does not depend on the choice (the stability runs too); nothing here reads the
+    # test prompts
     jobs = shared_jobs(out, s)
     for seed in main_seeds:
         jobs += seed_jobs(out, s, seed, points if seed == grid_seed else {})
+    for seed in stab_seeds:
+        jobs += seed_jobs(out, s, seed, stab)
     results = run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 1/2]")
     phase1 = jobs
     chosen, grid_table = choose(out, points, grid_seed)
     log(f"[study] chosen on validation: {json.dumps(chosen)}")
-    # phase 2: the chosen runs, the from-pretrained extra and the stability runs, then the test evaluations
+    # phase 2: the chosen runs and the from-pretrained extra, then the test evaluations
     jobs = shared_jobs(out, s)
     for seed in main_seeds:
         jobs += seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen,
