@@ -21,7 +21,7 @@ from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, ti
 
 from tspin import vllm_engine
 from tspin.config import load_config
-from tspin.experiments.demo import DEMO_SETTINGS, build_model, build_tokenizer, make_task
+from tspin.experiments.demo import build_model, build_tokenizer, make_task
 from tspin.generation import Sample, generate_field, generate_samples
 from tspin.models import load_tokenizer
 
@@ -32,10 +32,15 @@ PROMPTS = [r["prompt"] for r in make_task(48, seed=5)]
 OPTS = dict(template="paper", max_prompt_length=24, max_new_tokens=10, progress=False)
 
 
+# The demo's tokenizer in a Llama of the width the demo had before the chained task (hidden 128, 4 heads of 32),
+# the shape these tests were written and checked on.
+SHAPE = dict(hidden=128, layers=4, heads=4)
+
+
 def model_dir(path: Path, *, seed: int, tied: bool = True, **shape) -> Path:
-    """A demo-shaped Llama with large random weights, saved with its tokenizer."""
+    """A demo-tokenizer Llama with large random weights, saved with its tokenizer."""
     tok = build_tokenizer()
-    model = build_model(tok, **{**DEMO_SETTINGS["model"], **shape}, seed=seed)
+    model = build_model(tok, **{**SHAPE, **shape}, seed=seed)
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
