@@ -59,7 +59,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                                                 "(default 1; 2 on a free 2-core machine)")
             if name == "demo":
                 sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-                sp.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
+                sp.add_argument("--seed", type=int, default=0, help="the seed's own prompts, 25%% subset, data order "
+                                                                    "and samples (the pretrained base is shared)")
                 sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                                 help="who samples: auto (vLLM when it is installed, else HF generate), hf, or vllm")
         else:
