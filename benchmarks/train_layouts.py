@@ -60,7 +60,7 @@ def build_run_dir(root: Path, *, L: int, r: float, n: int, batch: int, model: di
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tspin.config import Config, save_config
-    from tspin.demo import LETTERS, build_tokenizer
+    from tspin.experiments.demo import LETTERS, build_tokenizer
 
     if mix not in MIXES:
         raise ValueError(f"mix: expected one of {MIXES}, got {mix!r}")

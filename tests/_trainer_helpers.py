@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tspin.demo import build_model, build_tokenizer, make_task
+from tspin.experiments.demo import build_model, build_tokenizer, make_task
 
 
 def tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 1, heads: int = 2, seed: int = 0) -> Path:
@@ -45,7 +45,7 @@ def tiny_policy(model_dir: Path):
 
 
 def tiny_cfg(**kw):
-    from tspin.demo import demo_config
+    from tspin.experiments.demo import demo_config
 
     base = dict(max_new_tokens=6, eval_max_new_tokens=6, generation_batch_size=8, eval_batch_size=8,
                 per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress=False)

@@ -131,16 +131,21 @@ def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
     d = tmp_path / "demo"
     summary = json.loads((d / "summary.json").read_text())
     r = summary["result"]
-    assert set(r["methods"]) == {"tspin", "tspin_nohist", "spin", "sft25_cont"}
-    assert set(r["sft"]) == {"pi_0", "sft100", "sft25_matched"}
-    tspin = r["methods"]["tspin"]
-    assert len(tspin["test"]) == 3 and len(tspin["steps"]) == 2 and len(tspin["y_eq_real"]) == 2
-    assert r["sft"]["sft25_matched"]["steps"] == r["sft"]["sft100"]["steps_to_best"]  # matched optimizer steps
-    assert r["methods"]["sft25_cont"]["y_eq_real"] is None
-    # per-prompt test outcomes of every chosen policy, one line per test prompt
+    assert set(r["runs"]) == {"tspin", "tspin_nohist", "spin", "sft_cont", "pt_tspin"}
+    assert set(r["models"]) == {"pi_0", "sft_cont", "pt_sft25"} | {f"{m}/iter{t}" for m in (
+        "tspin", "tspin_nohist", "spin", "pt_tspin") for t in (0, 1)}
+    tspin = r["runs"]["tspin"]
+    assert len(tspin["val"]) == 3 and len(tspin["same_as_real"]) == 2 and tspin["steps"] == [1, 1]
+    # matched budgets: every arm from pi_0 the same optimizer steps; SFT continued on 100% in one round
+    assert all(sum(r["runs"][m]["steps"]) == 2 for m in ("tspin_nohist", "spin", "sft_cont"))
+    assert r["runs"]["spin"]["examples"] == tspin["examples"] == [16, 16]  # 25% of 64, SPIN's mixing off
+    assert r["runs"]["sft_cont"]["examples"] == [64] and r["runs"]["sft_cont"]["same_as_real"] is None
+    assert r["pi_0"]["stopped_by"] in ("patience", "max_epochs")
+    # per-prompt test outcomes of every scored policy, one character per test prompt
+    assert all(len(m["per_prompt"]) == 16 and set(m["per_prompt"]) <= {"0", "1"} for m in r["models"].values())
     assert len((d / "seed0" / "test" / "tspin" / "tspin__iter1.jsonl").read_text().splitlines()) == 16
     assert (d / "curves.png").stat().st_size > 1000
-    assert "test EM" in out and "tspin iter1" in out
+    assert "test EM" in out and "tspin/iter1" in out
     assert f"[demo] generation backend: {summary['generation_backend']}" in out  # says who sampled, and records it
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)
     assert rc == 2 and "pass --resume" in err
@@ -162,8 +167,8 @@ def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
 def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
     from pathlib import Path
 
-    from tspin.demo import settings
-    from tspin.demo_runs import selfplay_config
+    from tspin.experiments.demo import settings
+    from tspin.experiments.runs import selfplay_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = {p.name: load_config(p) for p in sorted(root.glob("*.yaml"))}
@@ -173,8 +178,8 @@ def test_shipped_recipes_load_and_demo_recipe_matches_the_demo():
             z.per_device_train_batch_size * z.gradient_accumulation_steps, z.num_iterations, z.data_count) == \
         ("rmsprop", 0.0, 0.1, "linear", 2048, 256, 64, 5, 50000)
     s = settings()
-    demo = selfplay_config(out="runs/demo/seed0/runs/tspin", data="runs/demo/data", s=s, seed=0,
-                           pi0="runs/demo/seed0/sft25/best", proto_path="runs/demo/seed0/proto/proto.jsonl",
+    demo = selfplay_config(out="runs/demo/seed0/runs/tspin", data="runs/demo/seed0/data", s=s, seed=0,
+                           pi0="runs/demo/seed0/pi0/best", proto_path="runs/demo/seed0/proto/proto.jsonl",
                            method="tspin", params=s["chosen"]["tspin"], progress=True).to_dict()
     mine = recipes["demo-tspin.yaml"].to_dict()
     assert {k for k in demo if demo[k] != mine[k]} == {"output_dir"}

@@ -17,7 +17,7 @@ from tspin.data import (
     select_subset,
     split_heldout,
 )
-from tspin.demo import build_tokenizer
+from tspin.experiments.demo import build_tokenizer
 
 # a hard dependency (always there in CI); the GPU image lacks it, and `make test-gpu` must still collect this file
 datasets = pytest.importorskip("datasets", reason="tspin.data needs the `datasets` package")

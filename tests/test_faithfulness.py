@@ -8,7 +8,7 @@ from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # 
 
 from tspin.batch import collate
 from tspin.data import build_features, load_records
-from tspin.demo import build_tokenizer, make_task
+from tspin.experiments.demo import build_tokenizer, make_task
 from tspin.losses import policy_logps
 from tspin.models import load_policy
 

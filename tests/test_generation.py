@@ -7,7 +7,7 @@ import torch
 from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (one_thread: autouse)
 
 from tspin.data import load_records
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.generation import generate_field, generate_samples, generate_texts
 from tspin.io import read_jsonl
 from tspin.models import load_tokenizer

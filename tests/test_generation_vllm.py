@@ -20,7 +20,7 @@ import torch
 from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (autouse)
 
 from tspin.config import load_config
-from tspin.demo import DEMO_SETTINGS, build_model, build_tokenizer, make_task
+from tspin.experiments.demo import build_model, build_tokenizer, make_task
 from tspin.generation import Sample, generate_field, generate_samples, vllm_engine
 from tspin.models import load_tokenizer
 
@@ -31,10 +31,15 @@ PROMPTS = [r["prompt"] for r in make_task(48, seed=5)]
 OPTS = dict(template="paper", max_prompt_length=24, max_new_tokens=10, progress=False)
 
 
+# The demo's tokenizer in a Llama of the width the demo had before the chained task (hidden 128, 4 heads of 32),
+# the shape these tests were written and checked on.
+SHAPE = dict(hidden=128, layers=4, heads=4)
+
+
 def model_dir(path: Path, *, seed: int, tied: bool = True, **shape) -> Path:
-    """A demo-shaped Llama with large random weights, saved with its tokenizer."""
+    """A demo-tokenizer Llama with large random weights, saved with its tokenizer."""
     tok = build_tokenizer()
-    model = build_model(tok, **{**DEMO_SETTINGS["model"], **shape}, seed=seed)
+    model = build_model(tok, **{**SHAPE, **shape}, seed=seed)
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
@@ -109,7 +114,7 @@ def test_engine_processes_start_without_the_launcher_environment(monkeypatch):
 
 
 def test_demo_samples_with_vllm_when_it_is_installed_and_says_which_backend_ran():
-    from tspin.demo import pick_backend
+    from tspin.experiments.demo import pick_backend
 
     backend, line = pick_backend("auto")
     assert backend == ("vllm" if HAS_VLLM else "hf")
@@ -174,7 +179,7 @@ def test_generate_field_records_truncation_atomically_and_caches(demo, tmp_path)
 # ----------------------------------------------------------------------------- resume
 KILLED_RUN = """
 import sys
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.generation import generate_samples
 from tspin.models import load_tokenizer
 if __name__ == "__main__":
@@ -220,7 +225,7 @@ def test_killed_generation_resumes_where_it_stopped(demo, tmp_path):
 
 TORCHRUN_WORKER = """
 import json, sys
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.generation import generate_samples
 from tspin.models import load_tokenizer
 from tspin.ranks import cleanup_distributed, init_distributed
@@ -372,9 +377,9 @@ def test_demo_samples_with_vllm_in_two_worker_processes_and_ends(tmp_path):
     line = f"vllm ({vllm_engine.version()}; picked by --backend auto: it is installed)"
     assert f"[demo] generation backend: {line}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["generation_backend"] == line and "tspin iter1" in proc.stdout
+    assert summary["generation_backend"] == line and "tspin/iter1" in proc.stdout
     runs = sorted((out / "seed0" / "runs").iterdir())
-    assert len(runs) == 4 and all("generation_backend: vllm" in (r / "config.yaml").read_text() for r in runs)
+    assert len(runs) == 5 and all("generation_backend: vllm" in (r / "config.yaml").read_text() for r in runs)
     settings = json.loads((out / "seed0" / "proto" / "proto.jsonl.settings.json").read_text())
     assert settings["generation_backend"] == "vllm"
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tspin.jobs import Job, run_jobs
+from tspin.experiments.jobs import Job, run_jobs
 
 
 def record(*, out: str, name: str, fail: bool = False, die: bool = False) -> dict:
@@ -66,13 +66,13 @@ def test_a_dead_worker_is_a_clear_error(tmp_path, monkeypatch):
         run_jobs(jobs, processes=2, log=lambda _: None)
     assert not (tmp_path / "x" / "job.json").exists()
     from tspin.cli import _exit_code
-    from tspin.jobs import WorkerDiedError
+    from tspin.experiments.jobs import WorkerDiedError
 
     assert _exit_code(WorkerDiedError("x")) == 1  # `tspin demo` / `study`: one line on stderr, exit 1, no traceback
 
 
 def test_makespan_replays_the_schedule(tmp_path):
-    from tspin.jobs import makespan
+    from tspin.experiments.jobs import makespan
 
     jobs = [_job(tmp_path, "a"), _job(tmp_path, "b", ["a"]), _job(tmp_path, "c", ["a"]), _job(tmp_path, "d", ["b"])]
     seconds = {"a": 10, "b": 5, "c": 7, "d": 1}
@@ -87,7 +87,7 @@ def test_cpu_seconds_count_child_processes_running_and_ended():
     import subprocess
     import sys
 
-    from tspin.jobs import cpu_seconds
+    from tspin.experiments.jobs import cpu_seconds
 
     burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
             "print('done', flush=True)\n")

@@ -8,7 +8,7 @@ from _trainer_helpers import one_thread, tiny_model_dir, tiny_policy  # noqa: F4
 
 from tspin.batch import collate
 from tspin.data import build_features
-from tspin.demo import build_tokenizer, make_task
+from tspin.experiments.demo import build_tokenizer, make_task
 from tspin.losses import compute_loss, policy_logps
 from tspin_kernels.integrations import backbone_and_head
 

@@ -1,8 +1,10 @@
-"""`tspin study --quick`: grid on validation (seed 0), every seed, paired tests, verdicts, results JSON and plot;
-a second start resumes (nothing reruns) and a study killed mid-way finishes with the numbers of an uninterrupted
-one."""
+"""`tspin study --quick`: grid on validation (seed 0), main and stability seeds, pooled tests, verdicts, results
+JSON and plot; every stored p-value recomputes from the stored per-prompt outcomes; a second start resumes (nothing
+reruns) and a study killed mid-way finishes with the numbers of an uninterrupted one; the pre-registration
+document says what the code's design says."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,13 +16,15 @@ import pytest
 from _trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from tspin.cli import main
-from tspin.study import QUICK_GRID, grid_points
+from tspin.experiments.preregistration import PREREGISTERED, QUICK_DESIGN
+from tspin.experiments.study import grid_points
+from tspin.experiments.verify import differences
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _study(out: Path, capsys, *extra):
-    rc = main(["study", "--out", str(out), "--quick", "--seeds", "2", "--no-progress", *extra])
+    rc = main(["study", "--out", str(out), "--quick", "--no-progress", *extra])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return json.loads((out / "study.json").read_text()), captured.out
@@ -28,42 +32,93 @@ def _study(out: Path, capsys, *extra):
 
 def _numbers(study: dict) -> dict:
     """What a study measured, without the runtimes and provenance."""
-    keep = ("chosen", "grid_validation", "claims", "comparisons", "summary", "settings", "grid")
+    keep = ("chosen", "grid_validation", "claims", "comparisons", "summary", "settings", "preregistered", "mde")
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     return {**{k: study[k] for k in keep}, "per_seed": [strip(r) for r in study["per_seed"]]}
 
 
-def test_quick_study_chooses_on_validation_tests_every_seed_and_resumes(tmp_path, capsys):
-    out = tmp_path / "study"
-    study, printed = _study(out, capsys)
-    points = grid_points(QUICK_GRID)
-    # the grid and the validation numbers that chose each method's setting, for seed 0 only
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick study for the tests of this file (about a minute of CPU)."""
+    out = tmp_path_factory.mktemp("quick") / "study"
+    assert main(["study", "--out", str(out), "--quick", "--no-progress"]) == 0
+    return out, json.loads((out / "study.json").read_text())
+
+
+def test_quick_study_chooses_on_validation_tests_every_seed_and_resumes(quick, capsys):
+    out, study = quick
+    points = grid_points(QUICK_DESIGN["grid"])
+    # the grid and the validation numbers that chose each method's setting, on the grid seed only
     assert {m: [g["params"] for g in rows] for m, rows in study["grid_validation"].items()} == points
     for method, rows in study["grid_validation"].items():
         best = max(g["val_final"] for g in rows)
         assert [g for g in rows if g["params"] == study["chosen"][method]][0]["val_final"] == best
+    assert study["chosen"]["tspin_nohist"] == study["chosen"]["tspin"]  # the ablation changes beta only
     # test evaluations exist only for the chosen runs; grid runs were never scored on the test prompts
     tested = {p.name for p in (out / "seed0" / "test").iterdir()}
-    assert tested == {"sft", "tspin", "tspin_nohist", "spin", "sft25_cont"}
+    assert tested == {"pi_0", "tspin", "tspin_nohist", "spin", "sft_cont", "pt_sft25", "pt_tspin"}
+    assert {p.name for p in (out / "seed1000" / "test").iterdir()} == {"pi_0"} | {
+        f"{m}@lr0.001" for m in ("tspin", "tspin_nohist", "spin")}
     assert not any((out / "seed0" / "runs").glob("*/test*"))
-    assert len(study["per_seed"]) == 2 and study["seeds"] == [0, 1]
-    for key in ("a1", "a2", "a", "b", "c"):
+    # every seed its own prompts
+    prompts = {s: (out / f"seed{s}" / "data" / "test.jsonl").read_text() for s in (0, 1, 1000)}
+    assert len(set(prompts.values())) == 3
+    assert [r["seed"] for r in study["per_seed"]] == [0, 1, 1000, 1001]
+    assert study["preregistered"] == json.loads(json.dumps(QUICK_DESIGN))
+    # every scored model: per-prompt outcomes, steps; budgets matched across the arms from pi_0
+    for r in study["per_seed"]:
+        assert all(len(m["per_prompt"]) == 16 and "steps" in m for m in r["models"].values())
+        assert len({m["steps"] for label, m in r["models"].items() if label.endswith("/iter1")}) == 1
+        assert all(x["same_as_real"] is None or len(x["same_as_real"]) == 2 for x in r["runs"].values())
+    main_seed = study["per_seed"][0]
+    assert main_seed["models"]["sft_cont"]["steps"] == main_seed["models"]["tspin/iter1"]["steps"] == 2
+    for key in ("a1", "a2", "a", "b", "b_from_pretrained", "c"):
         assert study["claims"][key]["verdict"] in ("supported", "not supported", "contradicted")
-        assert study["claims"][key]["test"] == study["claims"]["definitions"][key]
-    assert all(len(c["p_two_sided"]) == 2 for c in study["comparisons"])
-    assert study["summary"]["methods"]["tspin"]["test"][0]["n"] == 2
+    assert set(study["claims"]["a2"]["per_setting"]) == {"lr0.001"}
+    assert set(study["mde"]) == {"preregistered", "at_observed_discordance", "note"}
+    assert study["mde"]["preregistered"] == study["preregistered"]["mde"]
+    assert all(len(c["per_seed"]) == 2 for c in study["comparisons"])
+    assert study["summary"]["main"]["models"]["tspin/iter0"]["test"]["n"] == 2
     assert study["versions"]["torch"] and study["machine"]["cores"] and "commit" in study
     rt = study["runtime"]
     assert 0 < rt["estimated_seconds_on_2_free_cores"] <= rt["cpu_seconds_total"] + 1
-    assert set(rt["job_seconds"]) >= {"seed0/pretrain", "seed1/test/tspin"}
+    assert set(rt["job_seconds"]) >= {"pretrain", "seed0/pi0", "seed1/test/tspin", "seed1001/test/spin@lr0.001"}
     assert (out / "study.png").stat().st_size > 1000 and "| claim | verdict |" in (out / "study.md").read_text()
-    assert "| (b) T-SPIN on 25% matches or beats SFT on 100% |" in printed
-    # a second start finds every job done and writes the same numbers
-    again, _ = _study(out, capsys)
+    # a second start finds every job done and writes (and prints) the same numbers
+    again, printed = _study(out, capsys)
     assert _numbers(again) == _numbers(study)
-    # another study's settings in the same directory are refused
-    rc = main(["study", "--out", str(out), "--quick", "--seeds", "3", "--no-progress"])
-    assert rc == 2 and "other settings" in capsys.readouterr().err
+    assert "| (b) T-SPIN on 25% matches or beats SFT on 100%" in printed
+    # a directory holding another design is refused
+    recorded = json.loads((out / "study_settings.json").read_text())
+    (out / "study_settings.json").write_text(json.dumps({**recorded, "design": {**recorded["design"],
+                                                                                 "grid_seed": 1}}))
+    rc = main(["study", "--out", str(out), "--quick", "--no-progress"])
+    assert rc == 2 and "another design" in capsys.readouterr().err
+    (out / "study_settings.json").write_text(json.dumps(recorded))
+
+
+def test_every_stored_p_value_recomputes_from_the_stored_outcomes(quick):
+    _, study = quick
+    assert differences(study) == []
+    # by hand, from the stored 0/1 strings alone: the pooled exact test of T-SPIN's first step, (b)'s difference
+    seeds = study["preregistered"]["seeds"]["main"]
+    runs = {r["seed"]: r["models"] for r in study["per_seed"]}
+    b = c = 0
+    for s in seeds:
+        for x, y in zip(runs[s]["pi_0"]["per_prompt"], runs[s]["tspin/iter0"]["per_prompt"]):
+            b += (x, y) == ("0", "1")
+            c += (x, y) == ("1", "0")
+    tail = sum(math.comb(b + c, i) for i in range(b, b + c + 1)) / 2 ** (b + c)
+    step0 = study["claims"]["a1"]["trajectory"]["steps"][0]["pooled"]
+    assert step0["p_b_better"] == pytest.approx(tail) and (step0["b_only"], step0["a_only"]) == (b, c)
+    diff = sum(int(y) - int(x) for s in seeds for x, y in zip(runs[s]["sft_cont"]["per_prompt"],
+                                                               runs[s]["tspin/iter1"]["per_prompt"]))
+    assert study["claims"]["b"]["test"]["margin"]["diff"] == pytest.approx(diff / (16 * len(seeds)))
+    # a tampered outcome is found
+    flipped = json.loads(json.dumps(study))
+    m = flipped["per_seed"][0]["models"]["tspin/iter1"]
+    m["per_prompt"] = ("1" if m["per_prompt"][0] == "0" else "0") + m["per_prompt"][1:]
+    assert any(d.startswith("claims.b.") for d in differences(flipped))
 
 
 def _done_jobs(out: Path) -> int:
@@ -78,7 +133,7 @@ def test_killed_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys):
     ref, _ = _study(tmp_path / "ref", capsys)
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "tspin.cli", "study", "--out", str(out), "--quick", "--seeds", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "tspin.cli", "study", "--out", str(out), "--quick", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while _done_jobs(out) < 8 and proc.poll() is None:  # mid-way: some jobs done, more to run
         time.sleep(0.05)
@@ -89,21 +144,19 @@ def test_killed_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys):
     assert _numbers(resumed) == _numbers(ref)
 
 
-def test_committed_study_is_the_demos_source_and_meets_the_protocol():
-    """docs/results/study.json (the README's numbers): settings chosen on validation, the demo runs exactly those
-    settings, at least 3 seeds and 1000 test prompts, a verdict per claim, the test outcomes of every seed."""
-    from tspin.demo import settings
+def test_preregistration_document_states_the_code_design():
+    """docs/results/preregistration.md (committed before the results) names the design the code runs: seeds,
+    grid, stability settings, margin, alpha, and each claim's MDE as computed from the design."""
+    from tspin.experiments.demo import settings
 
-    study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
-    s = settings()
-    assert study["chosen"] == s.pop("chosen")  # `tspin demo` runs what the study chose on validation
-    assert study["settings"] == s
-    assert len(study["seeds"]) >= 3 and study["settings"]["n_test"] >= 1000
-    for method, rows in study["grid_validation"].items():
-        assert max(r["val_final"] for r in rows) == [r for r in rows if r["params"] == study["chosen"][method]][0][
-            "val_final"]
-    for key in ("a1", "a2", "a", "b", "c"):
-        assert study["claims"][key]["verdict"] in ("supported", "not supported", "contradicted")
-    steps = study["claims"]["a1"]["per_seed"][0]["steps"]
-    assert len(steps) == study["settings"]["iterations"] and all(x["n"] == 1000 for x in steps)
-    assert study["commit"] and study["runtime"]["load_average"]["start"]
+    doc = " ".join((ROOT / "docs" / "results" / "preregistration.md").read_text().split())  # lines rewrapped
+    d = PREREGISTERED
+    assert settings()["n_test"] == d["n_test_per_seed"] and settings()["iterations"] == 4
+    assert f"main seeds {', '.join(map(str, d['seeds']['main']))}" in doc
+    assert f"stability seeds {', '.join(map(str, d['seeds']['stability']))}" in doc
+    for method, grid in d["grid"].items():
+        assert f"`{method}`: learning rate {{{', '.join(f'{x:g}' for x in grid['learning_rate'])}}}" in doc
+    assert "alpha = lambda = 1" in doc and "learning rates 1e-4 and 3e-4" in doc
+    assert f"margin {d['rules']['margin']}" in doc and f"alpha {d['rules']['alpha']}" in doc
+    for claim, m in d["mde"].items():
+        assert f"| ({claim}) | {m['value']:.4f} |" in doc, claim

@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 
 def _feats(tok, n, fields=("real", "generated", "proto")):
-    from tspin.demo import make_task
+    from tspin.experiments.demo import make_task
 
     recs = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["response"],
              "generated": r["response"][1:], "proto": r["response"][::-1] + "ab"} for r in make_task(n, 4)]

@@ -27,7 +27,7 @@ from _trainer_helpers import one_thread, tiny_cfg, tiny_model_dir, tiny_policy  
 import tspin
 import tspin_kernels
 from tspin.data import build_features
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.metrics import MetricsWriter
 from tspin.models import load_tokenizer

@@ -14,7 +14,7 @@ from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
 
 from tspin.batch import collate
 from tspin.data import build_features
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.losses import batched_logps
 from tspin.models import load_policy, load_tokenizer

@@ -30,7 +30,8 @@ COMMANDS = {
     "train": "one training run (sft / tspin / spin) on a data file",
     "iterate": "the whole self-play loop: proto once, then generate -> train -> evaluate",
     "demo": "the embedded T-SPIN vs SPIN vs SFT comparison, one seed (tiny Llama, CPU, under 10 min)",
-    "study": "the demo's comparison with a validation grid, several seeds, paired tests and verdicts",
+    "study": "the demo's comparison, pre-registered: a validation grid, main and stability seeds, pooled tests, "
+             "verdicts",
 }
 
 
@@ -61,12 +62,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                                                 "(default 1; 2 on a free 2-core machine)")
             if name == "demo":
                 sp.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-                sp.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
+                sp.add_argument("--seed", type=int, default=0, help="the seed's own prompts, 25%% subset, data order "
+                                                                    "and samples (the pretrained base is shared)")
                 sp.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                                 help="who samples: auto (vLLM when it is installed, else HF generate), hf, or vllm")
-            else:
-                sp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3); a killed study "
-                                                                     "resumes when started again")
         else:
             flags = {"generate": " --out OUT [--field FIELD]", "train": " [--resume]", "iterate": " [--resume]"}[name]
             sp = sub.add_parser(name, help=text, description=text, parents=[config_keys()], allow_abbrev=False,
@@ -139,17 +138,16 @@ def _main(argv: list[str], command: str, debug: bool) -> int:
             if args.jobs < 1 or args.threads < 1:
                 raise ValueError("--jobs and --threads must be >= 1")
             if args.command == "demo":
-                from .demo import run_demo
+                from .experiments.demo import run_demo
 
                 run_demo(args.out, quick=args.quick, resume=args.resume, progress=not args.no_progress,
                          threads=args.threads, processes=args.jobs, seed=args.seed,
                          backend=args.backend)
             else:
-                from .study import run_study
+                from .experiments.study import run_study
 
-                if args.seeds < 2:
-                    raise ValueError("--seeds must be >= 2 (a verdict needs more than one seed)")
-                run_study(args.out, seeds=args.seeds, processes=args.jobs, threads=args.threads, quick=args.quick,
+                # seeds, grid and tests are the pre-registered design's (tspin.experiments.preregistration)
+                run_study(args.out, processes=args.jobs, threads=args.threads, quick=args.quick,
                           progress=not args.no_progress)
             return 0
         cfg = config_from_args(args, rest)
@@ -180,7 +178,7 @@ def _exit_code(e: Exception) -> int | None:
     """2: the command, its config or its inputs are wrong; 1: a failure while running; None: unexpected."""
     import torch
 
-    from .jobs import WorkerDiedError
+    from .experiments.jobs import WorkerDiedError
     from .train import NonFiniteError
 
     if isinstance(e, (torch.OutOfMemoryError, NonFiniteError, WorkerDiedError)):

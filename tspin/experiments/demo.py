@@ -1,44 +1,52 @@
 """`tspin demo`: the paper's comparison at laptop scale, end to end on CPU, for one seed with the settings the study
-(:mod:`tspin.study`) chose on the validation split.
+(:mod:`tspin.experiments.study`) chose on the validation split.
 
-1. a tiny Llama is pretrained (causal LM) on raw, untemplated documents over a family of 12 string operations;
-2. instruction SFT on 25% of the annotations of 6 of them, early-stopped on validation -> pi_0; the same on 100%;
-   SFT on 25% for the optimizer steps SFT-100 took (matched steps);
-3. from pi_0, 4 iterations each of T-SPIN, T-SPIN without the history term, SPIN and SFT continued on the same 25%;
-4. every chosen policy is scored on 1000 test prompts (exact match), with exact McNemar tests between iterations.
+1. a tiny Llama is pretrained (causal LM) on raw, untemplated documents: 12 string operations, alone and chained;
+2. pi_0 = instruction SFT on all of the seed's annotated chained instructions, early-stopped on validation;
+3. from pi_0, on a 25% subset, 4 iterations each of T-SPIN, T-SPIN without the history term and SPIN; and SFT
+   continued from pi_0 on 100% for the same optimizer steps (the paper's SFT baseline);
+4. the labelled extra of the earlier design: pi_0' = SFT on the 25% from the pretrained model, T-SPIN from it;
+5. every chosen policy is scored on the seed's test prompts (exact match; normalized edit distance beside it),
+   with exact McNemar tests between iterations.
 
-The world (task, tokenizer, model): :mod:`tspin.demo_task`; the runs as jobs: :mod:`tspin.demo_runs`.
+The world (task, tokenizer, model): :mod:`tspin.experiments.task`; the runs as jobs: :mod:`tspin.experiments.runs`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
 
-from .claims import steps
-from .demo_runs import METHODS, data_job, demo_config, read_outcomes, run_name, seed_jobs
-from .demo_task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
-from .io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
+from .collect import collect_seed
 from .jobs import makespan, run_jobs
+from .runs import METHODS, demo_config, seed_jobs, shared_jobs
+from .stats import mcnemar
+from .task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
 
 __all__ = ["DEMO_SETTINGS", "LETTERS", "build_model", "build_tokenizer", "demo_config", "make_task", "pick_backend",
            "run_demo"]
 
-# Sizes: the demo must finish within 10 minutes on 2 CPU cores. `chosen`: each self-play method's settings, chosen
-# by `tspin study` on the validation split (docs/results/study.json records the grid and the validation numbers).
+# Sizes: the demo must finish within 10 minutes on 2 free CPU cores, the study within 90 (the pilot in
+# docs/results/preregistration.md: width 128 x 4 layers and pi_0 at 1e-3 were twice over). n_train: a multiple of
+# 4 x 32, so that SFT continued on 100% takes exactly the optimizer steps of 4 self-play iterations on 25%.
+# `chosen`: each method's settings, chosen by `tspin study` on the validation prompts of seed 0
+# (docs/results/study.json records the grid and the validation numbers); until a study of this design has run,
+# the previous design's choice (docs/results/study-v1.json), marked provisional.
 DEMO_SETTINGS = dict(
-    n_train=4000, n_val=500, n_test=1000, n_corpus=48000, n_corpus_eval=500, min_len=4, max_len=8,
-    model=dict(hidden=128, layers=4, heads=4),
+    n_train=4096, n_val=500, n_test=1000, n_corpus=64000, n_corpus_eval=500,
+    task=dict(min_len=6, max_len=9, min_steps=2, max_steps=3), corpus=dict(min_len=4, max_len=10, max_steps=3),
+    model=dict(hidden=96, layers=3, heads=3),  # head_dim 32: the smallest vLLM's CPU attention takes
     pretrain=dict(lr=3e-3, batch_size=32, epochs=1.0),
-    sft=dict(lr=5e-4, max_epochs=10, patience=2),
-    iterations=4, selfplay_epochs=1.0, temperature=1.0, beta=0.1, spin_mix_previous=True,
+    sft=dict(lr=2e-3, max_epochs=30, patience=3),
+    fraction=0.25, iterations=4, selfplay_epochs=1.0, temperature=1.0, beta=0.1, spin_mix_previous=False,
     chosen={"tspin": {"learning_rate": 3e-5, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 3e-5, "alpha": 0.1},
-            "spin": {"learning_rate": 1e-5, "spin_lambda": 0.1}, "sft25_cont": {"learning_rate": 1e-4}},
+            "spin": {"learning_rate": 1e-5, "spin_lambda": 0.1}, "sft_cont": {"learning_rate": 1e-4}},
+    chosen_by="provisional: the previous design's choice; `tspin study` replaces it",
 )
 # --quick: seconds, for tests (head_dim 32: the smallest vLLM's CPU attention takes, for --backend vllm)
-QUICK = dict(n_train=48, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=1),
+QUICK = dict(n_train=64, n_val=12, n_test=16, n_corpus=96, n_corpus_eval=8, model=dict(hidden=32, layers=1, heads=1),
              sft=dict(lr=2e-3, max_epochs=2, patience=1), iterations=2)
 
 
@@ -46,66 +54,35 @@ def settings(quick: bool = False) -> dict:
     return json.loads(json.dumps({**DEMO_SETTINGS, **(QUICK if quick else {})}))  # a deep copy, JSON-clean
 
 
-# ----------------------------------------------------------------------------- one seed's numbers
-def outcome_reader(out: Path):
-    """(seed, label) -> the per-prompt test outcomes of that policy (labels: pi_0, sft100, sft25_matched,
-    <method>/iter<t>), read once."""
-    @functools.cache
-    def read(seed: int, label: str) -> tuple[bool, ...]:
-        method, _, it = label.partition("/")
-        return tuple(read_outcomes(out / f"seed{seed}" / "test" / (method if it else "sft"), label))
-
-    return read
-
-
-def collect_seed(out: Path, seed: int, s: dict, chosen: dict) -> dict:
-    """Everything measured for one seed: pretraining, the SFT models and each chosen method per iteration (test
-    exact match, validation exact match, y' = y on the training prompts, training diagnostics), plus exact McNemar
-    tests of every iteration against the one before it (iteration 0 against pi_0)."""
-    d = out / f"seed{seed}"
-    job = lambda name: json.loads((d / name / "job.json").read_text())  # noqa: E731
-    sft_test = job("test/sft")
-    r = {"seed": seed, "pretrain": {"raw_exact_match": job("pretrain")["eval/exact_match"]}, "sft": {},
-         "methods": {}, "proto_y_eq_real": job("proto")["y_eq_real"]}
-    for label, name in (("pi_0", "sft25"), ("sft100", "sft100"), ("sft25_matched", "sft25_matched")):
-        j = job(name)
-        r["sft"][label] = {"test": sft_test[label]["eval/exact_match"], "val": j["val_exact_match"],
-                           **{k: j[k] for k in ("best_epoch", "steps_to_best", "steps") if k in j}}
-    outcomes = outcome_reader(out)
-    for method, params in chosen.items():
-        run, test = job(f"runs/{run_name(method, params)}"), job(f"test/{method}")
-        labels = [f"{method}/iter{t}" for t in range(s["iterations"])]
-        r["methods"][method] = {
-            "params": params, "run": run_name(method, params),
-            "test": [sft_test["pi_0"]["eval/exact_match"]] + [test[x]["eval/exact_match"] for x in labels],
-            "test_logps_real": [sft_test["pi_0"]["eval/logps/real"]] + [test[x]["eval/logps/real"] for x in labels],
-            "val": run["val_exact_match"], "y_eq_real": run["y_eq_real"], "train": run["train"],
-            "steps": steps(outcomes, seed, method, s["iterations"]),
-        }
-    r["seconds"] = {p.parent.relative_to(d).as_posix(): json.loads(p.read_text())["seconds"]
-                    for p in sorted(d.rglob("job.json"))}
-    return r
-
-
 # ----------------------------------------------------------------------------- table and plot
 YEQ = "y'=y"
 
 
 def table(r: dict) -> str:
-    """One seed's test results: per policy, test exact match, validation exact match, y' = y, and the exact McNemar
-    p-value (two-sided) against the previous iteration."""
-    head = f"{'policy':<22} {'test EM':>8} {'val EM':>7} {YEQ:>6} {'p vs prev':>10}"
-    lines = [head, "-" * len(head), f"{'pretrained (raw fmt)':<22} {'-':>8} {'-':>7} {'-':>6} {'-':>10}"
-             f"   raw-format EM {r['pretrain']['raw_exact_match']:.3f}"]
-    for label, x in r["sft"].items():
-        val = x["val"][x.get("best_epoch", 0) - 1]  # the chosen epoch's (sft25_matched: the last one's)
-        y = r["proto_y_eq_real"] if label == "pi_0" else float("nan")
-        lines.append(f"{label:<22} {x['test']:>8.3f} {val:>7.3f} {y:>6.3f} {'-':>10}")
-    for method, m in r["methods"].items():
-        for t in range(len(m["test"]) - 1):
-            y = m["y_eq_real"][t] if m["y_eq_real"] else float("nan")
-            lines.append(f"{method + f' iter{t}':<22} {m['test'][t + 1]:>8.3f} {m['val'][t + 1]:>7.3f} {y:>6.3f} "
-                         f"{m['steps'][t]['p_two_sided']:>10.3g}")
+    """One seed's test results: per scored policy, test exact match, normalized edit distance, validation exact
+    match, y' = y on the training prompts, optimizer steps since pi_0 and the exact McNemar p-value (two-sided)
+    against the previous iteration (iteration 0: against its start)."""
+    head = f"{'policy':<24} {'test EM':>8} {'edit':>6} {'val EM':>7} {YEQ:>6} {'steps':>6} {'p vs prev':>10}"
+    lines = [head, "-" * len(head)]
+    reader = {label: [c == "1" for c in m["per_prompt"]] for label, m in r["models"].items()}
+    for label, m in r["models"].items():
+        run, _, it = label.partition("/iter")
+        val, same, p = float("nan"), float("nan"), float("nan")
+        if it:
+            t = int(it)
+            x = r["runs"][run]
+            val = x["val"][t + 1]
+            same = x["same_as_real"][t] if x["same_as_real"] else float("nan")
+            prev = f"{run}/iter{t - 1}" if t else ("pt_sft25" if run == "pt_tspin" else "pi_0")
+            p = mcnemar(reader[prev], reader[label])["p_two_sided"]
+        elif label in ("pi_0", "pt_sft25"):
+            x = r["pi_0" if label == "pi_0" else "pt_sft25"]
+            val = x["val_exact_match"][x["best_epoch"] - 1]
+            same = r["proto_same_as_real"] if label == "pi_0" else float("nan")
+        elif label == "sft_cont":
+            val = r["runs"]["sft_cont"]["val"][-1]
+        lines.append(f"{label:<24} {m['test']:>8.3f} {m['edit_distance']:>6.3f} {val:>7.3f} {same:>6.3f} "
+                     f"{m['steps']:>6} {p:>10.3g}")
     return "\n".join(lines).replace("nan", "  -")
 
 
@@ -133,7 +110,7 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
         ax.axhline(float(np.mean(values)), color="k", ls=style, lw=1, label=label)
     n = max(len(c[0]) for c in curves.values())
     ax.set_xticks(range(n), ["pi_0"] + [f"iter{t}" for t in range(n - 1)])  # the tables' labels
-    ax.set_xlabel("policy (pi_0: SFT on 25%; iter t: after self-play iteration t)")
+    ax.set_xlabel("policy (pi_0: SFT on 100%, early-stopped; iter t: after self-play iteration t)")
     ax.set_ylabel("test exact match")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -149,7 +126,7 @@ def plot_curves(curves: dict[str, list[list[float]]], refs: dict[str, list[float
 # ----------------------------------------------------------------------------- the command
 def pick_backend(backend: str = "auto") -> tuple[str, str]:
     """(backend, a line saying which one samples and why): 'auto' is vLLM when it is installed, else HF generate."""
-    from .generation import vllm_engine
+    from ..generation import vllm_engine
 
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend={backend!r}: expected auto, hf or vllm")
@@ -182,11 +159,14 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     print(f"[demo] generation backend: {backend_line}", flush=True)
     t0 = time.time()
     chosen = s["chosen"]
-    jobs = [data_job(out, s)] + seed_jobs(out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen,
-                                          progress=progress and processes == 1, backend=backend)
+    one = progress and processes == 1
+    jobs = shared_jobs(out, s, progress=one, backend=backend) + seed_jobs(
+        out, s, seed, {m: [chosen[m]] for m in METHODS}, test_runs=chosen, from_pretrained=chosen["tspin"],
+        progress=one, backend=backend)
     all_done = all(j.done() for j in jobs)
     results = run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
-    r = collect_seed(out, seed, s, chosen)
+    r = collect_seed(out, seed, s, chosen, from_pretrained=chosen["tspin"])
+    r["pretrain_exact_match"] = results["pretrain"]["eval/exact_match"]
     cpu = {name: x["cpu_seconds"] for name, x in results.items()}
     summary = {"settings": s, "seed": seed, "processes": processes, "threads": threads,
                "generation_backend": backend_line, "result": r,
@@ -196,9 +176,12 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     atomic_write_json(out / "summary.json", summary)
     text = table(r)
     atomic_write_text(out / "table.txt", text + "\n")
-    no_plot = plot_curves({m: [x["test"]] for m, x in r["methods"].items()},
-                          {"SFT 100%": [r["sft"]["sft100"]["test"]],
-                           "SFT 25%, matched steps": [r["sft"]["sft25_matched"]["test"]]},
+    m = r["models"]
+    no_plot = plot_curves({x: [[m["pi_0"]["test"]] + [m[f"{x}/iter{t}"]["test"] for t in range(s["iterations"])]]
+                           for x in METHODS if x != "sft_cont"},
+                          {"SFT continued on 100%, same steps": [m["sft_cont"]["test"]],
+                           "extra: T-SPIN from SFT-25% (last iteration)": [m[f"pt_tspin/iter{s['iterations'] - 1}"]
+                                                                             ["test"]]},
                           out / "curves.png", title=f"tspin demo, seed {seed}")
     print(text)
     print(f"[demo] wrote {out}/summary.json, table.txt{'' if no_plot else ', curves.png'} "

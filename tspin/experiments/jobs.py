@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json
+from ..io import atomic_write_json
 
 DONE_FILE = "job.json"
 
@@ -71,7 +71,7 @@ def _worker_start(counter, threads: int) -> None:
     """A pool worker's start: cores of its own for a vLLM engine it may start (`threads` of them, worker i taking
     the i-th group of this machine's cores). Left alone, every CPU engine binds its threads to the same cores, so
     the workers' engines would sample on one core while the other waits."""
-    from .generation.vllm_engine import bind_cpu_engines
+    from ..generation.vllm_engine import bind_cpu_engines
 
     with counter.get_lock():
         index = counter.value

@@ -1,16 +1,19 @@
 """The demo's world: a family of string transformations, a raw pretraining corpus over all of them, an instruction
-task over some of them, a character-level tokenizer and a tiny Llama, all built locally and deterministically.
+task that chains some of them, a character-level tokenizer and a tiny Llama, all built locally and
+deterministically.
 
-Pretraining text is raw and untemplated (``rotl2(abcdef)=cdefab``) and covers every operation in ``OPS``; the
-instruction task (``### Instruction: rotl2 abcdef`` -> ``cdefab``) uses the operations in ``TARGET_OPS`` only.
-A policy pretrained on the corpus and instruction-tuned on a few hundred annotations is right on many prompts and
-wrong in a systematic way on others (the operations and lengths it learned least), the regime the T-SPIN paper
-starts from with a pretrained 7B model.
+Pretraining text is raw and untemplated (``rotl2(abcdef)=cdefab``): one operation per document, every operation in
+``OPS``. The instruction task chains 2-3 operations of ``TARGET_OPS`` and the answer shows every step
+(``### Instruction: rotl2 shift abcdefg`` -> ``cdefgab > defghbc``): 15-33 tokens, so a policy's own sample
+rarely equals the annotation (where it does, self-play's gradient vanishes), while exact match still scores it.
+Instruction strings and pretraining strings come from two disjoint halves of the string space
+(:func:`in_task_space`): no instruction prompt's first step is ever a pretraining document, whatever the seed.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 
 LETTERS = "abcdefghijklmnop"
@@ -59,36 +62,63 @@ def make_task(n: int, seed: int, *, ops: tuple[str, ...] = TARGET_OPS, min_len: 
     return rows
 
 
-def make_splits(n_train: int, n_val: int, n_test: int, seed: int, **kw) -> dict[str, list[dict]]:
-    """Instruction records for training, validation and test: no prompt occurs twice, within or across splits."""
-    rows, seen = [], set()
-    for r in make_task(3 * (n_train + n_val + n_test) + 100, seed, **kw):
-        if r["prompt"] not in seen:
-            seen.add(r["prompt"])
-            rows.append(r)
-    if len(rows) < n_train + n_val + n_test:
-        raise ValueError(f"only {len(rows)} distinct prompts for {n_train + n_val + n_test} records")
-    return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val],
-            "test": rows[n_train + n_val:n_train + n_val + n_test]}
+STEP_SEPARATOR = " > "
 
 
-def make_corpus(n: int, seed: int, *, exclude: set[str] = frozenset(), min_len: int = 4,
-                max_len: int = 8) -> list[dict]:
-    """`n` raw pretraining documents such as ``<op>(<string>)=<result>`` over every operation, as {prompt, response}
-    records split at ``=`` (trained as SFT with the template ``{prompt}``: causal-LM loss on the result tokens;
-    the input string is uniform noise, nothing there to learn). Documents whose instruction ``"<op> <string>"``
-    is in `exclude` (the held-out prompts) are skipped."""
+def in_task_space(s: str) -> bool:
+    """Whether `s` may start an instruction prompt (a fixed pseudo-random half of all strings, by CRC-32); the
+    pretraining corpus draws from the other half."""
+    return zlib.crc32(s.encode()) % 2 == 0
+
+
+def chain(ops: list[str], s: str) -> str:
+    """The answer to a chained instruction: the result of every step, in order, joined by `STEP_SEPARATOR`."""
+    steps = []
+    for op in ops:
+        s = OPS[op](s)
+        steps.append(s)
+    return STEP_SEPARATOR.join(steps)
+
+
+def make_chain_splits(n_train: int, n_val: int, n_test: int, seed: int, *, ops: tuple[str, ...] = TARGET_OPS,
+                      min_len: int = 6, max_len: int = 9, min_steps: int = 2,
+                      max_steps: int = 3) -> dict[str, list[dict]]:
+    """Chained instruction records {prompt_id, prompt, response} for training, validation and test, drawn with
+    `seed` (each seed its own prompts): ``"<op1> <op2> [<op3>] <string>"`` -> :func:`chain`. No prompt occurs
+    twice, within or across splits, and every string is in :func:`in_task_space`."""
+    rng, names = random.Random(seed), sorted(ops)
+    total, rows, seen = n_train + n_val + n_test, [], set()
+    for _ in range(50 * total + 1000):
+        if len(rows) == total:
+            break
+        steps = [rng.choice(names) for _ in range(rng.randint(min_steps, max_steps))]
+        s = _random_string(rng, min_len, max_len)
+        prompt = " ".join(steps + [s])
+        if in_task_space(s) and prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt_id": f"{seed}-{len(rows):05d}", "prompt": prompt, "response": chain(steps, s)})
+    if len(rows) < total:
+        raise ValueError(f"only {len(rows)} distinct prompts for {total} records")
+    return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+
+
+def make_corpus(n: int, seed: int, *, min_len: int = 4, max_len: int = 8, max_steps: int = 1) -> list[dict]:
+    """`n` raw pretraining documents such as ``<op>(<string>)=<result>`` over every operation, or a chain of up to
+    `max_steps` of them with every step's result (``rotl2 shift(abcdef)=cdefab > defgbc``), as {prompt, response}
+    records split at ``=`` (trained as SFT with the template ``{prompt}``: causal-LM loss on the results; the
+    input string is uniform noise, nothing there to learn). Strings come from outside :func:`in_task_space`, so no
+    document starts like an instruction prompt."""
     rng = random.Random(seed)
     names = sorted(OPS)
     rows = []
     while len(rows) < n:
-        op = rng.choice(names)
+        ops = [rng.choice(names) for _ in range(rng.randint(1, max_steps))]
         s = _random_string(rng, min_len, max_len)
-        if f"{op} {s}" in exclude:
+        if in_task_space(s):
             continue
         fmt = rng.choice(RAW_FORMATS)
-        rows.append({"prompt_id": f"pt{seed}-{len(rows):06d}", "prompt": fmt.format(op=op, s=s),
-                     "response": OPS[op](s)})
+        rows.append({"prompt_id": f"pt{seed}-{len(rows):06d}", "prompt": fmt.format(op=" ".join(ops), s=s),
+                     "response": chain(ops, s)})
     return rows
 
 
