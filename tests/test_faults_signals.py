@@ -109,7 +109,7 @@ POOL = """
 import signal, sys, time
 from pathlib import Path
 from tspin.cli import _raise_terminated
-from tspin.jobs import Job, run_jobs
+from tspin.experiments.jobs import Job, run_jobs
 
 root = Path(sys.argv[1])
 signal.signal(signal.SIGTERM, _raise_terminated)
@@ -133,8 +133,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigterm_to_a_worker_pool_stops_its_workers_instead_of_waiting(tmp_path):
-    """The demo's and study's pool (tspin.jobs.run_jobs, 2 spawned workers on 5-minute jobs): a SIGTERM to the
-    parent alone (Ctrl-C would reach the workers too) ends it within seconds and the workers with it."""
+    """The demo's and study's pool (tspin.experiments.jobs.run_jobs, 2 spawned workers on 5-minute jobs): a SIGTERM
+    to the parent alone (Ctrl-C would reach the workers too) ends it within seconds and the workers with it."""
     (tmp_path / "napper.py").write_text(NAPPER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", POOL, str(tmp_path)], stdout=subprocess.PIPE,

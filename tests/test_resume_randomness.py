@@ -13,7 +13,7 @@ import torch
 from _kill_resume import assert_same_run, kill_at, launch, write_cfg
 from _trainer_helpers import one_thread, task_file, tiny_cfg  # noqa: F401 (one_thread: autouse fixture)
 
-from tspin.demo import build_model, build_tokenizer
+from tspin.experiments.demo import build_model, build_tokenizer
 
 
 def _model(path: Path, dropout: float) -> Path:

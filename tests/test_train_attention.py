@@ -15,7 +15,7 @@ from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
 
 from tspin.config import load_config
 from tspin.data import build_features
-from tspin.demo import make_task
+from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.models import load_policy, load_tokenizer
 from tspin_kernels.integrations import attention_implementation
