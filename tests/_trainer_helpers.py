@@ -37,11 +37,13 @@ def tiny_run_inputs(d: Path, n: int = 12) -> Path:
     return d
 
 
-def tiny_policy(model_dir: Path):
-    """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`."""
+def tiny_policy(model_dir: Path, **kw):
+    """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`; `kw`: config
+    keys (lora_rank=2, ...)."""
     from tspin.models import load_policy
+    from tspin.settings import load_settings
 
-    return load_policy(tiny_cfg(model_name_or_path=str(model_dir)))
+    return load_policy(load_settings(tiny_cfg(model_name_or_path=str(model_dir), **kw)))
 
 
 def tiny_cfg(**kw):
@@ -60,13 +62,14 @@ def assert_trains_alike(tok, feats, cfgs: dict, *, method: str, out: Path, keys=
     from tspin.io import read_jsonl
     from tspin.metrics import MetricsWriter
     from tspin.models import load_policy
+    from tspin.settings import load_settings, train_settings
     from tspin.train import train_loop
 
     finals, logs = [], []
     for name, cfg in cfgs.items():
         torch.manual_seed(0)  # the same LoRA init for every run
-        model = load_policy(cfg)
-        train_loop(model, tok, feats, cfg, method=method, out_dir=out / name, iteration=1,
+        model = load_policy(load_settings(cfg))
+        train_loop(model, tok, feats, train_settings(cfg), method=method, out_dir=out / name, iteration=1,
                    metrics=MetricsWriter(out / f"{name}.jsonl"))
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         logs.append(read_jsonl(out / f"{name}.jsonl"))

@@ -109,7 +109,7 @@ POOL = """
 import signal, sys, time
 from pathlib import Path
 from tspin.cli import _raise_terminated
-from tspin.jobs import Job, run_jobs
+from tspin.experiments.jobs import Job, run_jobs
 
 root = Path(sys.argv[1])
 signal.signal(signal.SIGTERM, _raise_terminated)

@@ -17,7 +17,7 @@ import torch
 
 from tspin_kernels.integrations import VARLEN_SDPA, AttentionSegments, SharedPrefixBatch, build_shared_prefix_batch
 
-from .config import LAYOUTS
+from .choices import LAYOUTS
 from .data import IGNORE_INDEX
 from .methods import LOSS_FIELDS, loss_of
 
@@ -50,6 +50,12 @@ def fields_for(method: str, no_history: bool = False) -> tuple[str, ...]:
     """The rows of one example of ``method`` (a ``config.method``). T-SPIN without the history term never reads
     y0: its examples are the pairs (y, y')."""
     return LOSS_FIELDS[loss_of(method, no_history)]
+
+
+def rows_layout(layout: str, num_fields: int) -> str:
+    """The layout :func:`collate` gives examples of ``num_fields`` rows: ``shared_prefix`` with one response per
+    prompt has no prefix to share, and is ``packed``."""
+    return "packed" if layout == "shared_prefix" and num_fields == 1 else layout
 
 
 def count_tokens(features: list[dict], fields: tuple[str, ...]) -> tuple[int, int]:
@@ -97,13 +103,14 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     ref = None
     if all("ref" in feat for feat in features):
         ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
-    if layout == "shared_prefix" and len(fields) > 1:
+    layout = rows_layout(layout, len(fields))
+    if layout == "shared_prefix":
         one_row = attn_implementation in (VARLEN_SDPA, "flex_attention")
         shared = build_shared_prefix_batch([[feat[f] for f in fields] for feat in features],
                                            pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX,
                                            max_row_tokens=sys.maxsize if one_row else None)
         return Batch(None, None, None, None, None, **counts, ref_logps=ref, shared=shared)
-    if layout in ("packed", "shared_prefix"):
+    if layout == "packed":
         ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
         labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
         pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]

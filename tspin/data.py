@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import TRUNCATED_SAMPLES
+from .choices import TRUNCATED_SAMPLES
 
 PAPER_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
 IGNORE_INDEX = -100
@@ -349,6 +350,19 @@ def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, t
             except KeyError as e:
                 raise DataError(f"record {r['prompt_id']}: missing reference log-prob field {e.args[0]!r}") from None
     return feats
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How records become features: :func:`build_features`' settings."""
+
+    template: str
+    max_length: int
+    max_prompt_length: int
+    truncated_samples: str = "keep_without_eos"
+
+    def features(self, records: list[dict], tokenizer, fields: tuple[str, ...], *, ref: bool = False) -> list[dict]:
+        return build_features(records, tokenizer, fields, ref=ref, **asdict(self))
 
 
 def drop_truncated(records: list[dict], fields: tuple[str, ...]) -> list[dict]:

@@ -13,6 +13,7 @@ logged step.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -121,6 +122,28 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
         "rewards/margins": _mean(r_real - r_gen), "rewards/accuracies": _mean((r_real > r_gen).float()),
         "margins/current": _mean(real - gen),
     }
+
+
+@dataclass(frozen=True)
+class LogpSettings:
+    """How no-grad log-probs are computed (SPIN's reference values, evaluation's margins): examples per forward, the
+    kernels' implementation, sums or length means, the batch layout, bf16 autocast (CUDA only), a progress bar."""
+
+    batch_size: int
+    impl: str = "auto"
+    average: bool = False
+    layout: str = "padded"
+    bf16: bool = True
+    progress: bool = False
+
+
+def scored_logps(model, features: list[dict], fields: tuple[str, ...], pad_token_id: int, settings: LogpSettings,
+                 desc: str = "log-probs") -> dict[str, list[float]]:
+    """:func:`batched_logps` under the settings' autocast."""
+    with autocast(next(model.parameters()).device, settings.bf16):
+        return batched_logps(model, features, fields, pad_token_id, batch_size=settings.batch_size,
+                             impl=settings.impl, average=settings.average, layout=settings.layout,
+                             progress=settings.progress, desc=desc)
 
 
 @torch.no_grad()
