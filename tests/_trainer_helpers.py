@@ -131,3 +131,23 @@ def plant_pickle(path: Path, marker: Path) -> Path:
     assert Path(marker).exists()
     Path(marker).unlink()
     return path
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: a space becomes part of the next word, "▁dcba"), trained here on
+    the demo's texts with `tokenizers`: like Mistral's / Zephyr's, a response joined to a prompt that ends in a
+    space is not tokenized like the response alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tspin.data import format_prompt
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    texts = [format_prompt(None, r["prompt"], "paper") + r["response"] for r in make_task(400, 7)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>",
+                                                                                        "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

@@ -4,7 +4,14 @@ rows, stop tokens and truncated samples."""
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401 (autouse)
+from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
+    metaspace_tokenizer,
+    one_thread,
+    task_file,
+    tiny_cfg,
+    tiny_model_dir,
+    tiny_policy,
+)
 
 from tspin.batch import collate
 from tspin.data import build_features, load_records
@@ -105,26 +112,6 @@ def test_tspin_no_history_on_pairs_equals_triplets_with_beta_zero(tmp_path, fuse
 
 
 # ----------------------------------------------------------------------------- tokenization of the triplet rows
-def metaspace_tokenizer():
-    """A SentencePiece-style tokenizer (Metaspace: a space becomes part of the next word, "▁dcba"), trained here on
-    the demo's texts with `tokenizers`: like Mistral's / Zephyr's, a response joined to a prompt that ends in a
-    space is not tokenized like the response alone."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tspin.data import format_prompt
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    texts = [format_prompt(None, r["prompt"], "paper") + r["response"] for r in make_task(400, 7)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>",
-                                                                                        "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def test_real_is_tokenized_with_its_prompt(tmp_path):
     from tspin.data import IGNORE_INDEX, format_prompt
 
