@@ -104,6 +104,8 @@ def test_conversational_completions_are_one_assistant_message(tmp_path):
     assert tok.decode(out["prompt_ids"]) == "s:beu:ok?a:" and tok.decode(out["real_ids"]) == "yes</s>"
     with pytest.raises(ValueError, match="'generated': expected one assistant message"):
         tokenize_triplet({**ex, "generated": one + [{"role": "user", "content": "and?"}]}, tok)
+    with pytest.raises(ValueError, match="'proto': expected one assistant message"):
+        tokenize_triplet({**ex, "proto": {"role": "assistant", "content": "x"}}, tok)
 
 
 def test_max_prompt_length_is_checked(tmp_path):

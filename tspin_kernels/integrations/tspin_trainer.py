@@ -98,11 +98,12 @@ def _completion(value, key: str, conversational: bool) -> str:
         raise ValueError(f"train_dataset: '{key}' and 'prompt' must both be strings or both be message lists")
     if not conversational:
         return value
-    if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant" \
-            or not isinstance(value[0].get("content"), str):
+    message = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None
+    content = message.get("content") if isinstance(message, dict) and message.get("role") == "assistant" else None
+    if not isinstance(content, str):
         raise ValueError(f"train_dataset: '{key}': expected one assistant message [{{'role': 'assistant', 'content': "
                          f"...}}] as the completion, got {value!r:.200}")
-    return value[0]["content"]
+    return content
 
 
 def tokenize_triplet(example: dict, tokenizer, *, max_length: int | None = None,
