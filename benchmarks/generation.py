@@ -66,10 +66,9 @@ def build(name: str, path: Path) -> int:
 
 
 def measure(name: str, path: Path, backend: str, threads: int) -> dict:
-    from tspin.config import Config
     from tspin.experiments.demo import make_task
     from tspin.generation import generate_samples
-    from tspin.models import load_policy, load_tokenizer
+    from tspin.models import LoadSettings, load_policy, load_tokenizer
 
     spec = MODELS[name]
     prompts = [r["prompt"] for r in make_task(spec["prompts"], seed=2)]
@@ -79,7 +78,7 @@ def measure(name: str, path: Path, backend: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     start = 0.0
     if backend == "hf":
-        model = load_policy(Config(model_name_or_path=str(path), device="cpu").validate())  # the trainer's policy
+        model = load_policy(LoadSettings(str(path), device="cpu"))  # the trainer's policy
         run = lambda: generate_samples(model, tok, prompts, backend="hf", batch_size=spec["hf_batch_size"], **opts)
     else:
         t0 = time.perf_counter()  # the engine starts on the first call; a 2-prompt call pays for it

@@ -37,11 +37,13 @@ def tiny_run_inputs(d: Path, n: int = 12) -> Path:
     return d
 
 
-def tiny_policy(model_dir: Path):
-    """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`."""
+def tiny_policy(model_dir: Path, **kw):
+    """The trainer's policy (CausalLMLogps, one process, CPU) around the model saved in `model_dir`; `kw`: config
+    keys (lora_rank=2, ...)."""
     from tspin.models import load_policy
+    from tspin.settings import load_settings
 
-    return load_policy(tiny_cfg(model_name_or_path=str(model_dir)))
+    return load_policy(load_settings(tiny_cfg(model_name_or_path=str(model_dir), **kw)))
 
 
 def tiny_cfg(**kw):
@@ -60,13 +62,14 @@ def assert_trains_alike(tok, feats, cfgs: dict, *, method: str, out: Path, keys=
     from tspin.io import read_jsonl
     from tspin.metrics import MetricsWriter
     from tspin.models import load_policy
+    from tspin.settings import load_settings, train_settings
     from tspin.train import train_loop
 
     finals, logs = [], []
     for name, cfg in cfgs.items():
         torch.manual_seed(0)  # the same LoRA init for every run
-        model = load_policy(cfg)
-        train_loop(model, tok, feats, cfg, method=method, out_dir=out / name, iteration=1,
+        model = load_policy(load_settings(cfg))
+        train_loop(model, tok, feats, train_settings(cfg), method=method, out_dir=out / name, iteration=1,
                    metrics=MetricsWriter(out / f"{name}.jsonl"))
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         logs.append(read_jsonl(out / f"{name}.jsonl"))
@@ -128,3 +131,23 @@ def plant_pickle(path: Path, marker: Path) -> Path:
     assert Path(marker).exists()
     Path(marker).unlink()
     return path
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: a space becomes part of the next word, "▁dcba"), trained here on
+    the demo's texts with `tokenizers`: like Mistral's / Zephyr's, a response joined to a prompt that ends in a
+    space is not tokenized like the response alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tspin.data import format_prompt
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    texts = [format_prompt(None, r["prompt"], "paper") + r["response"] for r in make_task(400, 7)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>",
+                                                                                        "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

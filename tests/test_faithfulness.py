@@ -4,13 +4,20 @@ rows, stop tokens and truncated samples."""
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # noqa: F401 (one_thread: autouse)
+from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
+    metaspace_tokenizer,
+    one_thread,
+    task_file,
+    tiny_cfg,
+    tiny_model_dir,
+    tiny_policy,
+)
 
 from tspin.batch import collate
 from tspin.data import build_features, load_records
 from tspin.experiments.demo import build_tokenizer, make_task
 from tspin.losses import policy_logps
-from tspin.models import load_policy
+from tspin.settings import sampling
 
 
 def _phi_dir(path, *, module_dropout: float, attention_dropout: float):
@@ -38,7 +45,7 @@ def test_dropout_is_off_while_training_unless_asked(tmp_path, module_dropout, at
     batch = collate(build_features(rows, tok, ("real",), template="paper", max_length=40, max_prompt_length=24),
                     ("real",), tok.pad_token_id)
     for disable in (True, False):
-        policy = load_policy(tiny_cfg(model_name_or_path=str(path), disable_dropout=disable))
+        policy = tiny_policy(path, disable_dropout=disable)
         policy.train()
         with torch.no_grad():
             first, second = policy_logps(policy, batch), policy_logps(policy, batch)
@@ -84,7 +91,7 @@ def test_tspin_no_history_on_pairs_equals_triplets_with_beta_zero(tmp_path, fuse
     tok = build_tokenizer()
     rows = [{"prompt_id": str(i), "prompt": r["prompt"], "real": r["response"], "generated": r["response"][1:],
              "proto": r["response"][::-1]} for i, r in enumerate(make_task(5, 3))]
-    policy = load_policy(tiny_cfg(model_name_or_path=str(tiny_model_dir(tmp_path / "m"))))
+    policy = tiny_policy(tiny_model_dir(tmp_path / "m"))
     results = []
     for method, fields in (("tspin_no_history", ("real", "generated")), ("tspin", ("real", "generated", "proto"))):
         feats = build_features(rows, tok, fields, template="paper", max_length=40, max_prompt_length=24)
@@ -105,26 +112,6 @@ def test_tspin_no_history_on_pairs_equals_triplets_with_beta_zero(tmp_path, fuse
 
 
 # ----------------------------------------------------------------------------- tokenization of the triplet rows
-def metaspace_tokenizer():
-    """A SentencePiece-style tokenizer (Metaspace: a space becomes part of the next word, "▁dcba"), trained here on
-    the demo's texts with `tokenizers`: like Mistral's / Zephyr's, a response joined to a prompt that ends in a
-    space is not tokenized like the response alone."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tspin.data import format_prompt
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    texts = [format_prompt(None, r["prompt"], "paper") + r["response"] for r in make_task(400, 7)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>",
-                                                                                        "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def test_real_is_tokenized_with_its_prompt(tmp_path):
     from tspin.data import IGNORE_INDEX, format_prompt
 
@@ -160,7 +147,8 @@ def test_sampled_responses_train_on_the_sampled_token_ids(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     cfg = tiny_cfg(model_name_or_path=str(tmp_path / "m"), max_new_tokens=6, max_length=64, max_prompt_length=48)
     recs = [{"prompt_id": str(i), "prompt": r["prompt"], "real": r["response"]} for i, r in enumerate(make_task(16, 2))]
-    rows = generate_field(load_policy(cfg), tok, recs, tmp_path / "gen.jsonl", "generated", cfg, seed=0)
+    rows = generate_field(tiny_policy(tmp_path / "m"), tok, recs, tmp_path / "gen.jsonl", "generated", sampling(cfg),
+                          seed=0)
     assert rows == load_records(tmp_path / "gen.jsonl")  # ids and truncation flags are kept in the file
     feats = build_features(rows, tok, ("generated",), template="paper", max_length=64, max_prompt_length=48)
     prompts = encode_prompts(tok, [r["prompt"] for r in rows], "paper", 48)
@@ -179,7 +167,7 @@ def test_generation_stops_at_every_stop_token_of_the_model(tmp_path):
     from tspin.wrapping import policy_of
 
     tok = build_tokenizer()
-    policy = load_policy(tiny_cfg(model_name_or_path=str(tiny_model_dir(tmp_path / "m"))))
+    policy = tiny_policy(tiny_model_dir(tmp_path / "m"))
     opts = dict(template="paper", max_prompt_length=24, max_new_tokens=4, temperature=0.0, progress=False)
     prompts = [r["prompt"] for r in make_task(8, 1)]
     first = [s.token_ids[0] for s in generate_samples(policy, tok, prompts, **opts)]
@@ -223,7 +211,7 @@ def test_truncated_samples_option(tmp_path, option):
 
     tok = build_tokenizer()
     eos = tok.eos_token_id
-    policy = load_policy(tiny_cfg(model_name_or_path=str(tiny_model_dir(tmp_path / "m"))))
+    policy = tiny_policy(tiny_model_dir(tmp_path / "m"))
     tasks = make_task(6, 4)
     samples = generate_samples(policy, tok, [r["prompt"] for r in tasks], template="paper", max_prompt_length=24,
                                max_new_tokens=2, temperature=1.0, progress=False)

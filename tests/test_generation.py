@@ -11,6 +11,7 @@ from tspin.experiments.demo import make_task
 from tspin.generation import generate_field, generate_samples, generate_texts
 from tspin.io import read_jsonl
 from tspin.models import load_tokenizer
+from tspin.settings import sampling
 
 PROMPTS = [r["prompt"] for r in make_task(11, seed=5)]  # lengths differ: left padding matters
 
@@ -70,12 +71,12 @@ def test_generate_field_writes_atomically_and_caches(mt, tmp_path):
     recs = [{"prompt_id": str(i), "prompt": p, "real": "x"} for i, p in enumerate(PROMPTS)]
     out = tmp_path / "proto.jsonl"
     cfg = tiny_cfg(generation_batch_size=4)
-    rows = generate_field(model, tok, recs, out, "proto", cfg, seed=0)
+    rows = generate_field(model, tok, recs, out, "proto", sampling(cfg), seed=0)
     assert out.exists() and not (tmp_path / "proto.jsonl.partial").exists()
     assert [r["proto"] for r in load_records(out)] == [r["proto"] for r in rows]
     assert [p.name for p in tmp_path.iterdir()] == ["proto.jsonl"]  # no temp files left behind
     # cached: a second call reads the file and never touches the model
-    assert generate_field(None, tok, recs, out, "proto", cfg, seed=0) == load_records(out)
+    assert generate_field(None, tok, recs, out, "proto", sampling(cfg), seed=0) == load_records(out)
 
 
 def test_samples_record_truncation_and_token_counts(mt, tmp_path):
@@ -93,8 +94,8 @@ def test_samples_record_truncation_and_token_counts(mt, tmp_path):
     assert [s.text for s in samples] == gen(mt, PROMPTS * 3, temperature=1.0, seed=3)
 
     recs = [{"prompt_id": str(i), "prompt": p, "real": "x"} for i, p in enumerate(PROMPTS * 3)]
-    rows = generate_field(model, tok, recs, tmp_path / "g.jsonl", "generated", tiny_cfg(generation_batch_size=4),
-                          seed=3)
+    rows = generate_field(model, tok, recs, tmp_path / "g.jsonl", "generated",
+                          sampling(tiny_cfg(generation_batch_size=4)), seed=3)
     written = read_jsonl(tmp_path / "g.jsonl")
     assert [r["generated_truncated"] for r in written] == [r["generated_truncated"] for r in rows]
     assert [r["generated_truncated"] for r in written] == [s.truncated for s in samples]

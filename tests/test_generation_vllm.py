@@ -23,6 +23,7 @@ from tspin.config import load_config
 from tspin.experiments.demo import build_model, build_tokenizer, make_task
 from tspin.generation import Sample, generate_field, generate_samples, vllm_engine
 from tspin.models import load_tokenizer
+from tspin.settings import sampling
 
 HAS_VLLM = vllm_engine.available()
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here (`make test-vllm` runs these)")
@@ -168,12 +169,13 @@ def test_generate_field_records_truncation_atomically_and_caches(demo, tmp_path)
     recs = [{"prompt_id": str(i), "prompt": p, "real": "x"} for i, p in enumerate(PROMPTS)]
     cfg = tiny_cfg(generation_backend="vllm", model_name_or_path=str(demo), max_new_tokens=6)
     out = tmp_path / "proto.jsonl"
-    rows = generate_field(None, load_tokenizer(str(demo)), recs, out, "proto", cfg, seed=0, weights=demo)
+    rows = generate_field(None, load_tokenizer(str(demo)), recs, out, "proto", sampling(cfg), seed=0, weights=demo)
     assert [p.name for p in tmp_path.iterdir()] == ["proto.jsonl"]  # no partial or temp file left
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["proto"] for r in lines] == [r["proto"] for r in rows]
     assert all(isinstance(r["proto_truncated"], bool) for r in lines) and any(r["proto_truncated"] for r in lines)
-    assert generate_field(None, None, recs, out, "proto", cfg, seed=0)[0]["proto"] == rows[0]["proto"]  # cached
+    cached = generate_field(None, None, recs, out, "proto", sampling(cfg), seed=0)
+    assert cached[0]["proto"] == rows[0]["proto"]
 
 
 # ----------------------------------------------------------------------------- resume
@@ -346,13 +348,12 @@ def test_iterate_samples_every_stage_with_vllm_from_the_saved_policies(tmp_path)
 def test_lora_adapters_are_served_on_the_base_model(tmp_path):
     """The trainer's own LoRA checkpoints (save_checkpoint: the adapter only) sampled on the base model."""
     from tspin.checkpoint import save_checkpoint
-    from tspin.models import load_policy
 
     base = model_dir(tmp_path / "base", seed=13)
     engine = dict(base_model=str(base), lora_rank=8)
     tok = load_tokenizer(str(base))
     for seed in (1, 2):
-        policy = load_policy(tiny_cfg(model_name_or_path=str(base), lora_rank=8))
+        policy = tiny_policy(base, lora_rank=8)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in policy.named_parameters():

@@ -108,3 +108,44 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     assert "tspin.generation.vllm_backend" in graph["tspin.generation.sampling"]  # lazy, inside functions
     assert "tspin.data" in graph["tspin.generation.sampling"]  # from ..data import ...
     assert "tspin_kernels.kernels.interpreter_probe" in graph["tspin_kernels._device"]  # lazy, in a function
+
+
+# The recipes and what stands above them: they read a run's Config and hand each module below the settings it takes
+# (tspin.settings builds them). config is the Config itself.
+RECIPES = ("tspin.config", "tspin.cli", "tspin.selfplay", "tspin.settings")
+ABOVE_RECIPES = ("tspin.experiments",)  # the demo and the study build configs and call the recipes
+
+
+def _below_recipes() -> list[str]:
+    return [m for m in _modules() if m.startswith("tspin") and not m.startswith("tspin_kernels") and m != "tspin"
+            and m not in RECIPES and not any(m == a or m.startswith(a + ".") for a in ABOVE_RECIPES)]
+
+
+def names_config(path: Path) -> list[int]:
+    """Lines of `path` that name ``Config`` (a name, an attribute or an imported name)."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Name) and node.id == "Config" or isinstance(node, ast.Attribute) and \
+                node.attr == "Config" or isinstance(node, ast.alias) and node.name == "Config":
+            hits.append(node.lineno)
+    return hits
+
+
+def test_the_config_stops_at_the_recipes():
+    """No module below the recipes imports tspin.config or names Config: the recipes turn the config into plain
+    arguments and small settings of each module's own."""
+    graph, mods = import_graph(), _modules()
+    below = _below_recipes()
+    assert "tspin.train" in below and "tspin.generation.sampling" in below and "tspin.selfplay" not in below
+    bad = {m: sorted(graph[m] & set(RECIPES)) for m in below if graph[m] & set(RECIPES)}
+    assert not bad, f"modules below the recipes import a recipe or the config: {bad}"
+    named = {m: lines for m in below if (lines := names_config(mods[m]))}
+    assert not named, f"modules below the recipes name Config (module: lines): {named}"
+
+
+def test_the_config_check_sees_a_config(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from tspin.config import Config\n\ndef f(cfg: Config):\n    return cfg\n")
+    assert names_config(path) == [1, 3]
+    path.write_text("from transformers import LlamaConfig\n\ndef f(cfg: LlamaConfig):\n    return cfg\n")
+    assert names_config(path) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _kill_resume import assert_same_run, kill_at, launch, write_cfg
-from _trainer_helpers import one_thread, task_file, tiny_cfg  # noqa: F401 (one_thread: autouse fixture)
+from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_policy  # noqa: F401 (one_thread: autouse)
 
 from tspin.experiments.demo import build_model, build_tokenizer
 
@@ -31,10 +31,9 @@ def test_the_dropout_model_draws_masks_while_training(tmp_path):
     from tspin.batch import collate
     from tspin.data import build_features, load_records
     from tspin.losses import policy_logps
-    from tspin.models import load_policy
 
     model_dir = _model(tmp_path / "m", 0.1)
-    policy = load_policy(tiny_cfg(model_name_or_path=str(model_dir), disable_dropout=False)).train()
+    policy = tiny_policy(model_dir, disable_dropout=False).train()
     tok = build_tokenizer()
     feats = build_features(load_records(task_file(tmp_path / "d.jsonl", 4)), tok, ("real",), template="paper",
                            max_length=40, max_prompt_length=24)

@@ -13,6 +13,7 @@ from tspin.io import read_jsonl
 from tspin.metrics import MetricsWriter
 from tspin.models import load_policy, load_tokenizer
 from tspin.selfplay import iterate
+from tspin.settings import load_settings, train_settings
 from tspin.train import build_optimizer, build_scheduler, train_loop
 
 TSPIN_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "logps/real", "logps/generated", "logps/proto",
@@ -43,7 +44,7 @@ def test_gradient_accumulation_is_exact(model_dir, tmp_path, method):
         model = tiny_policy(model_dir)
         cfg = tiny_cfg(per_device_train_batch_size=mb, gradient_accumulation_steps=acc, learning_rate=1e-2,
                        max_grad_norm=None, warmup_ratio=0.0)
-        train_loop(model, tok, feats, cfg, method=method, out_dir=tmp_path / f"{mb}", iteration=1,
+        train_loop(model, tok, feats, train_settings(cfg), method=method, out_dir=tmp_path / f"{mb}", iteration=1,
                    metrics=MetricsWriter(tmp_path / f"m{mb}.jsonl"))
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         losses = [r["loss"] for r in read_jsonl(tmp_path / f"m{mb}.jsonl")]
@@ -66,8 +67,9 @@ def _documented_lr(kind: str, step: int, total: int, warmup: int) -> float:
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("total, ratio", [(110, 0.1), (7, 0.0), (1, 0.1), (40, 0.5)])
 def test_schedules_follow_the_documented_formula(kind, total, ratio):
-    cfg = tiny_cfg(lr_scheduler=kind, warmup_ratio=ratio, learning_rate=1.0, optimizer="rmsprop")
-    sched = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, total_steps=total)
+    settings = train_settings(tiny_cfg(lr_scheduler=kind, warmup_ratio=ratio, learning_rate=1.0, optimizer="rmsprop"))
+    sched = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), settings,
+                            total_steps=total)
     lrs = []
     for _ in range(total):
         lrs.append(sched.get_last_lr()[0])
@@ -80,23 +82,23 @@ def test_schedules_follow_the_documented_formula(kind, total, ratio):
 
 
 def test_optimizers():
-    assert isinstance(build_optimizer(torch.nn.Linear(1, 1), tiny_cfg(optimizer="rmsprop")), torch.optim.RMSprop)
-    assert isinstance(build_optimizer(torch.nn.Linear(1, 1), tiny_cfg(optimizer="adamw")), torch.optim.AdamW)
+    for name, kind in (("rmsprop", torch.optim.RMSprop), ("adamw", torch.optim.AdamW)):
+        assert isinstance(build_optimizer(torch.nn.Linear(1, 1), train_settings(tiny_cfg(optimizer=name))), kind)
 
 
 def test_sft_loss_goes_down_and_metrics_have_spec_names(model_dir, tmp_path):
     tok = load_tokenizer(str(model_dir))
     model = tiny_policy(model_dir)
     cfg = tiny_cfg(num_train_epochs=8, learning_rate=1e-2, per_device_train_batch_size=8)
-    train_loop(model, tok, _feats(tok, 16, ("real",)), cfg, method="sft", out_dir=tmp_path / "s",
+    train_loop(model, tok, _feats(tok, 16, ("real",)), train_settings(cfg), method="sft", out_dir=tmp_path / "s",
                metrics=MetricsWriter(tmp_path / "s.jsonl"))
     losses = [r["loss"] for r in read_jsonl(tmp_path / "s.jsonl")]
     assert losses[-1] < 0.8 * losses[0]
     assert (tmp_path / "s" / "model" / "trainer_state" / "state.json").exists()
 
     model = tiny_policy(model_dir)
-    train_loop(model, tok, _feats(tok, 8), tiny_cfg(), method="tspin", out_dir=tmp_path / "t", iteration=1,
-               metrics=MetricsWriter(tmp_path / "t.jsonl"))
+    train_loop(model, tok, _feats(tok, 8), train_settings(tiny_cfg()), method="tspin", out_dir=tmp_path / "t",
+               iteration=1, metrics=MetricsWriter(tmp_path / "t.jsonl"))
     row = read_jsonl(tmp_path / "t.jsonl")[-1]
     assert TSPIN_KEYS <= set(row) and row["beta"] == 0.1 and row["phase"] == "train"
 
@@ -167,10 +169,10 @@ def test_packed_layout_and_checkpointing_train_like_the_plain_path(model_dir, tm
     finals = []
     for name, opts in (("plain", {}), ("opt", option)):
         cfg = tiny_cfg(learning_rate=1e-2, model_name_or_path=str(model_dir), **opts)
-        model = load_policy(cfg)  # the trainer's policy: checkpointing is switched on before wrapping
+        model = load_policy(load_settings(cfg))  # the trainer's policy: checkpointing is switched on before wrapping
         layer = model.model.model.layers[0]
         assert layer.gradient_checkpointing == bool(opts.get("gradient_checkpointing"))
-        train_loop(model, tok, feats, cfg, method="tspin", out_dir=tmp_path / name, iteration=1,
+        train_loop(model, tok, feats, train_settings(cfg), method="tspin", out_dir=tmp_path / name, iteration=1,
                    metrics=MetricsWriter(tmp_path / f"{name}.jsonl"))
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-3, atol=1e-4)  # Adam amplifies fp noise near 0

@@ -18,6 +18,7 @@ from tspin.data import build_features
 from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.models import load_policy, load_tokenizer
+from tspin.settings import load_settings
 from tspin_kernels.integrations import attention_implementation
 
 FIELDS = {"sft": ("real",), "tspin": ("real", "generated", "proto")}
@@ -35,7 +36,7 @@ def model_dir(tmp_path_factory):
     ("shared_prefix", "spin", "eager", "eager")])
 def test_auto_resolves_per_layout_and_an_explicit_value_wins(model_dir, layout, method, override, expected):
     cfg = tiny_cfg(model_name_or_path=str(model_dir), layout=layout, method=method, attn_implementation=override)
-    assert attention_implementation(load_policy(cfg).model) == expected
+    assert attention_implementation(load_policy(load_settings(cfg)).model) == expected
 
 
 def test_bad_values_are_refused_naming_the_key():
@@ -53,9 +54,9 @@ def test_what_cannot_train_here_is_refused_before_loading(model_dir, name, reaso
 
     cfg = tiny_cfg(model_name_or_path=str(model_dir), layout="packed", attn_implementation=name)
     with pytest.raises(ValueError, match=f"attn_implementation='{name}'.*{reason}"):
-        resolve_attn_implementation(cfg, torch.device("cpu"))
+        resolve_attn_implementation(cfg.attn_implementation, cfg.layout, torch.device("cpu"))
     with pytest.raises(ValueError, match=reason):
-        load_policy(cfg)
+        load_policy(load_settings(cfg))
 
 
 def _feats(tok, n, fields):

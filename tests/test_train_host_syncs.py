@@ -31,6 +31,7 @@ from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.metrics import MetricsWriter
 from tspin.models import load_tokenizer
+from tspin.settings import train_settings
 from tspin.train import train_loop
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
@@ -85,8 +86,8 @@ def test_one_host_read_per_optimizer_step(model_dir, tmp_path, host_reads, metho
     # 12 examples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 steps, a line every 3rd
     cfg = tiny_cfg(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2.0,
                    logging_steps=3, layout=layout, loss_impl="torch", fused_loss=fused_loss)
-    train_loop(tiny_policy(model_dir), tok, _features(tok, method), cfg, method=method, out_dir=tmp_path / "run",
-               metrics=MetricsWriter(tmp_path / "metrics.jsonl"))
+    train_loop(tiny_policy(model_dir), tok, _features(tok, method), train_settings(cfg), method=method,
+               out_dir=tmp_path / "run", metrics=MetricsWriter(tmp_path / "metrics.jsonl"))
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in lines] == [3, 6] and all("loss" in r and "grad_norm" in r for r in lines)
     # one read per optimizer step (6; 12 micro-batches), the logged steps' metrics within it, and one for the

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir  # noqa: F401
+from _trainer_helpers import one_thread, task_file, tiny_cfg, tiny_model_dir, tiny_policy  # noqa: F401
 from safetensors.torch import load_file
 
 from tspin.cli import main
@@ -51,12 +51,10 @@ def test_lora_train_saves_an_adapter_that_loads_back(model_dir, tmp_path):
 
 
 def test_lora_keeps_the_head_frozen_and_rejects_it_as_a_target(model_dir):
-    from tspin.models import load_policy
-
-    policy = load_policy(tiny_cfg(model_name_or_path=str(model_dir), lora_rank=2))
+    policy = tiny_policy(model_dir, lora_rank=2)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with pytest.raises(ValueError, match="target_modules: the LM head"):
-        load_policy(tiny_cfg(model_name_or_path=str(model_dir), lora_rank=2, lora_target_modules="q_proj,lm_head"))
+        tiny_policy(model_dir, lora_rank=2, lora_target_modules="q_proj,lm_head")
     with pytest.raises(ValueError, match="lora_rank=-1"):
         tiny_cfg(lora_rank=-1)

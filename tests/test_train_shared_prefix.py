@@ -10,6 +10,7 @@ from _trainer_helpers import (  # noqa: F401 (one_thread: autouse)
     task_file,
     tiny_cfg,
     tiny_model_dir,
+    tiny_policy,
 )
 
 from tspin.batch import collate
@@ -17,7 +18,7 @@ from tspin.data import build_features
 from tspin.experiments.demo import make_task
 from tspin.io import read_jsonl
 from tspin.losses import batched_logps
-from tspin.models import load_policy, load_tokenizer
+from tspin.models import load_tokenizer
 from tspin.selfplay import iterate
 
 FIELDS = {"tspin": ("real", "generated", "proto"), "spin": ("real", "generated")}
@@ -58,7 +59,7 @@ def test_reference_and_evaluation_logps_equal_padded(model_dir):
     """batched_logps (SPIN's reference values, with the previous iteration's samples too, and the evaluation's
     real-vs-greedy log-probs) gives the padded layout's numbers."""
     tok = load_tokenizer(str(model_dir))
-    model = load_policy(tiny_cfg(model_name_or_path=str(model_dir)))
+    model = tiny_policy(model_dir)
     for fields in (("real", "generated", "generated_prev"), ("real", "generated")):
         feats = _feats(tok, 7, fields)
         out = [batched_logps(model, feats, fields, tok.pad_token_id, batch_size=3, impl="torch", layout=layout)
@@ -95,7 +96,7 @@ def test_iterate_tspin_with_shared_prefix(model_dir, tmp_path):
 
 def test_flash_attention_is_refused_with_the_reason(model_dir):
     tok = load_tokenizer(str(model_dir))
-    model = load_policy(tiny_cfg(model_name_or_path=str(model_dir)))
+    model = tiny_policy(model_dir)
     model.model.config._attn_implementation = "flash_attention_2"  # as if loaded so on a GPU with flash-attn
     batch = collate(_feats(tok, 2, FIELDS["tspin"]), FIELDS["tspin"], tok.pad_token_id, "shared_prefix")
     from tspin.losses import policy_logps

@@ -127,7 +127,7 @@ def test_trains_on_a_tspin_iterate_file_and_logs_trl_metrics(tmp_path):
     train_logs = [e for e in trainer.state.log_history if "loss" in e]
     eval_logs = [e for e in trainer.state.log_history if "eval_loss" in e]
     keys = {"logps/real", "logps/generated", "logps/proto", "rewards/real", "rewards/margins",
-            "rewards/accuracies", "margins/current", "margins/history"}
+            "rewards/accuracies", "margins/current", "margins/history", "rewards/history_accuracies"}
     assert len(train_logs) == 2 and keys <= set(train_logs[0])
     assert eval_logs and {f"eval_{k}" for k in keys} <= set(eval_logs[0])
     e = train_logs[0]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
 from tspin_kernels.integrations import VARLEN_SDPA, AttentionSegments, SharedPrefixBatch, build_shared_prefix_batch
+from tspin_kernels.integrations.triplets import field_major, pack_rows, pad_rows
 
-from .config import LAYOUTS
+from .choices import LAYOUTS
 from .data import IGNORE_INDEX
 from .methods import LOSS_FIELDS, loss_of
 
@@ -52,9 +52,15 @@ def fields_for(method: str, no_history: bool = False) -> tuple[str, ...]:
     return LOSS_FIELDS[loss_of(method, no_history)]
 
 
+def rows_layout(layout: str, num_fields: int) -> str:
+    """The layout :func:`collate` gives examples of ``num_fields`` rows: ``shared_prefix`` with one response per
+    prompt has no prefix to share, and is ``packed``."""
+    return "packed" if layout == "shared_prefix" and num_fields == 1 else layout
+
+
 def count_tokens(features: list[dict], fields: tuple[str, ...]) -> tuple[int, int]:
     """(counted response tokens, input tokens) of ``features``' ``fields``."""
-    seqs = [feat[f] for f in fields for feat in features]
+    seqs = field_major(features, fields)
     return sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in seqs), sum(len(s) for s, _ in seqs)
 
 
@@ -85,7 +91,7 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
-    seqs = [feat[f] for f in fields for feat in features]
+    seqs = field_major(features, fields)
     if not seqs:
         raise ValueError("features: a batch needs at least one example")
     _check(seqs, pad_token_id, vocab_size)
@@ -97,25 +103,16 @@ def collate(features: list[dict], fields: tuple[str, ...], pad_token_id: int, la
     ref = None
     if all("ref" in feat for feat in features):
         ref = torch.tensor([feat["ref"][f] for f in fields for feat in features], dtype=torch.float32)
-    if layout == "shared_prefix" and len(fields) > 1:
+    layout = rows_layout(layout, len(fields))
+    if layout == "shared_prefix":
         one_row = attn_implementation in (VARLEN_SDPA, "flex_attention")
         shared = build_shared_prefix_batch([[feat[f] for f in fields] for feat in features],
                                            pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX,
                                            max_row_tokens=sys.maxsize if one_row else None)
         return Batch(None, None, None, None, None, **counts, ref_logps=ref, shared=shared)
-    if layout in ("packed", "shared_prefix"):
-        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)[None]
-        labels = torch.tensor([t for _, lab in seqs for t in lab], dtype=torch.long)[None]
-        pos = torch.tensor([i for s, _ in seqs for i in range(len(s))], dtype=torch.long)[None]
-        cu = torch.tensor([0, *accumulate(len(s) for s, _ in seqs)], dtype=torch.int32)
+    if layout == "packed":
+        ids, labels, positions, cu_seqlens = pack_rows(seqs)
         segments = AttentionSegments.packed([len(s) for s, _ in seqs])
-        return Batch(ids, labels, None, pos, cu, **counts, ref_logps=ref, segments=segments)
-    T = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, (s, lab) in enumerate(seqs):  # right padding: positions 0..len-1 are real tokens
-        ids[r, : len(s)] = torch.tensor(s)
-        labels[r, : len(s)] = torch.tensor(lab)
-        mask[r, : len(s)] = 1
+        return Batch(ids, labels, None, positions, cu_seqlens, **counts, ref_logps=ref, segments=segments)
+    ids, labels, mask = pad_rows(seqs, pad_token_id)
     return Batch(ids, labels, mask, None, None, **counts, ref_logps=ref)

@@ -14,17 +14,14 @@ from pathlib import Path
 
 import yaml
 
+from .choices import GENERATION_BACKENDS, LAYOUTS, STRATEGIES, TRUNCATED_SAMPLES
 from .methods import METHODS
 
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
-LAYOUTS = ("padded", "packed", "shared_prefix")
 # "auto" or an attention implementation transformers knows (varlen_sdpa: tspin_kernels.integrations registers it)
 ATTN_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flex_attention", "flash_attention_2")
 FUSED_LOSS = ("auto", "true", "false")
-TRUNCATED_SAMPLES = ("keep_without_eos", "drop", "append_eos")  # what training does with a cut sample
-STRATEGIES = ("none", "ddp", "fsdp2")  # = tspin.wrapping.STRATEGIES (not imported: config stays torch-free)
-GENERATION_BACKENDS = ("hf", "vllm")  # = tspin.generation.BACKENDS
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
@@ -241,13 +238,6 @@ class Config:
         names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
 
-    def beta_at(self, iteration: int) -> float:
-        if self.no_history:
-            return 0.0
-        if iteration == 0 and self.beta_iter0 is not None:
-            return self.beta_iter0
-        return self.beta
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -334,6 +324,6 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .io import atomic_write_text
+    from .io import atomic_write_yaml
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_yaml(path, cfg.to_dict())

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import TRUNCATED_SAMPLES
+from tspin_kernels.integrations import triplets
+from tspin_kernels.integrations.triplets import IGNORE_INDEX  # noqa: F401 (tspin reads it here)
+
+from .choices import TRUNCATED_SAMPLES
 
 PAPER_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
-IGNORE_INDEX = -100
 # Responses sampled by a policy: their records may carry the sampled token ids (<field>_ids, the stop token
 # included when the sample stopped) and whether the sample was cut at max_new_tokens (<field>_truncated).
 SAMPLED_FIELDS = ("generated", "proto", "generated_prev")
@@ -233,36 +236,17 @@ def format_prompt(tokenizer, prompt: str, template: str) -> str:
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_template='chat' but the tokenizer has no chat_template; use 'paper'")
-        from jinja2 import TemplateError  # transformers renders chat templates with jinja2 (sandboxed)
-
         try:
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-        except TemplateError as e:  # a template error, or one stopped by the sandbox (an unsafe attribute)
-            where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-            raise ValueError(f"prompt_template='chat': the chat_template of {where} failed "
-                             f"({type(e).__name__}: {' '.join(str(e).split())}); fix the template in its "
-                             "tokenizer_config.json / chat_template.jinja, or use prompt_template 'paper'") from None
+            return triplets.render_chat(tokenizer, [{"role": "user", "content": prompt}])
+        except ValueError as e:
+            raise ValueError(f"{e}, or use prompt_template 'paper'") from None
     return (PAPER_TEMPLATE if template == "paper" else template).replace("{prompt}", prompt)
 
 
 def end_of_turn_id(tokenizer, template: str) -> int | None:
-    """The token a finished response ends with: the chat template's end-of-turn token for template 'chat' (what
-    the template writes after an assistant message, e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, when that is one
-    special token), else the tokenizer's EOS."""
-    eos = tokenizer.eos_token_id
-    if template != "chat" or not getattr(tokenizer, "chat_template", None):
-        return eos
-    marker = "\x00tspin-end\x00"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
-                                                                                  "content": marker}], tokenize=False)
-    except Exception:  # a template that refuses this conversation: fall back to EOS
-        return eos
-    after = text.split(marker, 1)[1] if marker in text else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else eos
+    """The token a finished response ends with (:func:`tspin_kernels.integrations.triplets.end_of_turn_id`): the
+    chat template's end of turn for template 'chat', else the tokenizer's EOS."""
+    return triplets.end_of_turn_id(tokenizer, template == "chat")
 
 
 def stop_token_ids(tokenizer, template: str, generation_config=None) -> list[int]:
@@ -277,51 +261,23 @@ def stop_token_ids(tokenizer, template: str, generation_config=None) -> list[int
 
 
 def encode_prompts(tokenizer, prompts: list[str], template: str, max_prompt_length: int) -> list[list[int]]:
-    texts = [format_prompt(tokenizer, p, template) for p in prompts]
-    # a chat template writes its own BOS; the plain templates get the tokenizer's special tokens
-    ids = tokenizer(texts, add_special_tokens=template != "chat")["input_ids"]
-    return [x[-max_prompt_length:] for x in ids]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def encode_joint(tokenizer, prompts: list[str], responses: list[str], template: str,
-                 max_prompt_length: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) of each prompt + response tokenized as one text, as a tokenizer sees a written
-    example: with SentencePiece (Metaspace) or byte-level BPE, a response joined to a prompt ending in a space
-    starts with a word token that holds the space (``▁dcba``), not with the ids of the response tokenized alone.
-    The split is where the joint ids stop agreeing with the prompt's own ids; no end token is added."""
-    texts = [format_prompt(tokenizer, p, template) for p in prompts]
-    special = template != "chat"  # a chat template writes its own BOS
-    alone = tokenizer(texts, add_special_tokens=special)["input_ids"]
-    joint = tokenizer([t + r for t, r in zip(texts, responses)], add_special_tokens=special)["input_ids"]
-    out = []
-    for p, j in zip(alone, joint):
-        k = _common_prefix(p, j)
-        out.append((j[:k][-max_prompt_length:], j[k:]))
-    return out
-
-
-def join(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    response_ids = response_ids[: max(0, max_length - len(prompt_ids))]
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    """The prompt ids a sampler sees: ``prompts`` formatted with ``template``, the last max_prompt_length kept."""
+    return triplets.encode_prompts(tokenizer, [format_prompt(tokenizer, p, template) for p in prompts],
+                                   chat=template == "chat", max_prompt_length=max_prompt_length)
 
 
 def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, template: str, max_length: int,
                    max_prompt_length: int, ref: bool = False,
                    truncated_samples: str = "keep_without_eos") -> list[dict]:
-    """Per record: {prompt_id, <field>: (input_ids, labels) for each field, [ref: {field: logp}]}.
+    """Per record: {prompt_id, <field>: (input_ids, labels) for each field, [ref: {field: logp}]}, tokenized by
+    :func:`tspin_kernels.integrations.triplets.tokenize_examples` (what TSPINTrainer runs too).
 
-    The reference response is tokenized jointly with its prompt (:func:`encode_joint`) and ends with the end token
-    (:func:`end_of_turn_id`). A sampled response with its token ids (``<field>_ids``) is trained on exactly those
-    ids after the prompt ids the sampler saw, its stop token included; a truncated one (``<field>_truncated``:
-    cut at max_new_tokens) gets no end token unless `truncated_samples` is 'append_eos' ('drop' is the caller's:
-    :func:`drop_truncated`). A sampled response given as text only is tokenized like the reference.
+    The reference response is tokenized jointly with its prompt and ends with the end token (:func:`end_of_turn_id`;
+    once: a text that ends with it gets no second one). A sampled response with its token ids (``<field>_ids``) is
+    trained on exactly those ids after the prompt ids the sampler saw, its stop token included; a truncated one
+    (``<field>_truncated``: cut at max_new_tokens) gets no end token unless `truncated_samples` is 'append_eos'
+    ('drop' is the caller's: :func:`drop_truncated`). A sampled response given as text only is tokenized like the
+    reference.
     """
     if truncated_samples not in TRUNCATED_SAMPLES:
         raise ValueError(f"truncated_samples={truncated_samples!r}: expected one of {', '.join(TRUNCATED_SAMPLES)}")
@@ -329,19 +285,11 @@ def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, t
         missing = [r["prompt_id"] for r in records if r.get(f) is None]
         if missing:
             raise DataError(f"records lack field {f!r} (first prompt_id {missing[0]}, {len(missing)} in all)")
-    prompts = [r["prompt"] for r in records]
-    prompt_ids = encode_prompts(tokenizer, prompts, template, max_prompt_length)  # what the sampler saw
-    end = end_of_turn_id(tokenizer, template)
-    feats = [{"prompt_id": r["prompt_id"]} for r in records]
-    for f in fields:
-        joint = encode_joint(tokenizer, prompts, [r[f] for r in records], template, max_prompt_length)
-        for feat, r, p, (jp, jr) in zip(feats, records, prompt_ids, joint):
-            truncated = bool(r.get(f"{f}_truncated"))
-            tail = [end] if end is not None and (not truncated or truncated_samples == "append_eos") else []
-            if r.get(f"{f}_ids") is not None:  # a finished sample's ids end with the stop token it sampled
-                feat[f] = join(p, list(r[f"{f}_ids"]) + (tail if truncated else []), max_length)
-            else:
-                feat[f] = join(jp, jr + tail, max_length)
+    prompts = [format_prompt(tokenizer, r["prompt"], template) for r in records]
+    rows = triplets.tokenize_examples(tokenizer, prompts, records, fields, chat=template == "chat",
+                                      max_length=max_length, max_prompt_length=max_prompt_length,
+                                      end_truncated=truncated_samples == "append_eos")
+    feats = [{"prompt_id": r["prompt_id"], **row} for r, row in zip(records, rows)]
     if ref:
         for feat, r in zip(feats, records):
             try:
@@ -349,6 +297,19 @@ def build_features(records: list[dict], tokenizer, fields: tuple[str, ...], *, t
             except KeyError as e:
                 raise DataError(f"record {r['prompt_id']}: missing reference log-prob field {e.args[0]!r}") from None
     return feats
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How records become features: :func:`build_features`' settings."""
+
+    template: str
+    max_length: int
+    max_prompt_length: int
+    truncated_samples: str = "keep_without_eos"
+
+    def features(self, records: list[dict], tokenizer, fields: tuple[str, ...], *, ref: bool = False) -> list[dict]:
+        return build_features(records, tokenizer, fields, ref=ref, **asdict(self))
 
 
 def drop_truncated(records: list[dict], fields: tuple[str, ...]) -> list[dict]:

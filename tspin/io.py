@@ -99,6 +99,13 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_yaml(path: str | Path, mapping: dict) -> None:
+    """A mapping as YAML, keys in their order (a run's config.yaml)."""
+    import yaml
+
+    atomic_write_text(path, yaml.safe_dump(mapping, sort_keys=False))
+
+
 def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -7,14 +7,30 @@ Written once to OUT/iter{t}/data.jsonl and read back on resume, so a killed run 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .data import build_features
-from .generation import generate_field
+from .data import Tokenization
+from .generation import SamplingSettings, generate_field
 from .io import atomic_write_jsonl, read_jsonl
-from .losses import autocast, batched_logps
+from .losses import LogpSettings, scored_logps
 from .ranks import on_main
+
+
+@dataclass(frozen=True)
+class IterationSettings:
+    """What an iteration's rows depend on: the method (a config ``method``), the initial policy pi_0 (what samples
+    y' at iteration 0), the run's seed, whether iteration 0 reuses the proto responses as y', SPIN's mixing of the
+    previous iteration's y', how y' is sampled, and how SPIN's reference log-probs are computed."""
+
+    method: str
+    initial_policy: str
+    seed: int
+    reuse_proto_at_iter0: bool
+    spin_mix_previous: bool
+    sampling: SamplingSettings
+    tokenization: Tokenization
+    scoring: LogpSettings
 
 
 def prompt_key(record: dict) -> tuple[str, str]:
@@ -39,17 +55,12 @@ def match_prompts(rows: list[dict], records: list[dict], source: str) -> list[di
     return [by_key[prompt_key(r)] for r in records]
 
 
-def spin_refs(model, tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
+def spin_refs(model, tokenizer, rows: list[dict], *, tokenization: Tokenization, scoring: LogpSettings) -> list[dict]:
     """SPIN reference log-probs by the start-of-iteration policy, computed once under no_grad and stored with the
     data: no second model lives in memory while training."""
     fields = ("real", "generated") + (("generated_prev",) if rows and "generated_prev" in rows[0] else ())
-    feats = build_features(rows, tokenizer, fields, template=cfg.prompt_template, max_length=cfg.max_length,
-                           max_prompt_length=cfg.max_prompt_length, truncated_samples=cfg.truncated_samples)
-    device = next(model.parameters()).device
-    with autocast(device, cfg.bf16):
-        lp = batched_logps(model, feats, fields, tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                           impl=cfg.loss_impl, average=cfg.average_logps, layout=cfg.layout, progress=cfg.progress,
-                           desc="reference log-probs")
+    feats = tokenization.features(rows, tokenizer, fields)
+    lp = scored_logps(model, feats, fields, tokenizer.pad_token_id, scoring, desc="reference log-probs")
     return [{**r, **{f"ref_{f}": lp[f][i] for f in fields}} for i, r in enumerate(rows)]
 
 
@@ -69,29 +80,33 @@ def _as(row: dict, src: str, dst: str) -> dict:
     return {dst + suffix: row[src + suffix] for suffix in ("", "_ids", "_truncated") if src + suffix in row}
 
 
-def iteration_data(model, tokenizer, records, proto_rows, cfg: Config, t: int, it_dir: Path, out: Path) -> list[dict]:
+def iteration_data(model, tokenizer, records, proto_rows, settings: IterationSettings, t: int, it_dir: Path,
+                   out: Path) -> list[dict]:
+    """Iteration ``t``'s training rows (``records`` + y' [+ y0] [+ SPIN's references]), written to
+    ``it_dir/data.jsonl`` once and read back from there on resume."""
     path = it_dir / "data.jsonl"
     if path.exists():
         return read_jsonl(path)
-    if cfg.method == "sft":
+    s = settings
+    if s.method == "sft":
         rows = [dict(r) for r in records]
     else:
-        if t == 0 and cfg.reuse_proto_at_iter0 and proto_rows is not None:
+        if t == 0 and s.reuse_proto_at_iter0 and proto_rows is not None:
             gen = [_as(p, "proto", "generated") for p in proto_rows]
         else:
-            start = cfg.model_name_or_path if t == 0 else out / f"iter{t - 1}" / "model"  # the policy sampling y'
+            start = s.initial_policy if t == 0 else out / f"iter{t - 1}" / "model"  # the policy sampling y'
             gen = [_as(r, "generated", "generated") for r in generate_field(
-                model, tokenizer, records, it_dir / "generated.jsonl", "generated", cfg, seed=cfg.seed + 1 + t,
+                model, tokenizer, records, it_dir / "generated.jsonl", "generated", s.sampling, seed=s.seed + 1 + t,
                 desc=f"iter{t} generate", weights=start)]
         rows = [{**r, **g} for r, g in zip(records, gen)]
         if proto_rows is not None:
             for r, p in zip(rows, proto_rows):
                 r.update(_as(p, "proto", "proto"))
-        if cfg.method == "spin" and cfg.spin_mix_previous and t > 0:
+        if s.method == "spin" and s.spin_mix_previous and t > 0:
             prev = read_jsonl(out / f"iter{t - 1}" / "data.jsonl")
             for r, p in zip(rows, prev):
                 r.update(_as(p, "generated", "generated_prev"))
-        if cfg.method == "spin":
-            rows = spin_refs(model, tokenizer, rows, cfg)
+        if s.method == "spin":
+            rows = spin_refs(model, tokenizer, rows, tokenization=s.tokenization, scoring=s.scoring)
     on_main(atomic_write_jsonl, path, rows)
     return rows

@@ -13,10 +13,12 @@ logged step.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from tspin_kernels.integrations import VARLEN_SDPA, LossSpec, attention_implementation, shared_prefix_attention_mask
+from tspin_kernels.integrations.triplets import spin_metrics, tspin_metrics
 
 from .batch import Batch, collate
 from .methods import LOSS_FIELDS, check_loss
@@ -100,27 +102,32 @@ def compute_loss(model, batch: Batch, *, method: str, alpha: float = 1.0, beta: 
     loss = out.loss * n
     if method in ("tspin", "tspin_no_history"):
         real, gen, *proto = out[1:]
-        current = real - gen
-        metrics = {
-            "logps/real": _mean(real), "logps/generated": _mean(gen), "rewards/real": _mean(alpha * real),
-            "rewards/generated": _mean(alpha * gen), "rewards/margins": _mean(alpha * current),
-            "rewards/accuracies": _mean((current > 0).float()), "margins/current": _mean(current),
-        }
-        if proto:
-            history = gen - proto[0]
-            metrics.update({"logps/proto": _mean(proto[0]), "rewards/proto": _mean(alpha * proto[0]),
-                            "margins/history": _mean(history),
-                            "rewards/history_accuracies": _mean((history > 0).float())})
-        return loss, metrics
+        return loss, tspin_metrics(real, gen, *proto, alpha=alpha)
     real, gen = out[1:]
     ref_real, ref_gen = batch.ref_logps.to(real.device).chunk(2)
-    r_real, r_gen = spin_lambda * (real - ref_real), spin_lambda * (gen - ref_gen)
-    return loss, {
-        "logps/real": _mean(real), "logps/generated": _mean(gen),
-        "rewards/real": _mean(r_real), "rewards/generated": _mean(r_gen),
-        "rewards/margins": _mean(r_real - r_gen), "rewards/accuracies": _mean((r_real > r_gen).float()),
-        "margins/current": _mean(real - gen),
-    }
+    return loss, spin_metrics(real, gen, ref_real, ref_gen, beta=spin_lambda)
+
+
+@dataclass(frozen=True)
+class LogpSettings:
+    """How no-grad log-probs are computed (SPIN's reference values, evaluation's margins): examples per forward, the
+    kernels' implementation, sums or length means, the batch layout, bf16 autocast (CUDA only), a progress bar."""
+
+    batch_size: int
+    impl: str = "auto"
+    average: bool = False
+    layout: str = "padded"
+    bf16: bool = True
+    progress: bool = False
+
+
+def scored_logps(model, features: list[dict], fields: tuple[str, ...], pad_token_id: int, settings: LogpSettings,
+                 desc: str = "log-probs") -> dict[str, list[float]]:
+    """:func:`batched_logps` under the settings' autocast."""
+    with autocast(next(model.parameters()).device, settings.bf16):
+        return batched_logps(model, features, fields, pad_token_id, batch_size=settings.batch_size,
+                             impl=settings.impl, average=settings.average, layout=settings.layout,
+                             progress=settings.progress, desc=desc)
 
 
 @torch.no_grad()

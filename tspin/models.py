@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +16,6 @@ import torch.nn as nn
 
 from tspin_kernels.integrations import VARLEN_SDPA, CausalLMLogps, backbone_and_head, packing_attn_implementation
 
-from .config import Config
 from .ranks import DistInfo, dist_info, init_distributed
 from .wrapping import STRATEGIES, wrap_model
 
@@ -92,14 +92,33 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def resolve_attn_implementation(cfg: Config, device: torch.device) -> str | None:
-    """The attention the policy runs for ``cfg.layout`` on ``device``: ``cfg.attn_implementation``, or for "auto"
-    one whose cost is the sum of the sequences' attention where rows hold several sequences (a packed row behind
+@dataclass(frozen=True)
+class LoadSettings:
+    """How the training policy is built: the checkpoint, how each process holds it (``strategy``, and ``device``
+    for 'none'), LoRA (``lora_rank`` 0: full fine-tuning; ``lora_target_modules``: peft's 'all-linear' or module
+    names), dropout off or kept, gradient checkpointing, bf16, and the attention (``attn_implementation``, 'auto'
+    resolved for ``layout``, the layout of the rows it trains on: :func:`resolve_attn_implementation`)."""
+
+    model_name_or_path: str
+    strategy: str = "none"
+    device: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    disable_dropout: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool = True
+    attn_implementation: str = "auto"
+    layout: str = "padded"
+
+
+def resolve_attn_implementation(name: str, layout: str, device: torch.device) -> str | None:
+    """The attention the policy runs for rows laid out as ``layout`` on ``device``: ``name``, or for "auto" one
+    whose cost is the sum of the sequences' attention where rows hold several sequences (a packed row behind
     sdpa's dense mask costs the square of the row: 3.0-4.5x padded's CPU seconds for a whole ``tspin train`` in
     benchmarks/results/cpu-20261204-train-layouts-mixes.json), and transformers' default (None: sdpa where the
     model has it) for padded rows.
     A choice that cannot train on ``device`` is refused here, before the model is read."""
-    name = cfg.attn_implementation
     if name == "flex_attention" and device.type == "cpu":
         raise ValueError("config: attn_implementation='flex_attention': torch's FlexAttention has no backward on the "
                          "CPU; use varlen_sdpa (what auto picks there)")
@@ -108,38 +127,39 @@ def resolve_attn_implementation(cfg: Config, device: torch.device) -> str | None
                          "package (pip install 'tspin[flash]'); use varlen_sdpa (or auto)")
     if name != "auto":
         return name
-    layout = "packed" if cfg.layout == "shared_prefix" and cfg.method == "sft" else cfg.layout  # as collate does
     if layout == "packed":
         return packing_attn_implementation(device)  # flash_attention_2 where installed (CUDA), else varlen_sdpa
     return VARLEN_SDPA if layout == "shared_prefix" else None
 
 
-def load_policy(cfg: Config) -> nn.Module:
+def load_policy(settings: LoadSettings) -> nn.Module:
     """The policy every command trains and samples from: the HF model (+ LoRA adapters, + gradient checkpointing,
-    both before wrapping) inside CausalLMLogps, wrapped for cfg.strategy. Its forward is the fused log-prob path,
-    so DDP's all-reduce and FSDP2's unsharding cover the whole loss. fp32 master weights: bf16 comes from autocast
-    (one process, DDP) or from FSDP2's own mixed precision."""
-    check_source("model_name_or_path", cfg.model_name_or_path, weights=True)
+    both before wrapping) inside CausalLMLogps, wrapped for the settings' strategy. Its forward is the fused
+    log-prob path, so DDP's all-reduce and FSDP2's unsharding cover the whole loss. fp32 master weights: bf16 comes
+    from autocast (one process, DDP) or from FSDP2's own mixed precision."""
+    s = settings
+    check_source("model_name_or_path", s.model_name_or_path, weights=True)
     info = init_distributed()
-    if cfg.strategy != "none" and not info.distributed:
-        raise ValueError(f"config: strategy={cfg.strategy!r} needs a process group: launch with torchrun "
+    if s.strategy != "none" and not info.distributed:
+        raise ValueError(f"config: strategy={s.strategy!r} needs a process group: launch with torchrun "
                          "--nproc_per_node N -m tspin.cli ... (or accelerate launch)")
 
     def prepare(model):
-        if cfg.lora_rank:
-            model = apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha,
-                               target_modules=cfg.lora_target_modules_list())
-        if cfg.disable_dropout:
+        if s.lora_rank:
+            targets = s.lora_target_modules
+            model = apply_lora(model, r=s.lora_rank, alpha=s.lora_alpha,
+                               target_modules=targets if isinstance(targets, str) else list(targets))
+        if s.disable_dropout:
             disable_dropout(model)
-        if cfg.gradient_checkpointing:
+        if s.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model
 
-    if cfg.strategy == "none":  # one copy per process, on cfg.device
-        info = dataclasses.replace(info, device=resolve_device(cfg.device))
-    attn = resolve_attn_implementation(cfg, info.device)
-    bf16 = torch.bfloat16 if cfg.strategy == "fsdp2" and info.device.type == "cuda" and cfg.bf16 else None
-    return load_for_training(cfg.model_name_or_path, cfg.strategy, info=info, param_dtype=bf16, prepare=prepare,
+    if s.strategy == "none":  # one copy per process, on the settings' device
+        info = dataclasses.replace(info, device=resolve_device(s.device))
+    attn = resolve_attn_implementation(s.attn_implementation, s.layout, info.device)
+    bf16 = torch.bfloat16 if s.strategy == "fsdp2" and info.device.type == "cuda" and s.bf16 else None
+    return load_for_training(s.model_name_or_path, s.strategy, info=info, param_dtype=bf16, prepare=prepare,
                              attn_implementation=attn)
 
 

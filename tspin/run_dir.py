@@ -29,8 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, save_config
-from .io import atomic_write_json, clean_stale_temps, read_json, temp_target
+from .io import atomic_write_json, atomic_write_yaml, clean_stale_temps, read_json, temp_target
 from .ranks import barrier, on_main
 
 CONFIG_FILE = "config.yaml"
@@ -111,8 +110,9 @@ def holds_results(out: Path) -> bool:
     return False
 
 
-def check_same_config(cfg: Config, path: Path) -> None:
-    """A resumed run must be the run that was started: refuse silent changes of data, model or method."""
+def check_same_config(config: dict, path: Path) -> None:
+    """A resumed run must be the run that was started: refuse silent changes of data, model or method. ``config``:
+    the run's settings, key -> value, as recorded in config.yaml."""
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -124,10 +124,10 @@ def check_same_config(cfg: Config, path: Path) -> None:
     free = RESUME_FREE_KEYS | LOCATION_KEYS
     if (path.parent / INPUTS_FILE).exists():  # the inputs are compared by what they hold (check_same_inputs)
         free = free | set(INPUT_KEYS)
-    diff = [k for k, v in cfg.to_dict().items() if k not in free and k in saved and saved[k] != v]
+    diff = [k for k, v in config.items() if k not in free and k in saved and saved[k] != v]
     if diff:
         raise ValueError(f"--resume: config differs from {path} in " + ", ".join(
-            f"{k} ({saved[k]!r} -> {getattr(cfg, k)!r})" for k in diff) + "; start a new output_dir instead")
+            f"{k} ({saved[k]!r} -> {config[k]!r})" for k in diff) + "; start a new output_dir instead")
 
 
 def check_same_inputs(out: Path, inputs: dict) -> None:
@@ -149,13 +149,14 @@ def _short(fp: dict | None) -> str:
     return fp.get("hub_id") or f"{fp.get('kind', '')} sha256 {fp['sha256'][:12]}"
 
 
-def open_run(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Path, bool]:
+def open_run(config: dict, resume: bool, overwrite: bool = False) -> tuple[Path, bool]:
     """Checks before anything is loaded: a directory that can be written and is free for this run (missing, empty,
     tspin's own, or with ``overwrite`` one whose names do not clash), or on ``resume`` the run recorded there with
-    the same config. Returns (output dir, whether it holds a started run to continue)."""
+    the same config (``config``: the run's settings, key -> value; its ``output_dir`` is the directory). Returns
+    (output dir, whether it holds a started run to continue)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite: choose one (continue the run, or start it afresh)")
-    out = Path(cfg.output_dir)
+    out = Path(config["output_dir"])
     check_output_dir(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
@@ -164,7 +165,7 @@ def open_run(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Path, 
         _check_foreign(out, entries, overwrite)
         return out, False
     if overwrite:
-        _check_inputs_outside(cfg, out)
+        _check_inputs_outside(config, out)
         return out, False
     has_config, results = (out / CONFIG_FILE).exists(), holds_results(out)
     if results and not has_config:
@@ -178,7 +179,7 @@ def open_run(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Path, 
         raise FileExistsError(f"output_dir {out} already holds a run ({CONFIG_FILE}); pass --resume to continue it, "
                               "--overwrite to start it afresh, or choose another output_dir")
     if started:
-        check_same_config(cfg, out / CONFIG_FILE)
+        check_same_config(config, out / CONFIG_FILE)
     return out, started
 
 
@@ -203,11 +204,11 @@ def _check_foreign(out: Path, entries: list[str], overwrite: bool) -> None:
                               "away or choose another output_dir")
 
 
-def _check_inputs_outside(cfg: Config, out: Path) -> None:
+def _check_inputs_outside(config: dict, out: Path) -> None:
     """--overwrite deletes the run's entries: none of the inputs may live in them (a model from iter2/model)."""
     doomed = [(out / n).resolve() for n in os.listdir(out) if owned_by_run(n) and n != MANIFEST_FILE]
     for key in INPUT_KEYS:
-        value = getattr(cfg, key)
+        value = config.get(key)
         if not value or not Path(value).expanduser().exists():
             continue
         p = Path(value).expanduser().resolve()
@@ -231,15 +232,15 @@ def remove_run_entries(out: Path) -> list[str]:
     return removed
 
 
-def record_run(cfg: Config, out: Path, inputs: dict, overwrite: bool = False) -> None:
+def record_run(config: dict, out: Path, inputs: dict, overwrite: bool = False) -> None:
     """Once every rank has loaded everything: rank 0 writes the manifest first (a new directory), deletes the old
-    run's entries (``overwrite``), removes what killed writes left, then writes OUT/config.yaml and OUT/inputs.json
-    (every rank calls it)."""
+    run's entries (``overwrite``), removes what killed writes left, then writes OUT/config.yaml (``config``, key ->
+    value) and OUT/inputs.json (every rank calls it)."""
     barrier()
-    on_main(_record, cfg, out, inputs, overwrite)
+    on_main(_record, config, out, inputs, overwrite)
 
 
-def _record(cfg: Config, out: Path, inputs: dict, overwrite: bool) -> None:
+def _record(config: dict, out: Path, inputs: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if read_manifest(out) is None:
         write_manifest(out)
@@ -247,7 +248,7 @@ def _record(cfg: Config, out: Path, inputs: dict, overwrite: bool) -> None:
         remove_run_entries(out)
         write_manifest(out)
     clean_stale_temps(out, descend=RUN_SUBDIRS.fullmatch)
-    save_config(cfg, out / CONFIG_FILE)
+    atomic_write_yaml(out / CONFIG_FILE, config)
     atomic_write_json(out / INPUTS_FILE, inputs)
 
 
@@ -285,9 +286,10 @@ def source_fingerprint(value: str | None) -> dict | None:
     return {"kind": "file" if p.is_file() else "dir", "files": len(files), "sha256": h.hexdigest()}
 
 
-def input_fingerprints(cfg: Config, records: list[dict], held: list[dict]) -> dict:
-    """inputs.json: per input key, what it holds (the data as the loaded records, after subsetting)."""
-    return {"model_name_or_path": source_fingerprint(cfg.model_name_or_path),
-            "tokenizer_name_or_path": source_fingerprint(cfg.tokenizer_name_or_path or cfg.model_name_or_path),
+def input_fingerprints(*, model: str, tokenizer: str, proto_path: str | None, records: list[dict],
+                       held: list[dict]) -> dict:
+    """inputs.json: per input key, what it holds (the data as the loaded records, after subsetting; ``tokenizer``:
+    the tokenizer's path or Hub id, the model's when the run names none)."""
+    return {"model_name_or_path": source_fingerprint(model), "tokenizer_name_or_path": source_fingerprint(tokenizer),
             "data_path": records_digest(records), "eval_data_path": records_digest(held),
-            "proto_path": source_fingerprint(cfg.proto_path)}
+            "proto_path": source_fingerprint(proto_path)}

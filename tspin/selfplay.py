@@ -24,7 +24,7 @@ from tspin_kernels.integrations import attention_implementation
 from .batch import fields_for
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import DataError, build_features, drop_truncated, format_prompt, load_records, select_subset, split_heldout
+from .data import DataError, drop_truncated, format_prompt, load_records, select_subset, split_heldout
 from .evaluation import evaluate
 from .generation import check_backend, generate_field, partial_path
 from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_json, read_jsonl
@@ -41,6 +41,15 @@ from .run_dir import (
     record_run,
     records_digest,
     source_fingerprint,
+)
+from .settings import (
+    evaluation,
+    iteration_settings,
+    load_settings,
+    reference_scoring,
+    sampling,
+    tokenization,
+    train_settings,
 )
 from .train import train_loop
 from .wrapping import policy_of
@@ -69,7 +78,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool):
     """Common start of `train` and `iterate`: refuse a directory that is not free for this run, load and check
     everything, then record the run (a start that fails before that writes nothing; one that fails after it, before
     any result, is started afresh by the corrected command: tspin.run_dir.holds_results)."""
-    out, started = open_run(cfg, resume, overwrite)
+    out, started = open_run(cfg.to_dict(), resume, overwrite)
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
@@ -79,14 +88,15 @@ def _start(cfg: Config, resume: bool, overwrite: bool):
         raise FileNotFoundError(f"config: proto_path={cfg.proto_path!r}: file not found (it names a proto file to "
                                 "reuse; leave it unset to generate one)")
     records, held = prepare_records(cfg)  # data errors surface before anything is written
-    inputs = input_fingerprints(cfg, records, held)
+    inputs = input_fingerprints(model=cfg.model_name_or_path, tokenizer=_tokenizer_path(cfg),
+                                proto_path=cfg.proto_path, records=records, held=held)
     if started:
         check_same_inputs(out, inputs)
     seed_all(cfg.seed)  # LoRA's initial adapters
-    model = load_policy(cfg)  # joins the process group under torchrun
+    model = load_policy(load_settings(cfg))  # joins the process group under torchrun
     tokenizer = _tokenizer(cfg)
     format_prompt(tokenizer, records[0]["prompt"], cfg.prompt_template)  # e.g. 'chat' without a chat template
-    record_run(cfg, out, inputs, overwrite)
+    record_run(cfg.to_dict(), out, inputs, overwrite)
     # the attention the policy runs (config attn_implementation, "auto" resolved), on every metrics line
     static = {"attn_implementation": attention_implementation(policy_of(model).model)}
     return out, tokenizer, records, held, model, MetricsWriter(out / "metrics.jsonl", static=static)
@@ -96,11 +106,16 @@ def _check_sources(cfg: Config) -> None:
     check_source("model_name_or_path", cfg.model_name_or_path, weights=True)
     if cfg.tokenizer_name_or_path:
         check_source("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
-    check_backend(cfg)  # generation_backend 'vllm': installed, and the initial policy a saved model it serves
+    # generation_backend 'vllm': installed, and the initial policy a saved model it serves
+    check_backend(cfg.generation_backend, cfg.model_name_or_path, sampling(cfg).engine)
+
+
+def _tokenizer_path(cfg: Config) -> str:
+    return cfg.tokenizer_name_or_path or cfg.model_name_or_path
 
 
 def _tokenizer(cfg: Config):
-    return load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    return load_tokenizer(_tokenizer_path(cfg))
 
 
 def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: MetricsWriter, path: Path,
@@ -110,7 +125,8 @@ def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: Met
     `model` holds (generation_backend 'vllm' samples from it)."""
     if path.exists():
         return read_json(path, "evaluation")
-    e = {"iteration": iteration, **evaluate(model, tokenizer, held, cfg, generations, weights=weights)}
+    e = {"iteration": iteration, **evaluate(model, tokenizer, held, **evaluation(cfg), out_path=generations,
+                                            weights=weights)}
     metrics.rewind(lambda r: not (r.get("phase") == "eval" and r.get("iteration") == iteration))
     metrics.write(phase="eval", method=cfg.method, **e)
     on_main(atomic_write_json, path, e)
@@ -126,9 +142,7 @@ def _features(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
             raise DataError(f"truncated_samples=drop: every sample was cut at max_new_tokens={cfg.max_new_tokens}; "
                             "raise max_new_tokens or keep them (keep_without_eos)")
         rows = kept
-    return build_features(rows, tokenizer, fields, template=cfg.prompt_template,
-                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                          ref=cfg.method == "spin", truncated_samples=cfg.truncated_samples)
+    return tokenization(cfg).features(rows, tokenizer, fields, ref=cfg.method == "spin")
 
 
 def iterate(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
@@ -145,7 +159,7 @@ def iterate(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     needs_proto = cfg.method == "tspin" and not cfg.no_history or (cfg.method != "sft" and cfg.reuse_proto_at_iter0)
     if needs_proto:
         proto_path = Path(cfg.proto_path) if cfg.proto_path else out / "proto.jsonl"
-        proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", cfg, seed=cfg.seed,
+        proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", sampling(cfg), seed=cfg.seed,
                                     desc="proto (pi_0)", weights=cfg.model_name_or_path)
         proto_rows = match_prompts(proto_rows, records, f"proto_path {proto_path}")
 
@@ -153,9 +167,9 @@ def iterate(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         it_dir = out / f"iter{t}"
         seed_all(cfg.seed, t)  # each iteration starts from its own RNG state, whatever ran before in this process
         if not (it_dir / "model").exists():
-            rows = iteration_data(model, tokenizer, records, proto_rows, cfg, t, it_dir, out)
-            train_loop(model, tokenizer, _features(rows, tokenizer, cfg), cfg, method=cfg.method, out_dir=it_dir,
-                       metrics=metrics, iteration=t, desc=f"iter{t} {cfg.method}")
+            rows = iteration_data(model, tokenizer, records, proto_rows, iteration_settings(cfg), t, it_dir, out)
+            train_loop(model, tokenizer, _features(rows, tokenizer, cfg), train_settings(cfg), method=cfg.method,
+                       out_dir=it_dir, metrics=metrics, iteration=t, desc=f"iter{t} {cfg.method}")
         else:
             load_checkpoint(it_dir / "model", model)
         if held:
@@ -183,9 +197,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if cfg.method == "spin" and any("ref_real" not in r for r in records):
             path = out / "data_with_refs.jsonl"
             if not path.exists():
-                on_main(atomic_write_jsonl, path, spin_refs(model, tokenizer, records, cfg))
+                on_main(atomic_write_jsonl, path, spin_refs(model, tokenizer, records, tokenization=tokenization(cfg),
+                                                            scoring=reference_scoring(cfg)))
             records = read_jsonl(path)
-        train_loop(model, tokenizer, _features(records, tokenizer, cfg), cfg, method=cfg.method, out_dir=out,
+        train_loop(model, tokenizer, _features(records, tokenizer, cfg), train_settings(cfg), method=cfg.method,
+                   out_dir=out,
                    metrics=metrics, iteration=0, beta=cfg.beta if not cfg.no_history else 0.0,
                    desc=f"train {cfg.method}")
     result = {"method": cfg.method, "model": str(out / "model")}
@@ -229,13 +245,13 @@ def generate(cfg: Config, out_path: str, field: str = "generated") -> Path:
     settings = _check_generation_settings(cfg, records, field, out)
     tokenizer = _tokenizer(cfg)
     if cfg.generation_backend == "hf":
-        model = load_policy(cfg)  # joins the process group under torchrun: then rank 0 alone cleans
+        model = load_policy(load_settings(cfg))  # joins the process group under torchrun: then rank 0 alone cleans
     else:  # vLLM loads the weights itself: no trainer copy in memory
         init_distributed()
         model = None
     on_main(clean_stale_temps, out.parent, {out.name})
     on_main(atomic_write_json, _settings_path(out), settings)
-    generate_field(model, tokenizer, records, out, field, cfg, seed=cfg.seed, weights=cfg.model_name_or_path)
+    generate_field(model, tokenizer, records, out, field, sampling(cfg), seed=cfg.seed, weights=cfg.model_name_or_path)
     return out
 
 
@@ -248,7 +264,7 @@ def _check_generation_settings(cfg: Config, records: list[dict], field: str, out
     them only if it would sample the same way: another model, temperature, seed, ... is refused, naming the keys,
     instead of handing back (or continuing) samples of other settings. Written as ``<out>.settings.json``."""
     settings = {"field": field, "data": records_digest(records), "model": source_fingerprint(cfg.model_name_or_path),
-                "tokenizer": source_fingerprint(cfg.tokenizer_name_or_path or cfg.model_name_or_path),
+                "tokenizer": source_fingerprint(_tokenizer_path(cfg)),
                 **{k: getattr(cfg, k) for k in GENERATION_KEYS}}
     path = _settings_path(out)
     partial = partial_path(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,6 @@ from tspin_kernels.integrations import attention_implementation, backbone_and_he
 
 from .batch import collate, count_tokens
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import Config
 from .io import atomic_write_json
 from .losses import autocast, compute_loss
 from .methods import LOSS_FIELDS, loss_of
@@ -33,15 +33,62 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of an optimizer step is not finite: the run stops before that update."""
 
 
-def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one pass of the loop reads of a run's configuration (the keys of the same names; tspin.settings builds
+    it from a Config). ``fused_loss``: tspin_kernels' ``fused=`` (None: its choice). ``beta`` weights T-SPIN's
+    history term after iteration 0, ``beta_iter0`` (None: beta) at it, and ``no_history`` drops the term."""
+
+    # the data over the steps
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    num_train_epochs: float
+    seed: int
+    # the optimizer and its schedule
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    rmsprop_alpha: float
+    lr_scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float | None
+    # the loss
+    alpha: float
+    beta: float
+    beta_iter0: float | None
+    no_history: bool
+    spin_lambda: float
+    average_logps: bool
+    loss_impl: str
+    fused_loss: bool | None
+    layout: str
+    bf16: bool
+    # what is written and shown
+    save_steps: int
+    save_total_limit: int
+    logging_steps: int
+    progress: bool
+
+    def beta_at(self, iteration: int) -> float:
+        if self.no_history:
+            return 0.0
+        if iteration == 0 and self.beta_iter0 is not None:
+            return self.beta_iter0
+        return self.beta
+
+
+def build_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
+    s = settings
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, weight_decay=cfg.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
+                                 weight_decay=s.weight_decay)
+    return torch.optim.RMSprop(params, lr=s.learning_rate, alpha=s.rmsprop_alpha, weight_decay=s.weight_decay)
 
 
-def build_scheduler(optimizer, cfg: Config, total_steps: int):
+def build_scheduler(optimizer, settings: TrainSettings, total_steps: int):
     """transformers' warmup schedules: warmup, then linear decay to 0, cosine decay to 0, or constant.
 
     The warmup lasts w = int(warmup_ratio * total_steps) steps and starts one step in: the first optimizer step
@@ -54,12 +101,12 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
         get_linear_schedule_with_warmup,
     )
 
-    warmup = int(cfg.warmup_ratio * total_steps) + 1
+    warmup = int(settings.warmup_ratio * total_steps) + 1
     for group in optimizer.param_groups:  # torch's schedulers start past step 0 only from a recorded initial lr
         group.setdefault("initial_lr", group["lr"])
-    if cfg.lr_scheduler == "constant":
+    if settings.lr_scheduler == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup, last_epoch=0)
-    make = get_cosine_schedule_with_warmup if cfg.lr_scheduler == "cosine" else get_linear_schedule_with_warmup
+    make = get_cosine_schedule_with_warmup if settings.lr_scheduler == "cosine" else get_linear_schedule_with_warmup
     return make(optimizer, warmup, total_steps + 1, last_epoch=0)
 
 
@@ -68,17 +115,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_windows(n: int, cfg: Config, seed: int, world_size: int = 1) -> list[list[list[int]]]:
+def step_windows(n: int, settings: TrainSettings, seed: int, world_size: int = 1) -> list[list[list[int]]]:
     """For every optimizer step, its micro-batches of example indices, over all ranks (a micro-batch holds
     per_device_train_batch_size examples per rank). Fixed by (seed, epoch), so the data position of a resumed run
     is simply the step number, and W ranks with batch size b take the steps of one process with batch size W*b."""
-    mb = cfg.per_device_train_batch_size * world_size
-    per_step = mb * cfg.gradient_accumulation_steps
+    mb = settings.per_device_train_batch_size * world_size
+    per_step = mb * settings.gradient_accumulation_steps
     steps_per_epoch = math.ceil(n / per_step)
-    total = max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    total = max(1, math.ceil(steps_per_epoch * settings.num_train_epochs))
     if total > MAX_STEPS:  # the windows are listed up front: a typo like 1e9 epochs would never start
-        raise ValueError(f"config: num_train_epochs={cfg.num_train_epochs!r}: {total} optimizer steps per iteration "
-                         f"({n} examples, {per_step} per step); at most {MAX_STEPS} are allowed")
+        raise ValueError(f"config: num_train_epochs={settings.num_train_epochs!r}: {total} optimizer steps per "
+                         f"iteration ({n} examples, {per_step} per step); at most {MAX_STEPS} are allowed")
     windows = []
     for s in range(total):
         epoch, k = divmod(s, steps_per_epoch)
@@ -95,7 +142,7 @@ def rank_share(micro_batch: list[int], rank: int, world_size: int) -> tuple[list
     return (mine, 1.0) if mine else (micro_batch[:1], 0.0)
 
 
-def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: str, out_dir: str | Path,
+def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, *, method: str, out_dir: str | Path,
                metrics: MetricsWriter, iteration: int = 0, beta: float | None = None, seed: int | None = None,
                desc: str = "train") -> dict:
     """Train `model` in place on `features`; checkpoints go to out_dir/checkpoints, the final one to out_dir/model.
@@ -106,22 +153,25 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
     Resumes from the newest complete checkpoint under out_dir, reaching the same weights as an uninterrupted run:
     every micro-batch seeds the RNGs from (seed, step, micro-batch, rank), so dropout draws the same masks too.
     Metrics stay on the device and are read back once per logged step. Returns the means of the last epoch's
-    metrics (also written to out_dir/train_summary.json).
+    metrics (also written to out_dir/train_summary.json). ``method``: the config's (tspin, spin, sft); ``beta``
+    (default: the settings' for ``iteration``) and ``seed`` (default: the settings' seed + 1000 * iteration) as the
+    caller decides them.
     """
+    s = settings
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     rank, world_size = world()
-    loss_name = loss_of(method, cfg.no_history)  # the loss this run trains with, decided once
+    loss_name = loss_of(method, s.no_history)  # the loss this run trains with, decided once
     fields = LOSS_FIELDS[loss_name]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = backbone_and_head(policy_of(model).model)[1].out_features
     attn = attention_implementation(policy_of(model).model)  # how collate lays out shared-prefix rows
-    beta = cfg.beta_at(iteration) if beta is None else beta
-    run_seed = cfg.seed + 1000 * iteration if seed is None else seed
-    windows = step_windows(len(features), cfg, run_seed, world_size)
+    beta = s.beta_at(iteration) if beta is None else beta
+    run_seed = s.seed + 1000 * iteration if seed is None else seed
+    windows = step_windows(len(features), s, run_seed, world_size)
     total = len(windows)
-    optimizer = build_optimizer(reshard(model), cfg)  # FSDP2: the sharded parameters, not a generate()'s gathers
-    scheduler = build_scheduler(optimizer, cfg, total)
+    optimizer = build_optimizer(reshard(model), s)  # FSDP2: the sharded parameters, not a generate()'s gathers
+    scheduler = build_scheduler(optimizer, s, total)
 
     start, epoch_avg = 0, Averager()
     ckpt = latest_checkpoint(out_dir / "checkpoints")
@@ -138,9 +188,9 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
                                   and r.get("method") == method and r.get("step", 0) > start))
 
     model.train()
-    steps_per_epoch = math.ceil(len(features) / (cfg.per_device_train_batch_size * world_size
-                                                 * cfg.gradient_accumulation_steps))
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    steps_per_epoch = math.ceil(len(features) / (s.per_device_train_batch_size * world_size
+                                                 * s.gradient_accumulation_steps))
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not s.progress or rank != 0, dynamic_ncols=True)
     busy_s, tokens = 0.0, 0  # since the last logged line
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -155,13 +205,13 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         for j, (mine, w) in enumerate(shares):
             # what the micro-batch draws (dropout) is a function of its position alone: a resumed run draws the same
             seed_all(run_seed, step, j, rank)
-            batch = collate([features[i] for i in mine], fields, pad, cfg.layout, vocab_size=vocab_size,
+            batch = collate([features[i] for i in mine], fields, pad, s.layout, vocab_size=vocab_size,
                             attn_implementation=attn).to(device)
             with grad_sync(model, enabled=j == len(shares) - 1):  # communicate once per step
-                with autocast(device, cfg.bf16):
-                    loss, m = compute_loss(model, batch, method=loss_name, alpha=cfg.alpha, beta=beta,
-                                           spin_lambda=cfg.spin_lambda, impl=cfg.loss_impl, average=cfg.average_logps,
-                                           fused=cfg.fused_loss_option())
+                with autocast(device, s.bf16):
+                    loss, m = compute_loss(model, batch, method=loss_name, alpha=s.alpha, beta=beta,
+                                           spin_lambda=s.spin_lambda, impl=s.loss_impl, average=s.average_logps,
+                                           fused=s.fused_loss)
                 (loss / denom if w else loss * 0.0).backward()
             window_loss = window_loss + loss.detach().double() * w / denom / world_size
             avg.add(m, int(w) * batch.num_examples)
@@ -169,7 +219,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             window_loss = all_sum(window_loss)
             avg.add_ranks()
             avg.n = len(examples)
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # global norm over ranks / shards
+        grad_norm = clip_grad_norm(model, s.max_grad_norm)  # global norm over ranks / shards
         means = {"loss": window_loss, **avg.mean_tensors()}
         # The guard against a diverged step reads one flag per optimizer step, before optimizer.step(): the loss
         # and the gradient norm are already reduced over the ranks, so every rank reads the same flag and stops at
@@ -178,7 +228,7 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
         # to take a found-inf input, as only torch's fused Adam/AdamW/SGD do, not RMSprop, this project's default;
         # one sync per optimizer step, after a whole accumulation window, costs little next to the step itself.)
         finite = torch.isfinite(window_loss) & torch.isfinite(grad_norm)
-        logged = (step + 1) % cfg.logging_steps == 0 or step + 1 == total
+        logged = (step + 1) % s.logging_steps == 0 or step + 1 == total
         if logged:
             values = read_back({"finite": finite, "grad_norm": grad_norm, **means})  # the step's one host sync
             ok = values.pop("finite") == 1.0
@@ -204,12 +254,12 @@ def train_loop(model, tokenizer, features: list[dict], cfg: Config, *, method: s
             bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
             busy_s, tokens = 0.0, 0
         bar.update(1)
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
+        if s.save_steps and (step + 1) % s.save_steps == 0 and step + 1 < total:
             save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer=tokenizer,
                             optimizer=optimizer, scheduler=scheduler,
                             state={"step": step + 1, "total_steps": total, "epoch_avg": epoch_avg.state(),
                                    "world_size": world_size})
-            prune_checkpoints(out_dir / "checkpoints", cfg.save_total_limit)
+            prune_checkpoints(out_dir / "checkpoints", s.save_total_limit)
     bar.close()
     means = epoch_avg.means()
     # written before the model: a run killed in between redoes the tail of training and rewrites both

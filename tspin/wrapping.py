@@ -20,9 +20,8 @@ import torch.nn as nn
 
 from tspin_kernels.integrations import CausalLMLogps, backbone_and_head
 
+from .choices import STRATEGIES
 from .ranks import DistInfo, dist_info
-
-STRATEGIES = ("none", "ddp", "fsdp2")
 
 
 def policy_of(model: nn.Module) -> CausalLMLogps:

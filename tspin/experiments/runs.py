@@ -223,13 +223,15 @@ def test_eval(*, out: str, data: str, s: dict, models: dict[str, str], backend: 
     per-prompt outcomes in OUT/<label>.jsonl for the paired tests."""
     from ..evaluation import evaluate
     from ..models import load_policy, load_tokenizer
+    from ..settings import evaluation, load_settings
 
     test = load_records(Path(data) / "test.jsonl")
     result = {}
     for label, model in models.items():
         cfg = demo_config(model_name_or_path=model, progress=False, generation_backend=backend)
         path = Path(out) / f"{label.replace('/', '__')}.jsonl"
-        result[label] = evaluate(load_policy(cfg), load_tokenizer(model), test, cfg, path, weights=model)
+        result[label] = evaluate(load_policy(load_settings(cfg)), load_tokenizer(model), test, **evaluation(cfg),
+                                 out_path=path, weights=model)
     return result
 
 

@@ -9,7 +9,14 @@ the ranks under torchrun.
 """
 
 from .samples import Sample, partial_path, sharded_generate
-from .sampling import BACKENDS, backend_kwargs, check_backend, generate_field, generate_samples, generate_texts
+from .sampling import (
+    BACKENDS,
+    SamplingSettings,
+    check_backend,
+    generate_field,
+    generate_samples,
+    generate_texts,
+)
 
-__all__ = ["BACKENDS", "Sample", "backend_kwargs", "check_backend", "generate_field", "generate_samples",
+__all__ = ["BACKENDS", "Sample", "SamplingSettings", "check_backend", "generate_field", "generate_samples",
            "generate_texts", "partial_path", "sharded_generate"]

@@ -11,18 +11,42 @@ was cut at max_new_tokens. Sampling stops at any of the model's stop tokens (:fu
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import GENERATION_BACKENDS
 from ..data import encode_prompts, load_records, stop_token_ids
 from ..io import atomic_write_jsonl
 from ..ranks import on_main, world
 from ..wrapping import policy_of
 from .samples import Sample, append_partial, partial_path, resume_partial, sample_of, samples_of, sharded_generate
 
-BACKENDS = ("hf", "vllm")  # = tspin.config.GENERATION_BACKENDS
+BACKENDS = GENERATION_BACKENDS
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled: the prompt template and its token limit, the sampler's settings, the batch size
+    (backend hf), the progress bar, the backend and, for 'vllm', its engine (:class:`~.vllm_engine.EngineOptions`
+    fields). ``temperature`` 0 is greedy."""
+
+    template: str
+    max_prompt_length: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16
+    progress: bool = True
+    backend: str = "hf"
+    engine: dict = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        """generate_samples' keywords."""
+        return asdict(self)
 
 
 def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
@@ -109,40 +133,27 @@ def _generate_local(model, tokenizer, prompts: list[str], *, template: str, max_
     return [results[i] for i in range(len(prompts))]
 
 
-def backend_kwargs(cfg, weights: str | Path | None) -> dict:
-    """generate_samples' backend keywords for a run's config; `weights`: the saved policy the in-memory one was
-    loaded from or saved to (what backend 'vllm' samples from)."""
-    return dict(backend=cfg.generation_backend, weights=weights, engine=engine_options(cfg))
-
-
-def engine_options(cfg) -> dict:
-    """tspin.generation.vllm_engine.EngineOptions fields from a run's config."""
-    return dict(base_model=cfg.model_name_or_path, lora_rank=cfg.lora_rank, bf16=cfg.bf16, device=cfg.device,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-
-
-def check_backend(cfg) -> None:
-    """Before a command loads anything: the configured backend can sample the run's initial policy (vLLM installed,
-    model_name_or_path a saved model it serves)."""
-    if cfg.generation_backend == "vllm":
+def check_backend(backend: str, policy: str, engine: dict, label: str = "config: model_name_or_path") -> None:
+    """Before a command loads anything: ``backend`` can sample the initial ``policy`` (vLLM installed, the policy a
+    saved model it serves; ``engine``: EngineOptions fields). ``label`` names where ``policy`` came from."""
+    if backend == "vllm":
         from .vllm_backend import check_policy
 
-        check_policy(cfg.model_name_or_path, engine_options(cfg), label="config: model_name_or_path")
+        check_policy(policy, engine, label=label)
 
 
-def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str, cfg, *, seed: int,
-                   desc: str | None = None, weights: str | Path | None = None) -> list[dict]:
+def generate_field(model, tokenizer, records: list[dict], out_path: str | Path, field: str,
+                   sampling: SamplingSettings, *, seed: int, desc: str | None = None,
+                   weights: str | Path | None = None) -> list[dict]:
     """Write `records` + `field` (sampled responses) + `<field>_ids` (their token ids) + `<field>_truncated` to
-    `out_path` (JSONL, atomic, resumable); cached if it exists. `weights`: as `backend_kwargs`."""
+    `out_path` (JSONL, atomic, resumable); cached if it exists. `weights`: the saved policy the in-memory `model`
+    was loaded from or saved to (what backend 'vllm' samples from)."""
     out_path = Path(out_path)
     if out_path.exists():
         return load_records(out_path, require_response=False)
     partial = partial_path(out_path)
-    samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], template=cfg.prompt_template,
-                               max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                               batch_size=cfg.generation_batch_size, seed=seed, partial_path=partial,
-                               progress=cfg.progress, desc=desc or f"generate {field}", **backend_kwargs(cfg, weights))
+    samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], seed=seed, partial_path=partial,
+                               desc=desc or f"generate {field}", weights=weights, **sampling.kwargs())
     rows = [{**r, field: s.text, f"{field}_ids": s.token_ids, f"{field}_truncated": s.truncated}
             for r, s in zip(records, samples)]
     on_main(_finish, out_path, rows, partial)

@@ -70,7 +70,7 @@ def require_vllm():
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine is built (tspin.generation.sampling.engine_options fills these from the run's config)."""
+    """How the engine is built (tspin.settings.engine_options fills these from the run's config)."""
 
     base_model: str | None = None  # the model LoRA adapters apply to (the run's model_name_or_path)
     lora_rank: int = 0  # > 0: build the engine with LoRA support up front (the run trains adapters)

@@ -6,14 +6,17 @@
     trainer.train()
 
 Dataset: like TRL's preference data, standard (strings) or conversational (``prompt`` a list of messages, each
-completion a list with the assistant message); ``prompt_id`` and other columns are ignored. Files written by
-``tspin iterate`` (``iter{t}/data.jsonl``) load as they are. Each step runs the policy once over the rows
+completion a list with the one assistant message); ``prompt_id`` and other columns are ignored. Files written by
+``tspin iterate`` (``iter{t}/data.jsonl``) load as they are, and their sampled responses are trained on the token
+ids they were sampled as (``generated_ids``, ``proto_ids``; a sample cut at max_new_tokens, ``*_truncated``, gets
+no EOS). Tokenization, collation and the logged metrics are ``tspin``'s own (:mod:`.triplets`): this trainer and
+``tspin train`` build the same rows from the same records. Each step runs the policy once over the rows
 ``[real; generated; proto]`` of its triplets, through the fused kernels (no logits), and minimises
 
     -logsigmoid(alpha * (logp(real) - logp(generated))) + beta * -logsigmoid(alpha * (logp(generated) - logp(proto)))
 
 with no reference model. Logged: TRL-style ``logps/real|generated|proto``, ``rewards/*`` (``alpha * logp``),
-``rewards/margins``, ``rewards/accuracies`` and ``margins/current|history``.
+``rewards/margins``, ``rewards/accuracies``, ``rewards/history_accuracies`` and ``margins/current|history``.
 
 Why not a ``trl.DPOTrainer`` subclass: DPOTrainer's data path (prompt/chosen/rejected, two rows per example), its
 loss (one function with a reference model in every term) and its construction (it loads or copies a reference
@@ -41,6 +44,7 @@ from transformers import Trainer, TrainingArguments
 from .._options import check_real
 from .hf_trainer import install_fused_loss
 from .loss_spec import LossSpec
+from .triplets import IGNORE_INDEX, field_major, pad_rows, render_chat, tokenize_examples, tspin_metrics
 
 __all__ = ["TSPINConfig", "TSPINTrainer", "TripletCollator", "tokenize_triplet"]
 
@@ -53,8 +57,14 @@ class TSPINConfig(TrainingArguments):
 
     alpha: float = field(default=1.0, metadata={"help": "Scales both log-prob differences (the reward is alpha*logp)."})
     beta: float = field(default=0.1, metadata={"help": "Weight of the history term l(alpha*(logp(y')-logp(y0)))."})
-    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per prompt+completion (from the "
-                                                                   "start); None keeps everything."})
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per prompt+completion: the "
+                                                                   "completion is cut at the end to fit; None keeps "
+                                                                   "everything."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept, the last ones (as "
+                                                                          "tspin and TRL's DPO keep them); None keeps "
+                                                                          "the whole prompt, and an example whose "
+                                                                          "prompt leaves no room under max_length is "
+                                                                          "dropped."})
     impl: str = field(default="auto", metadata={"help": "tspin_kernels.sequence_logps implementation."})
     fused: bool | None = field(default=None, metadata={"help": "tspin_kernels.tspin_loss' fused: None lets the kernels "
                                                                 "choose (the fastest measured path), True / False "
@@ -74,78 +84,87 @@ class TSPINConfig(TrainingArguments):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length: expected an int >= 2 or None, got {self.max_length!r}")
+        if self.max_prompt_length is not None and (
+                not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1
+                or self.max_length is not None and self.max_prompt_length >= self.max_length):
+            raise ValueError(f"max_prompt_length: expected an int >= 1 below max_length ({self.max_length}) or None, "
+                             f"got {self.max_prompt_length!r}")
         LossSpec("tspin", alpha=self.alpha, beta=self.beta, fused=self.fused)  # checks fused
 
 
-def _ids(tokenizer, value, *, generation_prompt: bool = False) -> list[int]:
-    if isinstance(value, str):
-        return tokenizer(value)["input_ids"]
-    out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
-    return list(out["input_ids"])
+def _completion(value, key: str, conversational: bool) -> str:
+    """A completion's text: the string, or the content of a conversational completion's one assistant message."""
+    if isinstance(value, str) != (not conversational):
+        raise ValueError(f"train_dataset: '{key}' and 'prompt' must both be strings or both be message lists")
+    if not conversational:
+        return value
+    message = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None
+    content = message.get("content") if isinstance(message, dict) and message.get("role") == "assistant" else None
+    if not isinstance(content, str):
+        raise ValueError(f"train_dataset: '{key}': expected one assistant message [{{'role': 'assistant', 'content': "
+                         f"...}}] as the completion, got {value!r:.200}")
+    return content
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def tokenize_triplet(example: dict, tokenizer, *, max_length: int | None = None,
+                     max_prompt_length: int | None = None) -> dict:
+    """``prompt_ids``, ``{real,generated,proto}_ids`` and ``{real,generated,proto}_prompt_len``: each row is
+    ``prompt_ids + <field>_ids``, whose first ``<field>_prompt_len`` ids still belong to that row's prompt (0 unless
+    the rows' prompts differ, see below); the rest is the completion, trained on.
 
-
-def tokenize_triplet(example: dict, tokenizer) -> dict:
-    """``prompt_ids`` and ``{real,generated,proto}_ids`` (completion tokens, EOS-terminated for strings).
-
-    Like TRL: prompt + completion is tokenized as one text (so tokens merging across the boundary are right) and
-    the completion starts where it departs from the prompt alone; the prompt kept is the shortest such prefix.
+    As ``tspin`` tokenizes (:func:`.triplets.tokenize_examples`): a written completion is tokenized jointly with
+    its prompt (so tokens merging across the boundary are right), starts where the joint ids depart from the
+    prompt's own, and ends with one EOS (a conversational one: the chat template's end of turn); a sampled one
+    that carries its ids (``<field>_ids``, as ``tspin iterate`` writes) is trained on those ids after the whole
+    prompt, and gets no EOS when it was cut at max_new_tokens (``<field>_truncated``). ``max_prompt_length`` keeps
+    the prompt's last tokens; ``max_length`` cuts the completion at the end. ``prompt_ids`` is what the three rows
+    share before their first trained token.
     """
     missing = [k for k in ("prompt",) + FIELDS if example.get(k) is None]
     if missing:
         raise ValueError(f"train_dataset: record without {missing}; expected columns prompt, real, generated, proto")
     prompt = example["prompt"]
     conversational = not isinstance(prompt, str)
-    prompt_ids = _ids(tokenizer, prompt, generation_prompt=conversational)
-    full = {}
-    for key in FIELDS:
-        completion = example[key]
-        if isinstance(completion, str) != (not conversational):
-            raise ValueError(f"train_dataset: '{key}' and 'prompt' must both be strings or both be message lists")
-        if conversational:
-            full[key] = _ids(tokenizer, list(prompt) + list(completion))
-        else:
-            eos = tokenizer.eos_token or ""
-            full[key] = _ids(tokenizer, prompt + (completion if completion.endswith(eos) else completion + eos))
-    start = min(_common_prefix(prompt_ids, ids) for ids in full.values())
-    out = {"prompt_ids": prompt_ids[:start]}
-    for key, ids in full.items():
-        out[f"{key}_ids"] = ids[start:]
+    record = {key: _completion(example[key], key, conversational) for key in FIELDS}
+    for key in FIELDS:  # sampled responses: the ids as sampled and whether the sample was cut
+        record.update({k: example[k] for k in (f"{key}_ids", f"{key}_truncated") if example.get(k) is not None})
+    text = render_chat(tokenizer, list(prompt), label="train_dataset: prompt") if conversational else prompt
+    (rows,) = tokenize_examples(tokenizer, [text], [record], FIELDS, chat=conversational, max_length=max_length,
+                                max_prompt_length=max_prompt_length)
+    prompt_lens = {key: _prompt_len(labels) for key, (_, labels) in rows.items()}
+    shared = min(prompt_lens.values())
+    first = rows[FIELDS[0]][0]
+    for ids, _ in rows.values():
+        shared = next((i for i, (a, b) in enumerate(zip(first[:shared], ids)) if a != b), shared)
+    out = {"prompt_ids": first[:shared]}
+    for key, (ids, _) in rows.items():
+        out[f"{key}_ids"], out[f"{key}_prompt_len"] = ids[shared:], prompt_lens[key] - shared
     return out
+
+
+def _prompt_len(labels: list[int]) -> int:
+    return next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
 
 
 @dataclass
 class TripletCollator:
-    """Right-padded rows ``[real_0..real_{B-1}; generated_0..; proto_0..]``; labels -100 on prompt and padding."""
+    """Right-padded rows ``[real_0..real_{B-1}; generated_0..; proto_0..]`` (:func:`.triplets.pad_rows`, as
+    ``tspin`` pads); labels -100 on each row's prompt and on padding. Rows longer than ``max_length`` are cut."""
 
     pad_token_id: int
     max_length: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows, labels = [], []
-        for key in FIELDS:
-            for ex in examples:
+        rows = []
+        for ex in examples:
+            row = {}
+            for key in FIELDS:
                 ids = (ex["prompt_ids"] + ex[f"{key}_ids"])[: self.max_length]
-                n_prompt = min(len(ex["prompt_ids"]), len(ids))
-                rows.append(ids)
-                labels.append([-100] * n_prompt + ids[n_prompt:])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            label_t[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+                n_prompt = min(len(ex["prompt_ids"]) + ex.get(f"{key}_prompt_len", 0), len(ids))
+                row[key] = (ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:])
+            rows.append(row)
+        input_ids, labels, mask = pad_rows(field_major(rows, FIELDS), self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class TSPINTrainer(Trainer):
@@ -182,15 +201,17 @@ class TSPINTrainer(Trainer):
         columns = set(dataset.column_names or [])
         if not {"prompt", *FIELDS} <= columns:
             raise ValueError(f"{name}: expected columns prompt, real, generated, proto, got {sorted(columns)}")
-        dataset = dataset.map(tokenize_triplet, fn_kwargs={"tokenizer": tokenizer}, remove_columns=sorted(columns),
-                              desc="Tokenizing triplets")
+        dataset = dataset.map(tokenize_triplet, remove_columns=sorted(columns), desc="Tokenizing triplets",
+                              fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length,
+                                         "max_prompt_length": args.max_prompt_length})
         if args.max_length is None:
             return dataset
         # a prompt that fills max_length leaves no completion token to train on (TRL drops these too)
-        kept = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, desc="Dropping too-long prompts")
+        kept = dataset.filter(lambda ex: all(len(ex["prompt_ids"]) + ex[f"{k}_prompt_len"] < args.max_length
+                                             for k in FIELDS), desc="Dropping too-long prompts")
         if len(dataset) and not len(kept):
-            longest = max(len(ids) for ids in dataset["prompt_ids"])
-            shortest = min(len(ids) for ids in dataset["prompt_ids"])
+            lengths = [len(ex["prompt_ids"]) + max(ex[f"{k}_prompt_len"] for k in FIELDS) for ex in dataset]
+            longest, shortest = max(lengths), min(lengths)
             raise ValueError(f"{name}: every one of its {len(dataset)} prompts has at least max_length="
                              f"{args.max_length} tokens ({shortest} to {longest}), so no completion token is left "
                              "to train on; raise max_length or shorten the prompts")
@@ -208,15 +229,8 @@ class TSPINTrainer(Trainer):
     def _log_metrics(self, real, generated, proto) -> None:
         mode = "train" if self.model.training else "eval"
         real, generated, proto = self.accelerator.gather_for_metrics((real, generated, proto))
-        a = self.args.alpha
-        values = {
-            "logps/real": real, "logps/generated": generated, "logps/proto": proto,
-            "rewards/real": a * real, "rewards/generated": a * generated, "rewards/proto": a * proto,
-            "rewards/margins": a * (real - generated), "rewards/accuracies": (real > generated).float(),
-            "margins/current": real - generated, "margins/history": generated - proto,
-        }
-        for key, v in values.items():
-            self._metrics[mode][key].append(v.float().mean().item())
+        for key, v in tspin_metrics(real, generated, proto, alpha=self.args.alpha).items():  # tspin's own metrics
+            self._metrics[mode][key].append(v.item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
