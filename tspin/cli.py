@@ -19,6 +19,7 @@ way: one line saying how to continue, exit 130 / 143; what was written stays res
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -159,19 +160,33 @@ def _main(argv: list[str], command: str, debug: bool) -> int:
         from .ranks import world
 
         rank, world_size = world()  # under torchrun every rank says what stopped it
-        print(f"{command}: error: {f'[rank {rank}] ' if world_size > 1 else ''}{_one_line(e)}", file=sys.stderr)
+        _say(f"{command}: error: {f'[rank {rank}] ' if world_size > 1 else ''}{_one_line(e)}")
         return code
     except KeyboardInterrupt as e:
         if debug:
             raise
         how = _how_to_continue(command)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{command}: {what}{'; ' + how if how else ''}", file=sys.stderr)
+        _say(f"{command}: {what}{'; ' + how if how else ''}")
         return 143 if isinstance(e, Terminated) else 130
     from .ranks import cleanup_distributed
 
     cleanup_distributed()  # under torchrun: leave the process group together (on errors, torchrun ends the rest)
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun the ranks share the pipe, and print()'s separate writes of the
+    text and its newline let two ranks' lines run together (pipes keep a single write under 4 KiB whole)."""
+    sys.stderr.flush()
+    data = (line + "\n").encode(errors="replace")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (captured in-process): no descriptor to share
+        sys.stderr.write(line + "\n")
+        return
+    while data:  # a long line may go out in parts; the loop keeps it whole on our side
+        data = data[os.write(fd, data):]
 
 
 def _exit_code(e: Exception) -> int | None:
