@@ -12,6 +12,7 @@ from _trainer_helpers import one_thread, task_file, tiny_model_dir, write_jsonl 
 
 from tspin.cli import main
 from tspin.config import FIELDS, load_config
+from tspin.state_file import read_state
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,12 @@ def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
     assert all(len(m["per_prompt"]) == 16 and set(m["per_prompt"]) <= {"0", "1"} for m in r["models"].values())
     assert len((d / "seed0" / "test" / "tspin" / "tspin__iter1.jsonl").read_text().splitlines()) == 16
     assert (d / "curves.png").stat().st_size > 1000
+    # disk: the SFT rounds keep their evaluations and only the chosen model (OUT/best); finished models no optimizer
+    pi0 = d / "seed0" / "pi0"
+    assert (pi0 / "best" / "model.safetensors").exists() and (pi0 / "rounds.json").exists()
+    assert not list(pi0.glob("iter*/model")) and list(pi0.glob("iter*/eval.json"))
+    finished = list(d.glob("seed0/runs/*/iter*/model"))
+    assert finished and all("optimizer" not in read_state(m / "trainer_state") for m in finished)
     assert "test EM" in out and "tspin/iter1" in out
     assert f"[demo] generation backend: {summary['generation_backend']}" in out  # says who sampled, and records it
     rc, _, err = run(["demo", "--out", str(d), "--quick", "--no-progress"], capsys)

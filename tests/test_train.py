@@ -14,6 +14,7 @@ from tspin.metrics import MetricsWriter
 from tspin.models import load_policy, load_tokenizer
 from tspin.selfplay import iterate
 from tspin.settings import load_settings, train_settings
+from tspin.state_file import read_state
 from tspin.train import build_optimizer, build_scheduler, train_loop
 
 TSPIN_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "logps/real", "logps/generated", "logps/proto",
@@ -94,7 +95,12 @@ def test_sft_loss_goes_down_and_metrics_have_spec_names(model_dir, tmp_path):
                metrics=MetricsWriter(tmp_path / "s.jsonl"))
     losses = [r["loss"] for r in read_jsonl(tmp_path / "s.jsonl")]
     assert losses[-1] < 0.8 * losses[0]
-    assert (tmp_path / "s" / "model" / "trainer_state" / "state.json").exists()
+    # the finished policy keeps the step and the RNG states, not the optimizer's moments (2x the weights)
+    state = read_state(tmp_path / "s" / "model" / "trainer_state")
+    assert state["step"] == state["total_steps"] and "rng" in state
+    assert "optimizer" not in state and "scheduler" not in state
+    weights = (tmp_path / "s" / "model" / "model.safetensors").stat().st_size
+    assert (tmp_path / "s" / "model" / "trainer_state" / "tensors.safetensors").stat().st_size < weights / 4
 
     model = tiny_policy(model_dir)
     train_loop(model, tok, _feats(tok, 8), train_settings(tiny_cfg()), method="tspin", out_dir=tmp_path / "t",

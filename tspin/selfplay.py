@@ -9,7 +9,7 @@ run resumes where it stopped):
     OUT/iter{t}/generated.jsonl   y' sampled by the start-of-iteration policy (not at t=0 when it is the proto)
     OUT/iter{t}/data.jsonl        the iteration's training records (+ SPIN reference log-probs, computed once)
     OUT/iter{t}/checkpoints/      mid-iteration checkpoints (every `save_steps`)
-    OUT/iter{t}/model/            the iteration's final policy (save_pretrained + trainer_state/)
+    OUT/iter{t}/model/            the iteration's final policy (save_pretrained + trainer_state/: step, RNG)
     OUT/iter{t}/eval.json         held-out evaluation of that policy
 """
 

@@ -264,7 +264,9 @@ def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, 
     means = epoch_avg.means()
     # written before the model: a run killed in between redoes the tail of training and rewrites both
     on_main(atomic_write_json, out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
-    save_checkpoint(out_dir / "model", model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+    # the finished policy: no optimizer or scheduler state (nothing resumes from it mid-schedule; every iteration
+    # starts a fresh optimizer), which keeps a model directory at the size of its weights rather than three times it
+    save_checkpoint(out_dir / "model", model, tokenizer=tokenizer,
                     state={"step": total, "total_steps": total, "iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
     return means

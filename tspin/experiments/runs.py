@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import load_records
-from ..io import atomic_path, atomic_write_jsonl, read_jsonl
+from ..io import atomic_path, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from .jobs import Job
 
 METHODS = ("tspin", "tspin_nohist", "spin", "sft_cont")  # the main study's arms from pi_0
@@ -130,16 +130,27 @@ def sft_early_stopped(*, out: str, data: str, s: dict, seed: int, model: str, fr
     """Instruction SFT epoch by epoch, stopped `patience` epochs after the best validation exact match (at most
     `max_epochs`, a cap that should not bind: ``stopped_by`` says which ended it); the best epoch's model, copied
     to OUT/best, is the result."""
-    f = s["sft"]
+    import shutil
+
+    f, root = s["sft"], Path(out)
+    record = root / "rounds.json"
+    if record.exists() and (root / "best").exists():  # stopped before, its round models already removed
+        return read_json(record, "the SFT rounds' record")
     for epochs in range(1, f["max_epochs"] + 1):
         ems = _sft_rounds(out, data, s, seed, model, fraction, epochs, progress, backend=backend)
         best = ems.index(max(ems))
         if len(ems) - 1 - best >= f["patience"]:
             break
     steps = steps_per_iteration(s, fraction)
-    return {"model": _keep_model(Path(out) / f"iter{best}", Path(out) / "best"), "best_epoch": best + 1,
-            "stopped_by": "patience" if len(ems) - 1 - best >= f["patience"] else "max_epochs",
-            "val_exact_match": ems, "steps_per_epoch": steps, "steps_to_best": steps * (best + 1)}
+    result = {"model": _keep_model(root / f"iter{best}", root / "best"), "best_epoch": best + 1,
+              "stopped_by": "patience" if len(ems) - 1 - best >= f["patience"] else "max_epochs",
+              "val_exact_match": ems, "steps_per_epoch": steps, "steps_to_best": steps * (best + 1)}
+    # later stages read OUT/best only: the rounds' models (most of the run's disk) go, their evaluations stay;
+    # the record first, so that a run killed in between does not train the rounds again
+    atomic_write_json(record, result)
+    for t in range(len(ems)):
+        shutil.rmtree(root / f"iter{t}" / "model", ignore_errors=True)
+    return result
 
 
 def _keep_model(round_dir: Path, dest: Path) -> str:
