@@ -160,3 +160,18 @@ def test_preregistration_document_states_the_code_design():
     assert f"margin {d['rules']['margin']}" in doc and f"alpha {d['rules']['alpha']}" in doc
     for claim, m in d["mde"].items():
         assert f"| ({claim}) | {m['value']:.4f} |" in doc, claim
+
+
+def test_the_committed_study_recomputes_and_the_demo_runs_its_choice():
+    """docs/results/study.json, the study this repository reports: every stored p-value and verdict recomputes from
+    its per-prompt outcomes, it ran the pre-registered design, and the demo's settings are its validation choice."""
+    from tspin.experiments.demo import settings
+
+    study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
+    assert differences(study) == []
+    assert study["preregistered"] == json.loads(json.dumps(PREREGISTERED))
+    main_seeds = [r for r in study["per_seed"] if r["role"] == "main"]
+    assert [r["seed"] for r in main_seeds] == PREREGISTERED["seeds"]["main"]
+    assert all(len(m["per_prompt"]) == PREREGISTERED["n_test_per_seed"] for r in main_seeds
+               for m in r["models"].values())
+    assert settings()["chosen"] == study["chosen"]
