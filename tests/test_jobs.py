@@ -17,7 +17,9 @@ def record(*, out: str, name: str, fail: bool = False, die: bool = False) -> dic
         raise RuntimeError(f"job {name} failed")
     with open(os.path.join(os.path.dirname(out), "order.log"), "a") as f:
         f.write(name + "\n")
-    return {"name": name, "pid": os.getpid()}
+    import torch
+
+    return {"name": name, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
 
 def _job(tmp_path, name, deps=(), **kw):
@@ -57,6 +59,21 @@ def test_two_worker_processes(tmp_path, monkeypatch):
     results = run_jobs(jobs, processes=2, log=lambda _: None)
     assert {r["pid"] for r in results.values()} != {os.getpid()}  # ran in the workers
     assert (tmp_path / "order.log").read_text().split()[-1] == "c"
+
+
+def test_a_job_that_runs_alone_gets_every_workers_threads(tmp_path, monkeypatch):
+    """a, then b and c side by side, then d: a and d run alone (2 workers x 1 thread: 2 threads), b and c one each;
+    the replay divides each job's CPU seconds by the threads it had."""
+    from tspin.experiments.jobs import core_seconds
+
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    jobs = [_job(tmp_path, "a"), _job(tmp_path, "b", ["a"]), _job(tmp_path, "c", ["a"]),
+            _job(tmp_path, "d", ["b", "c"])]
+    results = run_jobs(jobs, processes=2, log=lambda _: None)
+    assert {k: (r["threads"], r["torch_threads"]) for k, r in results.items()} == {
+        "a": (2, 2), "b": (1, 1), "c": (1, 1), "d": (2, 2)}
+    assert core_seconds(results)["a"] == results["a"]["cpu_seconds"] / 2
+    assert core_seconds({"old": {"cpu_seconds": 3.0}}) == {"old": 3.0}  # results written before threads were kept
 
 
 def test_a_dead_worker_is_a_clear_error(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from .collect import collect_seed
-from .jobs import makespan, run_jobs
+from .jobs import core_seconds, makespan, run_jobs
 from .runs import METHODS, demo_config, seed_jobs, shared_jobs
 from .stats import mcnemar
 from .task import LETTERS, build_model, build_tokenizer, make_task  # noqa: F401 (the demo's world, for tests)
@@ -166,12 +166,12 @@ def run_demo(out: str | Path, *, quick: bool = False, resume: bool = False, prog
     results = run_jobs(jobs, processes=processes, threads=threads, prefix="[demo]")
     r = collect_seed(out, seed, s, chosen, from_pretrained=chosen["tspin"])
     r["pretrain_exact_match"] = results["pretrain"]["eval/exact_match"]
-    cpu = {name: x["cpu_seconds"] for name, x in results.items()}
+    on_cores = core_seconds(results)
     summary = {"settings": s, "seed": seed, "processes": processes, "threads": threads,
                "generation_backend": backend_line, "result": r,
                "seconds": previous["seconds"] if all_done and previous else round(time.time() - t0, 1),
-               "cpu_seconds": round(sum(cpu.values()), 1),
-               "estimated_seconds_on_2_free_cores": round(makespan(jobs, cpu, 2), 1)}
+               "cpu_seconds": round(sum(x["cpu_seconds"] for x in results.values()), 1),
+               "estimated_seconds_on_2_free_cores": round(makespan(jobs, on_cores, 2), 1)}
     atomic_write_json(out / "summary.json", summary)
     text = table(r)
     atomic_write_text(out / "table.txt", text + "\n")

@@ -301,8 +301,10 @@ def seed_jobs(out: Path, s: dict, seed: int, runs: dict[str, list[dict]], *, pro
                             pi0=pi0, method=method, params=params, proto_path=str(d / "proto" / "proto.jsonl"),
                             **base))
     if from_pretrained is not None:
-        jobs += [job("pt_sft25", "sft_early_stopped", ["pretrain", "data"], model=pretrained, fraction=s["fraction"],
-                     **base),
+        # after pi_0, though it does not need it: pi_0 is the demo's longest job and everything else waits for it, so
+        # it runs alone and gets both cores (tspin.experiments.jobs); the extra arm fills the cores after it
+        jobs += [job("pt_sft25", "sft_early_stopped", ["pretrain", "data", "pi0"], model=pretrained,
+                     fraction=s["fraction"], **base),
                  job("pt_proto", "proto", ["pt_sft25"], pi0=str(d / "pt_sft25" / "best"), **base),
                  job(run_dir("pt_tspin", from_pretrained), "selfplay", ["pt_proto"], pi0=str(d / "pt_sft25" / "best"),
                      method="pt_tspin", params=from_pretrained, proto_path=str(d / "pt_proto" / "proto.jsonl"),

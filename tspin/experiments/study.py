@@ -34,7 +34,7 @@ from ..io import atomic_write_json, atomic_write_text
 from .claims import combined_a, main_claims, stability_claims
 from .collect import collect_seed, outcome_reader
 from .demo import plot_curves, settings
-from .jobs import makespan, run_jobs
+from .jobs import core_seconds, makespan, run_jobs
 from .preregistration import PREREGISTERED, QUICK_DESIGN, comparisons, mde_table
 from .report import markdown, summarize
 from .runs import COEF, METHODS, SELFPLAY, run_name, seed_jobs, shared_jobs
@@ -137,7 +137,7 @@ def run_study(out: str | Path, *, processes: int = 1, threads: int = 1, quick: b
         jobs += seed_jobs(out, s, seed, stab, test_runs={k: v[0] for k, v in stab.items()})
     results.update(run_jobs(jobs, processes=processes, threads=threads, log=log, prefix="[study 2/2]"))
     phase2 = [j for j in jobs if j.name not in {p.name for p in phase1}]
-    cpu = {name: r["cpu_seconds"] for name, r in results.items()}
+    on_cores = core_seconds(results)
     reader, it = outcome_reader(out), s["iterations"]
     per_seed = [{"role": "main", **collect_seed(out, seed, s, chosen, from_pretrained=chosen["tspin"])}
                 for seed in main_seeds]
@@ -154,10 +154,10 @@ def run_study(out: str | Path, *, processes: int = 1, threads: int = 1, quick: b
                     "load_average": {"start": [round(x, 2) for x in load_start],
                                      "end": [round(x, 2) for x in os.getloadavg()]},
                     "job_wall_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
-                    "cpu_seconds_total": round(sum(cpu.values()), 1),
+                    "cpu_seconds_total": round(sum(r["cpu_seconds"] for r in results.values()), 1),
                     # what the measured CPU seconds take with 2 workers on 2 free cores (the two phases in turn)
-                    "estimated_seconds_on_2_free_cores": round(makespan(phase1, cpu, 2) + makespan(phase2, cpu, 2),
-                                                               1),
+                    "estimated_seconds_on_2_free_cores": round(
+                        makespan(phase1, on_cores, 2) + makespan(phase2, on_cores, 2), 1),
                     "job_seconds": {name: [r["seconds"], r["cpu_seconds"]] for name, r in results.items()}},
         "processes": processes, "threads": threads, "settings": s, "pretrain_exact_match":
             results["pretrain"]["eval/exact_match"], "grid_validation": grid_table, "chosen": chosen,
