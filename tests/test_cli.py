@@ -141,7 +141,8 @@ def test_demo_quick_writes_summary_table_plot_and_resumes(tmp_path, capsys):
     assert all(sum(r["runs"][m]["steps"]) == 2 for m in ("tspin_nohist", "spin", "sft_cont"))
     assert r["runs"]["spin"]["examples"] == tspin["examples"] == [16, 16]  # 25% of 64, SPIN's mixing off
     assert r["runs"]["sft_cont"]["examples"] == [64] and r["runs"]["sft_cont"]["same_as_real"] is None
-    assert r["pi_0"]["stopped_by"] in ("patience", "max_epochs")
+    assert tspin["pool"] == [16, 16] and r["runs"]["sft_cont"]["pool"] == [64]  # the prompts sampled / drawn from
+    assert r["pi_0"]["stopped_by"] in ("patience", "max_rounds")
     # per-prompt test outcomes of every scored policy, one character per test prompt
     assert all(len(m["per_prompt"]) == 16 and set(m["per_prompt"]) <= {"0", "1"} for m in r["models"].values())
     assert len((d / "seed0" / "test" / "tspin" / "tspin__iter1.jsonl").read_text().splitlines()) == 16

@@ -162,16 +162,36 @@ def test_preregistration_document_states_the_code_design():
         assert f"| ({claim}) | {m['value']:.4f} |" in doc, claim
 
 
-def test_the_committed_study_recomputes_and_the_demo_runs_its_choice():
-    """docs/results/study.json, the study this repository reports: every stored p-value and verdict recomputes from
-    its per-prompt outcomes, it ran the pre-registered design, and the demo's settings are its validation choice."""
+def test_the_committed_second_study_recomputes_and_the_demo_runs_its_choice():
+    """docs/results/study-v2.json, the second design's study: every stored p-value and verdict recomputes from its
+    per-prompt outcomes, it ran the design it stores as pre-registered, and (until the third design's study reports)
+    the demo's settings are its validation choice."""
     from tspin.experiments.demo import settings
 
-    study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
+    study = json.loads((ROOT / "docs" / "results" / "study-v2.json").read_text())
     assert differences(study) == []
-    assert study["preregistered"] == json.loads(json.dumps(PREREGISTERED))
+    design = study["preregistered"]
     main_seeds = [r for r in study["per_seed"] if r["role"] == "main"]
-    assert [r["seed"] for r in main_seeds] == PREREGISTERED["seeds"]["main"]
-    assert all(len(m["per_prompt"]) == PREREGISTERED["n_test_per_seed"] for r in main_seeds
-               for m in r["models"].values())
+    assert [r["seed"] for r in main_seeds] == design["seeds"]["main"] == PREREGISTERED["seeds"]["main"]
+    assert all(len(m["per_prompt"]) == design["n_test_per_seed"] for r in main_seeds for m in r["models"].values())
     assert settings()["chosen"] == study["chosen"]
+
+
+def test_rounds_and_iterations_match_budgets_at_any_data_size():
+    """pi_0's early-stopping rounds are `round_examples` examples whatever the data size (pi_0 on 100% and pi_0' on
+    25% then count patience in the same steps); a self-play iteration can train a fraction of an epoch over the
+    25% subset, and SFT continued on 100% still takes exactly the steps of all iterations together."""
+    from tspin.experiments.demo import settings
+    from tspin.experiments.runs import round_epochs, round_steps, selfplay_config, selfplay_steps
+
+    s = settings()
+    assert (s["n_train"], s["fraction"], s["selfplay_epochs"], s["sft"]["round_examples"]) == (16384, 0.25, 0.25, 4096)
+    assert (round_epochs(s, None), round_epochs(s, s["fraction"])) == (0.25, 1.0)
+    assert round_steps(s, None) == round_steps(s, s["fraction"]) == 128 and selfplay_steps(s) == 32
+    kw = dict(out="o", data="d", s=s, seed=0, pi0="p", proto_path="p.jsonl")
+    sp = selfplay_config(method="tspin", params={"learning_rate": 1e-4, "alpha": 0.1}, **kw)
+    sft = selfplay_config(method="sft_cont", params={"learning_rate": 3e-4}, **kw)
+    assert (sp.num_train_epochs, sp.data_fraction, sp.num_iterations) == (0.25, 0.25, 4)
+    assert (sft.num_train_epochs, sft.data_fraction, sft.num_iterations) == (0.25, None, 1)  # 128 steps of 512
+    one_epoch = {**s, "sft": {**s["sft"], "round_examples": None}}
+    assert round_epochs(one_epoch, None) == round_epochs(one_epoch, s["fraction"]) == 1.0

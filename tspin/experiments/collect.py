@@ -11,6 +11,10 @@ from pathlib import Path
 from ..evaluation import _normalize
 from .runs import read_test_rows, run_name
 
+# what the results keep of an early-stopped SFT (pi_0, pi_0'): its rounds' validation curve, the best round, why it
+# stopped, validation exact match after the cooldown, and its optimizer steps in all
+SFT_KEYS = ("val_exact_match", "best_round", "stopped_by", "val_final", "steps_to_best")
+
 
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions of one character = one token of the demo)."""
@@ -50,7 +54,7 @@ def _scored(out: Path, seed: int, label: str, steps: int) -> dict:
 
 
 def collect_seed(out: Path, seed: int, s: dict, runs: dict[str, dict], from_pretrained: dict | None = None) -> dict:
-    """Everything measured for one seed: pi_0 and the from-pretrained extra (validation curves, epochs, why the
+    """Everything measured for one seed: pi_0 and the from-pretrained extra (validation curves, rounds, why the
     early stopping stopped), every run in `runs` ({label: params}; labels as in :func:`.runs.seed_jobs`) and every
     scored model (``models``: {label: test, edit_distance, steps since the pretrained model's instruction tuning
     began for pi_0 / pt_sft25 and since pi_0 for the runs, per_prompt})."""
@@ -61,20 +65,20 @@ def collect_seed(out: Path, seed: int, s: dict, runs: dict[str, dict], from_pret
         return json.loads((d / name / "job.json").read_text())
 
     pi0 = job("pi0")
-    r = {"seed": seed, "pi_0": {k: pi0[k] for k in ("val_exact_match", "best_epoch", "stopped_by", "steps_to_best")},
+    r = {"seed": seed, "pi_0": {k: pi0[k] for k in SFT_KEYS},
          "proto_same_as_real": job("proto")["same_as_real"], "runs": {}, "models": {}}
     r["models"]["pi_0"] = _scored(out, seed, "pi_0", pi0["steps_to_best"])
     all_runs = dict(runs, **({"pt_tspin": from_pretrained} if from_pretrained is not None else {}))
     for label, params in all_runs.items():
         if label == "pt_tspin":  # its start first
             pt = job("pt_sft25")
-            r["pt_sft25"] = {k: pt[k] for k in ("val_exact_match", "best_epoch", "stopped_by", "steps_to_best")}
+            r["pt_sft25"] = {k: pt[k] for k in SFT_KEYS}
             r["models"]["pt_sft25"] = _scored(out, seed, "pt_sft25", pt["steps_to_best"])
         method = label.partition("@")[0]
         run = job(f"runs/{run_name(method, params)}")
         r["runs"][label] = {"params": params, "run": run_name(method, params), "val": run["val_exact_match"],
                             "same_as_real": run["same_as_real"], "steps": run["steps"], "examples": run["examples"],
-                            "train": run["train"]}
+                            "pool": run["pool"], "train": run["train"]}
         if label == "sft_cont":
             r["models"][label] = _scored(out, seed, label, sum(run["steps"]))
         else:

@@ -21,7 +21,7 @@ def summarize(per_seed: list[dict]) -> dict:
         out[role] = {"seeds": [r["seed"] for r in rows], "models": models, "same_as_real": same,
                      "proto_same_as_real": mean_sd([r["proto_same_as_real"] for r in rows]),
                      "pi_0_stopped_by": [r["pi_0"]["stopped_by"] for r in rows],
-                     "pi_0_best_epoch": [r["pi_0"]["best_epoch"] for r in rows]}
+                     "pi_0_best_round": [r["pi_0"]["best_round"] for r in rows]}
     return out
 
 
