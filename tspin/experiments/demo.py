@@ -43,8 +43,8 @@ DEMO_SETTINGS = dict(
     pretrain=dict(lr=3e-3, batch_size=32, epochs=1.0),
     sft=dict(lr=2e-3, round_examples=4096, max_rounds=40, patience=3, cooldown_rounds=1),
     fraction=0.25, iterations=4, selfplay_epochs=0.25, temperature=1.0, beta=0.1, spin_mix_previous=False,
-    chosen={"tspin": {"learning_rate": 1e-4, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 1e-4, "alpha": 0.1},
-            "spin": {"learning_rate": 1e-4, "spin_lambda": 0.1}, "sft_cont": {"learning_rate": 3e-4}},
+    chosen={"tspin": {"learning_rate": 1e-5, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 1e-5, "alpha": 0.1},
+            "spin": {"learning_rate": 3e-5, "spin_lambda": 1.0}, "sft_cont": {"learning_rate": 3e-4}},
     chosen_by="tspin study (docs/results/study.json): seed 0's validation exact match after the last iteration",
 )
 # --quick: seconds, for tests (head_dim 32: the smallest vLLM's CPU attention takes, for --backend vllm)
