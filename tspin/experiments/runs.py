@@ -50,15 +50,19 @@ def run_name(method: str, params: dict) -> str:
     return "_".join(parts)
 
 
-def steps_per_iteration(s: dict, fraction: float | None) -> int:
+def n_prompts(s: dict, fraction: float | None) -> int:
+    """How many training prompts a stage trains on: `fraction` of them (the 25% subset), or all (None)."""
+    return s["n_train"] if fraction is None else round(fraction * s["n_train"])
+
+
+def steps_per_epoch(s: dict, fraction: float | None) -> int:
     """Optimizer steps of one epoch over the training prompts (`fraction` of them; None: all)."""
-    n = s["n_train"] if fraction is None else round(fraction * s["n_train"])
-    return math.ceil(n / demo_config().per_device_train_batch_size)
+    return math.ceil(n_prompts(s, fraction) / demo_config().per_device_train_batch_size)
 
 
 def selfplay_steps(s: dict) -> int:
     """Optimizer steps of one self-play iteration: `selfplay_epochs` of an epoch over the 25% subset."""
-    return math.ceil(s["selfplay_epochs"] * steps_per_iteration(s, s["fraction"]))
+    return math.ceil(s["selfplay_epochs"] * steps_per_epoch(s, s["fraction"]))
 
 
 def _cfg(s: dict, data: Path, seed: int, progress: bool, backend: str = "hf", **kw) -> Config:
@@ -123,13 +127,12 @@ def round_epochs(s: dict, fraction: float | None) -> float:
     pi_0' on 25%), or one epoch when that is None."""
     if s["sft"]["round_examples"] is None:
         return 1.0
-    n = s["n_train"] if fraction is None else round(fraction * s["n_train"])
-    return s["sft"]["round_examples"] / n
+    return s["sft"]["round_examples"] / n_prompts(s, fraction)
 
 
 def round_steps(s: dict, fraction: float | None) -> int:
     """Optimizer steps of one SFT round (the trainer takes ceil(epochs x steps per epoch))."""
-    return math.ceil(round_epochs(s, fraction) * steps_per_iteration(s, fraction))
+    return math.ceil(round_epochs(s, fraction) * steps_per_epoch(s, fraction))
 
 
 def _sft_rounds(out: str, data: str, s: dict, seed: int, model: str, fraction: float | None, rounds: int,
@@ -168,7 +171,7 @@ def sft_early_stopped(*, out: str, data: str, s: dict, seed: int, model: str, fr
         if len(ems) - 1 - best >= f["patience"]:
             break
     steps, final, val = round_steps(s, fraction), root / f"iter{best}", ems[best]
-    cool = f.get("cooldown_rounds", 0)
+    cool = f["cooldown_rounds"]
     if cool:  # its own data order (seed + 1), the same subset (data_seed)
         cfg = _cfg(s, Path(data), seed + 1, progress, backend, method="sft", model_name_or_path=str(final / "model"),
                    data_fraction=fraction, data_seed=seed, learning_rate=f["lr"], lr_scheduler="linear",
@@ -227,8 +230,8 @@ def selfplay_config(*, out: str, data: str, s: dict, seed: int, pi0: str, proto_
         kw.update(method="tspin", no_history=True)
     elif method == "sft_cont":
         steps = s["iterations"] * selfplay_steps(s)
-        epochs = steps / steps_per_iteration(s, None)
-        assert math.ceil(epochs * steps_per_iteration(s, None)) == steps, \
+        epochs = steps / steps_per_epoch(s, None)
+        assert math.ceil(epochs * steps_per_epoch(s, None)) == steps, \
             "n_train must make the steps match exactly"  # the trainer takes ceil(epochs * n/b)
         kw.update(method="sft", data_fraction=None, num_iterations=1, num_train_epochs=epochs)
     if method == "spin":
