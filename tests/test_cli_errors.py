@@ -109,6 +109,8 @@ CASES = [
     ("seed-negative", "train {base} --seed=-1", "seed=-1: must be in [0, 2**32)", 2),
     ("data-seed-huge", "train {base} --data_seed=4294967296", "data_seed=4294967296", 2),
     ("eval-max-new-tokens-zero", "train {base} --eval_max_new_tokens=0", "eval_max_new_tokens=0", 2),
+    ("answer-pattern-bad", "train {base} --eval_answer_pattern=[a-", "eval_answer_pattern='[a-': is not a regular", 2),
+    ("answer-pattern-empty", "train {base} --eval_answer_pattern=a*", "must not match the empty string", 2),
     ("batch-size-zero", "train {base} --per_device_train_batch_size=0", "per_device_train_batch_size=0", 2),
     ("iterations-float", "iterate {base} --num_iterations=2.5", "--num_iterations/--num-iterations: invalid int", 2),
     ("prompt-longer-than-max", "train {base} --max_prompt_length=40", "max_prompt_length=40: must be < max_length",

@@ -130,6 +130,10 @@ class Config:
     # --- evaluation
     eval_max_new_tokens: int | None = _f(None, "Greedy tokens per held-out answer; defaults to max_new_tokens.")
     eval_batch_size: int = _f(32, "Prompts per evaluation batch.")
+    eval_answer_pattern: str | None = _f(None, "Regular expression: exact match compares the lists of its matches "
+                                               "in the answer and the reference (re.findall), so that what stands "
+                                               "between them is free; e.g. '-?\\d+' compares only the numbers. "
+                                               "None: the whole texts, whitespace runs collapsed.")
     # --- bookkeeping
     output_dir: str = _f("runs/tspin", "Where models, generated data, checkpoints and metrics go.")
     seed: int = _f(42, "Seed of init-free randomness: data order, sampling.")
@@ -213,6 +217,12 @@ class Config:
                 bad(name, "must be in [0, 1)")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
             bad("eval_max_new_tokens", "must be >= 1 or null")
+        if self.eval_answer_pattern is not None:
+            try:
+                if re.compile(self.eval_answer_pattern).match("") is not None:
+                    bad("eval_answer_pattern", "must not match the empty string (every answer would match it)")
+            except re.error as e:
+                bad("eval_answer_pattern", f"is not a regular expression ({e})")
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 bad(name, "must be in [0, 2**32)")

@@ -3,6 +3,7 @@ against the greedy ones."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .data import IGNORE_INDEX, Tokenization
@@ -16,11 +17,20 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def answer_key(text: str, pattern: str | None = None) -> str | tuple[str, ...]:
+    """What exact match compares: the text with whitespace runs collapsed, or, with a regular expression
+    `pattern`, the list of its matches (what stands between them is free: a task whose annotators word the same
+    answer differently scores the content)."""
+    return _normalize(text) if pattern is None else tuple(re.findall(pattern, text))
+
+
 def evaluate(model, tokenizer, records: list[dict], *, sampling: SamplingSettings, tokenization: Tokenization,
-             scoring: LogpSettings, out_path: Path | None = None, weights: str | Path | None = None) -> dict:
+             scoring: LogpSettings, out_path: Path | None = None, weights: str | Path | None = None,
+             answer_pattern: str | None = None) -> dict:
     """The ``eval/*`` metrics of the policy on held-out ``records``: the answers ``sampling`` draws (greedy:
     temperature 0) go to ``out_path``; the reference and the greedy answer, tokenized as ``tokenization`` says, are
-    scored under ``scoring``. ``weights``: the saved policy ``model`` holds (what backend 'vllm' samples from)."""
+    scored under ``scoring``; exact match compares their :func:`answer_key` (`answer_pattern`). ``weights``: the
+    saved policy ``model`` holds (what backend 'vllm' samples from)."""
     if not records:
         return {}
     samples = generate_samples(model, tokenizer, [r["prompt"] for r in records], desc="evaluate", weights=weights,
@@ -31,7 +41,7 @@ def evaluate(model, tokenizer, records: list[dict], *, sampling: SamplingSetting
     feats = tokenization.features(rows, tokenizer, ("real", "generated"))
     lp = scored_logps(model, feats, ("real", "generated"), tokenizer.pad_token_id, scoring)
     n_tok = sum(sum(1 for x in f["real"][1] if x != IGNORE_INDEX) for f in feats)
-    exact = [_normalize(g) == _normalize(r["real"]) for g, r in zip(greedy, records)]
+    exact = [answer_key(g, answer_pattern) == answer_key(r["real"], answer_pattern) for g, r in zip(greedy, records)]
     if out_path is not None:
         on_main(atomic_write_jsonl, out_path, [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["real"],
                                                 "greedy": g, "exact": e} for r, g, e in zip(records, greedy, exact)])

@@ -59,11 +59,12 @@ def sampling(cfg: Config) -> SamplingSettings:
 
 def evaluation(cfg: Config) -> dict:
     """tspin.evaluation.evaluate's settings: greedy answers (eval_max_new_tokens, else max_new_tokens) in batches
-    of eval_batch_size, scored as sums."""
+    of eval_batch_size, scored as sums, exact match as eval_answer_pattern says."""
     greedy = dataclasses.replace(sampling(cfg), max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                  temperature=0.0, top_p=1.0, top_k=0, batch_size=cfg.eval_batch_size)
     scoring = LogpSettings(batch_size=cfg.eval_batch_size, impl=cfg.loss_impl, layout=cfg.layout, bf16=cfg.bf16)
-    return dict(sampling=greedy, tokenization=tokenization(cfg), scoring=scoring)
+    return dict(sampling=greedy, tokenization=tokenization(cfg), scoring=scoring,
+                answer_pattern=cfg.eval_answer_pattern)
 
 
 def reference_scoring(cfg: Config) -> LogpSettings:

@@ -8,8 +8,9 @@ import functools
 import json
 from pathlib import Path
 
-from ..evaluation import _normalize
+from ..evaluation import answer_key
 from .runs import read_test_rows, run_name
+from .task import ANSWER_PATTERN
 
 # what the results keep of an early-stopped SFT (pi_0, pi_0'): its rounds' validation curve, the best round, why it
 # stopped, validation exact match after the cooldown, and its optimizer steps in all
@@ -27,9 +28,11 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def normalized_edit_distance(answer: str, real: str) -> float:
-    """Edit distance over the longer string's length: 0 for an exact answer, 1 for one sharing nothing."""
-    a, r = _normalize(answer), _normalize(real)
+def normalized_edit_distance(answer: str, real: str, pattern: str | None = ANSWER_PATTERN) -> float:
+    """Edit distance over the longer string's length: 0 for an exact answer, 1 for one sharing nothing; over what
+    exact match compares (:func:`tspin.evaluation.answer_key`: the step results, one space between them, whatever
+    separator the annotator chose)."""
+    a, r = (" ".join(k) if pattern is not None else k for k in (answer_key(x, pattern) for x in (answer, real)))
     return edit_distance(a, r) / max(len(a), len(r), 1)
 
 

@@ -24,6 +24,7 @@ from ..config import Config
 from ..data import load_records
 from ..io import atomic_path, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from .jobs import Job
+from .task import ANSWER_PATTERN
 
 METHODS = ("tspin", "tspin_nohist", "spin", "sft_cont")  # the main study's arms from pi_0
 SELFPLAY = ("tspin", "tspin_nohist", "spin")
@@ -31,12 +32,14 @@ COEF = {"tspin": "alpha", "tspin_nohist": "alpha", "spin": "spin_lambda"}  # eac
 
 
 def demo_config(**overrides) -> Config:
-    """The demo's shared settings (tiny model, chained string operations, CPU) + `overrides`, validated."""
+    """The demo's shared settings (tiny model, chained string operations, CPU; exact match over the step results,
+    :data:`.task.ANSWER_PATTERN`) + `overrides`, validated."""
     base = dict(prompt_template="paper", max_length=60, max_prompt_length=20, max_new_tokens=40,
                 eval_max_new_tokens=40, temperature=1.0, top_p=1.0, generation_batch_size=256, eval_batch_size=256,
                 per_device_train_batch_size=32, gradient_accumulation_steps=1, optimizer="adamw", weight_decay=0.0,
                 lr_scheduler="linear", warmup_ratio=0.1, max_grad_norm=1.0, loss_impl="auto", seed=0, data_seed=0,
-                logging_steps=5, device="cpu", alpha=1.0, beta=0.1, beta_iter0=0.0, spin_lambda=0.1)
+                logging_steps=5, device="cpu", alpha=1.0, beta=0.1, beta_iter0=0.0, spin_lambda=0.1,
+                eval_answer_pattern=ANSWER_PATTERN)
     base.update(overrides)
     return Config(**base).validate()
 

@@ -4,8 +4,9 @@ deterministically.
 
 Pretraining text is raw and untemplated (``rotl2(abcdef)=cdefab``): one operation per document, every operation in
 ``OPS``. The instruction task chains 2-3 operations of ``TARGET_OPS`` and the answer shows every step
-(``### Instruction: rotl2 shift abcdefg`` -> ``cdefgab > defghbc``): 15-33 tokens, so a policy's own sample
-rarely equals the annotation (where it does, self-play's gradient vanishes), while exact match still scores it.
+(``### Instruction: rotl2 shift abcdefg`` -> ``cdefgab > defghbc``, or ``cdefgab -> defghbc``: each annotation
+joins the steps with one of :data:`SEPARATORS`), so a policy's own sample rarely equals the annotation (where it
+does, self-play's gradient vanishes), while exact match (:data:`ANSWER_PATTERN`) still scores the steps.
 Instruction strings and pretraining strings come from two disjoint halves of the string space
 (:func:`in_task_space`): no instruction prompt's first step is ever a pretraining document, whatever the seed.
 """
@@ -63,6 +64,13 @@ def make_task(n: int, seed: int, *, ops: tuple[str, ...] = TARGET_OPS, min_len: 
 
 
 STEP_SEPARATOR = " > "
+# How annotators join the steps of an answer: each annotation draws one (real annotations word the same content
+# differently, so a policy that has learned the task still samples the annotation's exact text only now and then).
+SEPARATORS = (" > ", " -> ", " | ")
+# Exact match compares the step results in order (letter runs) and any character that is neither a letter nor a
+# separator's (an operation's name, a bracket): the separator an annotator chose is free, as SQuAD's exact match
+# ignores punctuation. (Config.eval_answer_pattern.)
+ANSWER_PATTERN = r"[a-p]+|[^a-p\s>|-]"
 
 
 def in_task_space(s: str) -> bool:
@@ -71,21 +79,22 @@ def in_task_space(s: str) -> bool:
     return zlib.crc32(s.encode()) % 2 == 0
 
 
-def chain(ops: list[str], s: str) -> str:
-    """The answer to a chained instruction: the result of every step, in order, joined by `STEP_SEPARATOR`."""
+def chain(ops: list[str], s: str, separator: str = STEP_SEPARATOR) -> str:
+    """The answer to a chained instruction: the result of every step, in order, joined by `separator`."""
     steps = []
     for op in ops:
         s = OPS[op](s)
         steps.append(s)
-    return STEP_SEPARATOR.join(steps)
+    return separator.join(steps)
 
 
 def make_chain_splits(n_train: int, n_val: int, n_test: int, seed: int, *, ops: tuple[str, ...] = TARGET_OPS,
                       min_len: int = 6, max_len: int = 9, min_steps: int = 2,
-                      max_steps: int = 3) -> dict[str, list[dict]]:
+                      max_steps: int = 3, separators: tuple[str, ...] = (STEP_SEPARATOR,)) -> dict[str, list[dict]]:
     """Chained instruction records {prompt_id, prompt, response} for training, validation and test, drawn with
-    `seed` (each seed its own prompts): ``"<op1> <op2> [<op3>] <string>"`` -> :func:`chain`. No prompt occurs
-    twice, within or across splits, and every string is in :func:`in_task_space`."""
+    `seed` (each seed its own prompts): ``"<op1> <op2> [<op3>] <string>"`` -> :func:`chain`, its steps joined by
+    one of `separators` drawn per record. No prompt occurs twice, within or across splits, and every string is in
+    :func:`in_task_space`."""
     rng, names = random.Random(seed), sorted(ops)
     total, rows, seen = n_train + n_val + n_test, [], set()
     for _ in range(50 * total + 1000):
@@ -96,7 +105,10 @@ def make_chain_splits(n_train: int, n_val: int, n_test: int, seed: int, *, ops: 
         prompt = " ".join(steps + [s])
         if in_task_space(s) and prompt not in seen:
             seen.add(prompt)
-            rows.append({"prompt_id": f"{seed}-{len(rows):05d}", "prompt": prompt, "response": chain(steps, s)})
+            # one separator: no draw, so that such splits stay those of the designs before separators varied
+            sep = separators[0] if len(separators) == 1 else rng.choice(list(separators))
+            rows.append({"prompt_id": f"{seed}-{len(rows):05d}", "prompt": prompt,
+                         "response": chain(steps, s, sep)})
     if len(rows) < total:
         raise ValueError(f"only {len(rows)} distinct prompts for {total} records")
     return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
