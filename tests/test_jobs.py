@@ -61,9 +61,10 @@ def test_two_worker_processes(tmp_path, monkeypatch):
     assert (tmp_path / "order.log").read_text().split()[-1] == "c"
 
 
-def test_a_job_that_runs_alone_gets_every_workers_threads(tmp_path, monkeypatch):
-    """a, then b and c side by side, then d: a and d run alone (2 workers x 1 thread: 2 threads), b and c one each;
-    the replay divides each job's CPU seconds by the threads it had."""
+def test_every_job_gets_the_same_threads_whether_it_runs_alone_or_not(tmp_path, monkeypatch):
+    """a, then b and c side by side, then d: a and d run alone, b and c side by side, and each has the 1 thread
+    asked for (a thread count that followed the schedule would change a job's numbers on CPUs where torch splits a
+    matmul's reduction over threads); the replay divides each job's CPU seconds by the threads it had."""
     from tspin.experiments.jobs import core_seconds
 
     monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -71,8 +72,9 @@ def test_a_job_that_runs_alone_gets_every_workers_threads(tmp_path, monkeypatch)
             _job(tmp_path, "d", ["b", "c"])]
     results = run_jobs(jobs, processes=2, log=lambda _: None)
     assert {k: (r["threads"], r["torch_threads"]) for k, r in results.items()} == {
-        "a": (2, 2), "b": (1, 1), "c": (1, 1), "d": (2, 2)}
-    assert core_seconds(results)["a"] == results["a"]["cpu_seconds"] / 2
+        "a": (1, 1), "b": (1, 1), "c": (1, 1), "d": (1, 1)}
+    assert core_seconds(results)["a"] == results["a"]["cpu_seconds"]
+    assert core_seconds({"two": {"cpu_seconds": 3.0, "threads": 2}}) == {"two": 1.5}
     assert core_seconds({"old": {"cpu_seconds": 3.0}}) == {"old": 3.0}  # results written before threads were kept
 
 

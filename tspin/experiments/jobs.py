@@ -103,8 +103,8 @@ def cpu_seconds() -> float:
 
 
 def core_seconds(results: dict[str, dict]) -> dict[str, float]:
-    """Each job's seconds on free cores: its CPU seconds spread over the threads it ran with (a job that ran alone
-    had every worker's threads; a result written before jobs recorded it had one)."""
+    """Each job's seconds on free cores: its CPU seconds spread over the threads it ran with (an earlier version
+    gave a job that ran alone every worker's threads; a result written before jobs recorded it had one)."""
     return {name: r["cpu_seconds"] / r.get("threads", 1) for name, r in results.items()}
 
 
@@ -187,15 +187,14 @@ def run_jobs(jobs: list[Job], *, processes: int = 1, threads: int = 1, log: Call
         running = {}
         while todo or running:
             starting = [j for j in todo if ready(j)][: processes - len(running)]
-            # a job that starts with nothing else running or ready runs alone until it ends (only its end can make
-            # another job ready): it gets every worker's threads (the pretraining and pi_0, about 1.6x faster on
-            # 2 cores; torch's CPU matmuls split the output, so the numbers do not depend on the thread count)
-            alone = len(starting) == 1 and not running
+            # every job gets `threads`, also one that happens to run alone: on some CPUs torch splits a matmul's
+            # reduction over its threads (the weight gradient's sum over tokens on a Xeon), so a job's numbers
+            # would depend on what else was running when it started, and the demo would not repeat the study's
+            # seed
             for j in starting:
                 todo.remove(j)
                 log(f"{prefix} start: {j.name}")
-                n = threads * processes if alone else threads
-                running[pool.submit(run_job, j.fn, str(j.dir), j.kwargs, n, True)] = j
+                running[pool.submit(run_job, j.fn, str(j.dir), j.kwargs, threads, True)] = j
             if not running:
                 raise ValueError(f"jobs: dependency cycle among {[j.name for j in todo]}")
             finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
