@@ -162,10 +162,28 @@ def test_preregistration_document_states_the_code_design():
         assert f"| ({claim}) | {m['value']:.4f} |" in doc, claim
 
 
-def test_the_committed_third_study_recomputes_and_the_demo_runs_its_choice():
-    """docs/results/study-v3.json, the third design's study: every stored p-value and verdict recomputes from its
-    per-prompt outcomes, it ran its design (the fourth's but for the answer separators and pi_0's round cap), and
-    (until the fourth design's study reports) the demo's settings are its validation choice."""
+def test_the_committed_study_recomputes_and_the_demo_runs_its_choice():
+    """docs/results/study.json, the study this repository reports: every stored p-value and verdict recomputes from
+    its per-prompt outcomes, it ran the pre-registered design, and the demo's settings are its validation choice."""
+    from tspin.experiments.demo import settings
+
+    study = json.loads((ROOT / "docs" / "results" / "study.json").read_text())
+    assert differences(study) == []
+    assert study["preregistered"] == json.loads(json.dumps(PREREGISTERED))
+    design = {k: v for k, v in settings().items() if k not in ("chosen", "chosen_by")}
+    assert study["settings"] == design  # the sizes and schedules the demo runs are the ones the study ran
+    main_seeds = [r for r in study["per_seed"] if r["role"] == "main"]
+    assert [r["seed"] for r in main_seeds] == PREREGISTERED["seeds"]["main"]
+    assert all(len(m["per_prompt"]) == PREREGISTERED["n_test_per_seed"] for r in main_seeds
+               for m in r["models"].values())
+    assert settings()["chosen"] == study["chosen"]
+    # what the design was for: pi_0's samples equal the annotation on at most 30% of the self-play prompts
+    assert all(r["proto_same_as_real"] <= 0.30 for r in study["per_seed"])
+
+
+def test_the_superseded_third_study_still_recomputes():
+    """docs/results/study-v3.json, the third design's study: its stored p-values and verdicts recompute from its
+    per-prompt outcomes, and it ran the fourth design but for the answer separators and pi_0's round cap."""
     from tspin.experiments.demo import settings
 
     study = json.loads((ROOT / "docs" / "results" / "study-v3.json").read_text())
@@ -173,12 +191,8 @@ def test_the_committed_third_study_recomputes_and_the_demo_runs_its_choice():
     design = {k: v for k, v in settings().items() if k not in ("chosen", "chosen_by")}
     design["task"] = {k: v for k, v in design["task"].items() if k != "separators"}
     design["sft"]["max_rounds"] = 40
-    assert study["settings"] == design  # the fourth design: annotators' separators, and a cap further away
-    main_seeds = [r for r in study["per_seed"] if r["role"] == "main"]
-    assert [r["seed"] for r in main_seeds] == study["preregistered"]["seeds"]["main"] == PREREGISTERED["seeds"]["main"]
-    assert all(len(m["per_prompt"]) == PREREGISTERED["n_test_per_seed"] for r in main_seeds
-               for m in r["models"].values())
-    assert settings()["chosen"] == study["chosen"]
+    assert study["settings"] == design
+    assert study["preregistered"]["seeds"] == PREREGISTERED["seeds"]
 
 
 def test_the_superseded_second_study_still_recomputes():

@@ -47,7 +47,7 @@ DEMO_SETTINGS = dict(
     sft=dict(lr=2e-3, round_examples=4096, max_rounds=60, patience=3, cooldown_rounds=1),
     fraction=0.25, iterations=4, selfplay_epochs=0.25, temperature=1.0, beta=0.1, spin_mix_previous=False,
     chosen={"tspin": {"learning_rate": 1e-5, "alpha": 0.1}, "tspin_nohist": {"learning_rate": 1e-5, "alpha": 0.1},
-            "spin": {"learning_rate": 3e-5, "spin_lambda": 1.0}, "sft_cont": {"learning_rate": 3e-4}},
+            "spin": {"learning_rate": 3e-5, "spin_lambda": 1.0}, "sft_cont": {"learning_rate": 1e-3}},
     chosen_by="tspin study (docs/results/study.json): seed 0's validation exact match after the last iteration",
 )
 # --quick: seconds, for tests (head_dim 32: the smallest vLLM's CPU attention takes, for --backend vllm)
