@@ -32,7 +32,11 @@ def normalized_edit_distance(answer: str, real: str, pattern: str | None = ANSWE
     """Edit distance over the longer string's length: 0 for an exact answer, 1 for one sharing nothing; over what
     exact match compares (:func:`tspin.evaluation.answer_key`: the step results, one space between them, whatever
     separator the annotator chose)."""
-    a, r = (" ".join(k) if pattern is not None else k for k in (answer_key(x, pattern) for x in (answer, real)))
+    def text(x: str) -> str:
+        key = answer_key(x, pattern)
+        return key if pattern is None else " ".join(key)
+
+    a, r = text(answer), text(real)
     return edit_distance(a, r) / max(len(a), len(r), 1)
 
 

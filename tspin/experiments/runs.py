@@ -215,9 +215,11 @@ def proto(*, out: str, data: str, s: dict, seed: int, pi0: str, progress: bool =
 
 
 def _match_rate(rows: list[dict], field: str) -> float:
-    from ..evaluation import _normalize
+    """y' = y: the share of rows whose `field` is the reference's whole text (no answer pattern: a sample with the
+    reference's steps and another separator is another sequence, and its self-play gradient is not zero)."""
+    from ..evaluation import answer_key
 
-    return sum(_normalize(r[field]) == _normalize(r["real"]) for r in rows) / max(len(rows), 1)
+    return sum(answer_key(r[field]) == answer_key(r["real"]) for r in rows) / max(len(rows), 1)
 
 
 def selfplay_config(*, out: str, data: str, s: dict, seed: int, pi0: str, proto_path: str | None, method: str,
