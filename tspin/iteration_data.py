@@ -14,6 +14,7 @@ from .data import Tokenization
 from .generation import SamplingSettings, generate_field
 from .io import atomic_write_jsonl, read_jsonl
 from .losses import LogpSettings, scored_logps
+from .phases import NULL_CLOCK, PhaseClock
 from .ranks import on_main
 
 
@@ -81,9 +82,10 @@ def _as(row: dict, src: str, dst: str) -> dict:
 
 
 def iteration_data(model, tokenizer, records, proto_rows, settings: IterationSettings, t: int, it_dir: Path,
-                   out: Path) -> list[dict]:
+                   out: Path, clock: PhaseClock = NULL_CLOCK) -> list[dict]:
     """Iteration ``t``'s training rows (``records`` + y' [+ y0] [+ SPIN's references]), written to
-    ``it_dir/data.jsonl`` once and read back from there on resume."""
+    ``it_dir/data.jsonl`` once and read back from there on resume. ``clock`` times the sampling ("sample") and
+    the reference log-probs ("reference") as phases of their own."""
     path = it_dir / "data.jsonl"
     if path.exists():
         return read_jsonl(path)
@@ -95,9 +97,10 @@ def iteration_data(model, tokenizer, records, proto_rows, settings: IterationSet
             gen = [_as(p, "proto", "generated") for p in proto_rows]
         else:
             start = s.initial_policy if t == 0 else out / f"iter{t - 1}" / "model"  # the policy sampling y'
-            gen = [_as(r, "generated", "generated") for r in generate_field(
-                model, tokenizer, records, it_dir / "generated.jsonl", "generated", s.sampling, seed=s.seed + 1 + t,
-                desc=f"iter{t} generate", weights=start)]
+            with clock.phase("sample", iteration=t):
+                gen = [_as(r, "generated", "generated") for r in generate_field(
+                    model, tokenizer, records, it_dir / "generated.jsonl", "generated", s.sampling,
+                    seed=s.seed + 1 + t, desc=f"iter{t} generate", weights=start)]
         rows = [{**r, **g} for r, g in zip(records, gen)]
         if proto_rows is not None:
             for r, p in zip(rows, proto_rows):
@@ -107,6 +110,7 @@ def iteration_data(model, tokenizer, records, proto_rows, settings: IterationSet
             for r, p in zip(rows, prev):
                 r.update(_as(p, "generated", "generated_prev"))
         if s.method == "spin":
-            rows = spin_refs(model, tokenizer, rows, tokenization=s.tokenization, scoring=s.scoring)
+            with clock.phase("reference", iteration=t):
+                rows = spin_refs(model, tokenizer, rows, tokenization=s.tokenization, scoring=s.scoring)
     on_main(atomic_write_jsonl, path, rows)
     return rows

@@ -36,8 +36,8 @@ CONFIG_FILE = "config.yaml"
 INPUTS_FILE = "inputs.json"
 MANIFEST_FILE = "tspin-run.json"
 # The entries a run writes at the top of its directory (train and iterate); a test checks every name a run writes.
-_OWNED = re.compile(r"config\.yaml|inputs\.json|metrics\.jsonl|summary\.json|train_summary\.json|eval(_init)?\.json"
-                    r"|(proto|eval_generations|data_with_refs)\.jsonl(\.partial)?|model|checkpoints|iter\d+"
+_OWNED = re.compile(r"config\.yaml|inputs\.json|(metrics|phases)\.jsonl|summary\.json|train_summary\.json"
+                    r"|eval(_init)?\.json|(proto|eval_generations|data_with_refs)\.jsonl(\.partial)?|model|checkpoints|iter\d+"
                     r"|nonfinite-step-\d+")
 # The folders of the layout that hold atomic writes of their own (the cleaner walks these, nothing else).
 RUN_SUBDIRS = re.compile(r"iter\d+|checkpoints")

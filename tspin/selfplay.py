@@ -6,6 +6,7 @@ run resumes where it stopped):
 
     OUT/tspin-run.json            the run manifest, written first: the directory is tspin's (tspin.run_dir)
     OUT/config.yaml  inputs.json  metrics.jsonl  summary.json  proto.jsonl
+    OUT/phases.jsonl              seconds and peak GPU memory per phase (sampling, training, ...; tspin.phases)
     OUT/iter{t}/generated.jsonl   y' sampled by the start-of-iteration policy (not at t=0 when it is the proto)
     OUT/iter{t}/data.jsonl        the iteration's training records (+ SPIN reference log-probs, computed once)
     OUT/iter{t}/checkpoints/      mid-iteration checkpoints (every `save_steps`)
@@ -31,6 +32,7 @@ from .io import atomic_write_json, atomic_write_jsonl, clean_stale_temps, read_j
 from .iteration_data import expand_spin_mix, iteration_data, match_prompts, spin_refs
 from .metrics import MetricsWriter
 from .models import check_source, load_policy, load_tokenizer
+from .phases import NULL_CLOCK, PhaseClock
 from .ranks import init_distributed, on_main
 from .rng import seed_all
 from .run_dir import (
@@ -119,14 +121,16 @@ def _tokenizer(cfg: Config):
 
 
 def _evaluate_once(model, tokenizer, held: list[dict], cfg: Config, metrics: MetricsWriter, path: Path,
-                   iteration: int, weights: str | Path, generations: Path | None = None) -> dict:
+                   iteration: int, weights: str | Path, generations: Path | None = None,
+                   clock: PhaseClock = NULL_CLOCK) -> dict:
     """The evaluation stored at `path`: computed and logged once, read back on resume. A run killed between its
     metric line and `path` drops that line before logging the evaluation again. `weights`: the saved policy
     `model` holds (generation_backend 'vllm' samples from it)."""
     if path.exists():
         return read_json(path, "evaluation")
-    e = {"iteration": iteration, **evaluate(model, tokenizer, held, **evaluation(cfg), out_path=generations,
-                                            weights=weights)}
+    with clock.phase("eval", iteration=iteration):
+        e = {"iteration": iteration, **evaluate(model, tokenizer, held, **evaluation(cfg), out_path=generations,
+                                                weights=weights)}
     metrics.rewind(lambda r: not (r.get("phase") == "eval" and r.get("iteration") == iteration))
     metrics.write(phase="eval", method=cfg.method, **e)
     on_main(atomic_write_json, path, e)
@@ -149,32 +153,36 @@ def iterate(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """The whole self-play loop (or `num_iterations` rounds of SFT with evaluation after each). ``resume``: continue
     the run in cfg.output_dir; ``overwrite``: start afresh there (tspin.run_dir: what is deleted, what is kept)."""
     out, tokenizer, records, held, model, metrics = _start(cfg, resume, overwrite)
+    clock = PhaseClock(out / "phases.jsonl", next(model.parameters()).device)  # time, memory (tspin.phases)
 
     evals = []
     if held:
         evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval_init.json", -1,
-                                    cfg.model_name_or_path))
+                                    cfg.model_name_or_path, clock=clock))
 
     proto_rows = None
     needs_proto = cfg.method == "tspin" and not cfg.no_history or (cfg.method != "sft" and cfg.reuse_proto_at_iter0)
     if needs_proto:
         proto_path = Path(cfg.proto_path) if cfg.proto_path else out / "proto.jsonl"
-        proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", sampling(cfg), seed=cfg.seed,
-                                    desc="proto (pi_0)", weights=cfg.model_name_or_path)
+        with clock.phase("proto", iteration=-1):
+            proto_rows = generate_field(model, tokenizer, records, proto_path, "proto", sampling(cfg), seed=cfg.seed,
+                                        desc="proto (pi_0)", weights=cfg.model_name_or_path)
         proto_rows = match_prompts(proto_rows, records, f"proto_path {proto_path}")
 
     for t in range(cfg.num_iterations):
         it_dir = out / f"iter{t}"
         seed_all(cfg.seed, t)  # each iteration starts from its own RNG state, whatever ran before in this process
         if not (it_dir / "model").exists():
-            rows = iteration_data(model, tokenizer, records, proto_rows, iteration_settings(cfg), t, it_dir, out)
-            train_loop(model, tokenizer, _features(rows, tokenizer, cfg), train_settings(cfg), method=cfg.method,
-                       out_dir=it_dir, metrics=metrics, iteration=t, desc=f"iter{t} {cfg.method}")
+            rows = iteration_data(model, tokenizer, records, proto_rows, iteration_settings(cfg), t, it_dir, out,
+                                  clock=clock)
+            with clock.phase("train", iteration=t):  # tokenizing, the steps; its checkpoints are phases of their own
+                train_loop(model, tokenizer, _features(rows, tokenizer, cfg), train_settings(cfg), method=cfg.method,
+                           out_dir=it_dir, metrics=metrics, iteration=t, desc=f"iter{t} {cfg.method}", clock=clock)
         else:
             load_checkpoint(it_dir / "model", model)
         if held:
             evals.append(_evaluate_once(model, tokenizer, held, cfg, metrics, it_dir / "eval.json", t,
-                                        it_dir / "model", it_dir / "eval_generations.jsonl"))
+                                        it_dir / "model", it_dir / "eval_generations.jsonl", clock=clock))
         else:
             evals.append({"iteration": t})
         if (it_dir / "train_summary.json").exists():  # the iteration's last-epoch training diagnostics
@@ -190,6 +198,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     its reference log-probs computed first by the loaded policy when the file lacks them). Writes OUT/model.
     ``resume`` / ``overwrite`` as for :func:`iterate`."""
     out, tokenizer, records, held, model, metrics = _start(cfg, resume, overwrite)
+    clock = PhaseClock(out / "phases.jsonl", next(model.parameters()).device)
     seed_all(cfg.seed, 0)
     if (out / "model").exists():
         load_checkpoint(out / "model", model)
@@ -197,17 +206,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if cfg.method == "spin" and any("ref_real" not in r for r in records):
             path = out / "data_with_refs.jsonl"
             if not path.exists():
-                on_main(atomic_write_jsonl, path, spin_refs(model, tokenizer, records, tokenization=tokenization(cfg),
-                                                            scoring=reference_scoring(cfg)))
+                with clock.phase("reference", iteration=0):
+                    refs = spin_refs(model, tokenizer, records, tokenization=tokenization(cfg),
+                                     scoring=reference_scoring(cfg))
+                on_main(atomic_write_jsonl, path, refs)
             records = read_jsonl(path)
-        train_loop(model, tokenizer, _features(records, tokenizer, cfg), train_settings(cfg), method=cfg.method,
-                   out_dir=out,
-                   metrics=metrics, iteration=0, beta=cfg.beta if not cfg.no_history else 0.0,
-                   desc=f"train {cfg.method}")
+        with clock.phase("train", iteration=0):
+            train_loop(model, tokenizer, _features(records, tokenizer, cfg), train_settings(cfg), method=cfg.method,
+                       out_dir=out, metrics=metrics, iteration=0, beta=cfg.beta if not cfg.no_history else 0.0,
+                       desc=f"train {cfg.method}", clock=clock)
     result = {"method": cfg.method, "model": str(out / "model")}
     if held:  # once: a resumed finished run reads it back instead of logging it again
         e = _evaluate_once(model, tokenizer, held, cfg, metrics, out / "eval.json", 0, out / "model",
-                           out / "eval_generations.jsonl")
+                           out / "eval_generations.jsonl", clock=clock)
         result.update({k: v for k, v in e.items() if k.startswith("eval/")})
     on_main(atomic_write_json, out / "summary.json", result)
     return result

@@ -22,6 +22,7 @@ from .io import atomic_write_json
 from .losses import autocast, compute_loss
 from .methods import LOSS_FIELDS, loss_of
 from .metrics import Averager, MetricsWriter, read_back
+from .phases import NULL_CLOCK, PhaseClock
 from .ranks import all_sum, on_main, world
 from .rng import seed_all
 from .wrapping import clip_grad_norm, grad_sync, policy_of, reshard
@@ -144,7 +145,7 @@ def rank_share(micro_batch: list[int], rank: int, world_size: int) -> tuple[list
 
 def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, *, method: str, out_dir: str | Path,
                metrics: MetricsWriter, iteration: int = 0, beta: float | None = None, seed: int | None = None,
-               desc: str = "train") -> dict:
+               desc: str = "train", clock: PhaseClock = NULL_CLOCK) -> dict:
     """Train `model` in place on `features`; checkpoints go to out_dir/checkpoints, the final one to out_dir/model.
 
     `model` is the training policy (tspin.models.load_policy, or tspin.wrapping.wrap_model); under torchrun every
@@ -155,7 +156,7 @@ def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, 
     Metrics stay on the device and are read back once per logged step. Returns the means of the last epoch's
     metrics (also written to out_dir/train_summary.json). ``method``: the config's (tspin, spin, sft); ``beta``
     (default: the settings' for ``iteration``) and ``seed`` (default: the settings' seed + 1000 * iteration) as the
-    caller decides them.
+    caller decides them. ``clock``: times the checkpoint writes as their own phase (tspin.phases).
     """
     s = settings
     out_dir = Path(out_dir)
@@ -255,10 +256,11 @@ def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, 
             busy_s, tokens = 0.0, 0
         bar.update(1)
         if s.save_steps and (step + 1) % s.save_steps == 0 and step + 1 < total:
-            save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer=tokenizer,
-                            optimizer=optimizer, scheduler=scheduler,
-                            state={"step": step + 1, "total_steps": total, "epoch_avg": epoch_avg.state(),
-                                   "world_size": world_size})
+            with clock.phase("checkpoint", iteration=iteration):
+                save_checkpoint(out_dir / "checkpoints" / f"step-{step + 1:06d}", model, tokenizer=tokenizer,
+                                optimizer=optimizer, scheduler=scheduler,
+                                state={"step": step + 1, "total_steps": total, "epoch_avg": epoch_avg.state(),
+                                       "world_size": world_size})
             prune_checkpoints(out_dir / "checkpoints", s.save_total_limit)
     bar.close()
     means = epoch_avg.means()
@@ -266,8 +268,9 @@ def train_loop(model, tokenizer, features: list[dict], settings: TrainSettings, 
     on_main(atomic_write_json, out_dir / "train_summary.json", {f"train/{k}": v for k, v in means.items()})
     # the finished policy: no optimizer or scheduler state (nothing resumes from it mid-schedule; every iteration
     # starts a fresh optimizer), which keeps a model directory at the size of its weights rather than three times it
-    save_checkpoint(out_dir / "model", model, tokenizer=tokenizer,
-                    state={"step": total, "total_steps": total, "iteration": iteration, "method": method})
+    with clock.phase("checkpoint", iteration=iteration):
+        save_checkpoint(out_dir / "model", model, tokenizer=tokenizer,
+                        state={"step": total, "total_steps": total, "iteration": iteration, "method": method})
     prune_checkpoints(out_dir / "checkpoints", 0)
     return means
 
