@@ -287,6 +287,49 @@ def test_new_weights_are_loaded_in_place(tmp_path):
 
 
 @needs_vllm
+def test_weight_digest_names_the_weights_the_engine_holds(tmp_path):
+    """The check a GPU run makes of the hand-off (scripts/gpu_loop.py): the engine's embedding is byte for byte the
+    one each saved policy holds, after each load in place."""
+    from safetensors.torch import load_file
+
+    from tspin.generation.vllm_worker import tensor_digest
+
+    a = model_dir(tmp_path / "a", seed=31, tied=False)
+    b = model_dir(tmp_path / "b", seed=32, tied=False)
+    name = "model.embed_tokens.weight"
+    saved = {p: load_file(p / "model.safetensors")[name] for p in (a, b)}
+    rows = len(saved[a])  # the engine pads the vocabulary to a multiple of 64
+    digest = {p: tensor_digest(t) for p, t in saved.items()}
+    vllm_samples(a, temperature=0.0)
+    engine = vllm_engine.current_engine()
+    assert engine.weight_digest(name, rows) == digest[a]
+    vllm_samples(b, temperature=0.0)
+    assert vllm_engine.current_engine() is engine and engine.weight_digest(name, rows) == digest[b] != digest[a]
+    with pytest.raises(Exception, match="no parameter 'model.nope'"):
+        engine.weight_digest("model.nope")
+
+
+@needs_vllm
+def test_gpu_loop_script_runs_its_vllm_part(tmp_path):
+    """scripts/gpu_loop.py's vLLM part, dry-run at its toy shape on CPU: the run samples with vLLM, and the script
+    finds the trained weights in the engine (byte for byte) and the engine's greedy answers equal to HF's."""
+    out = tmp_path / "loop.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "scripts/gpu_loop.py", "--device", "cpu", "--shape", "toy", "--prompts", "8",
+                           "--eval-prompts", "3", "--max-new-tokens", "6", "--eval-max-new-tokens", "4",
+                           "--batch-size", "4", "--parts", "iterate-hf,iterate-vllm", "--work", str(tmp_path / "w"),
+                           "--out", str(out)], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    part = res["parts"]["iterate-vllm"]
+    assert part["status"] == "ok" and part["engine_holds_trained_weights"] is True
+    assert part["greedy_equal_hf"] == "3/3"  # float32 on CPU: the engines agree exactly
+    assert part["sampled_tokens"] == 8 * 6 * 2 and res["provenance"]["vllm"]
+    assert res["comparison"]["met"] in (True, False) and res["comparison"]["ratio"] > 0
+
+
+@needs_vllm
 def test_bad_settings_are_clear_errors(demo, tmp_path):
     tok = build_tokenizer()
     with pytest.raises(ValueError, match="head_dim=16.*supported: 32"):

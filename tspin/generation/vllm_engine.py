@@ -215,6 +215,15 @@ class Engine:
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
             self.weights = weights
 
+    def weight_digest(self, name: str, rows: int | None = None) -> str:
+        """The digest (tspin.generation.vllm_worker.tensor_digest) of the engine's parameter `name` as it holds it
+        now (its first `rows` rows if given); on a GPU the engine is woken for it (sampling does that anyway)."""
+        self.wake()
+        digests = set(self.llm.collective_rpc("weight_digest", args=(name, rows)))
+        if len(digests) != 1:
+            raise RuntimeError(f"weight_digest({name!r}): the engine's workers hold different values")
+        return digests.pop()
+
     def close(self) -> None:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):

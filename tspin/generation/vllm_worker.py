@@ -6,6 +6,8 @@ Kept free of tspin's other modules (and of anything heavy): the worker imports i
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -16,6 +18,24 @@ class PolicyLoader:
         """Reload from a saved model directory; returns how many tied layers were re-processed."""
         self.reload_weights(weights_path=weights_path)
         return refresh_shared_weight_layers(self.get_model())
+
+    def weight_digest(self, name: str, rows: int | None = None) -> str:
+        """:func:`tensor_digest` of the engine's parameter `name` (vLLM's name: q, k and v are one ``qkv_proj``;
+        the embedding and norms keep Hugging Face's), of its first `rows` rows if given (vLLM pads an embedding's
+        vocabulary to a multiple of 64): a check that the engine samples from the weights a trainer saved, without
+        sending the tensor back."""
+        params = dict(self.get_model().named_parameters())
+        if name not in params:
+            raise KeyError(f"weight_digest: the engine's model has no parameter {name!r}")
+        return tensor_digest(params[name] if rows is None else params[name][:rows])
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (on the host)."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def refresh_shared_weight_layers(model: torch.nn.Module) -> int:
