@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | checks | tile-sweep | kernels-mistral | kernels-llama3 | kernels-qwen | loss-paths | e2e-llama |
+# PART: all | checks | tile-sweep | profile | kernels-mistral | kernels-llama3 | kernels-qwen | loss-paths | e2e-llama |
 #       e2e-mistral-tspin | e2e-mistral-naive | layouts (a T-SPIN step with padded / packed / shared-prefix batches,
 #       sdpa and flex), or any pytest -k expression. `loss-paths`: forward+backward with a trainable head at the
 #       three shapes for every peer (the library's plain call `default`, the fused loss path `triton_fused`, the
@@ -10,7 +10,16 @@
 #       memory check (scripts/gpu_fsdp_lora_check.py), whose JSON lands in benchmarks/results/ too.
 #       `tile-sweep` times the forward and backward kernels under a grid of tile configs at llama3-8b
 #       (benchmarks/tile_sweep.py; TILE_SWEEP_ARGS="--shape mistral-7b ..." for others).
-#       `all` runs the benchmark parts one after the other (ALL_PARTS below), each its own pytest session.
+#       `profile`: torch.profiler's per-kernel table of one forward+backward at llama3-8b
+#       (benchmarks/profile_fused.py) for the fused loss path, the plain call and torch.compile of the naive loss with
+#       a trainable head, then the fused path with a frozen head: kernels, GEMM shapes and TFLOP/s, categories, host
+#       syncs, the chunk plan, against the bf16 matmul peak. Two JSON files, each with its .md, in
+#       benchmarks/results/<device>-profile-llama3-8b[-frozen]-<yyyymmdd>.*; about 3-4 minutes on an H200
+#       (torch.compile's first compile is about one of them). Each run is capped (PROFILE_LIMIT_S, default 330 s;
+#       PROFILE_FROZEN_LIMIT_S, 150 s) so that its files reach $OUT within the device tool's 10 minutes; it writes
+#       after every path, so a capped run keeps the paths it finished. A third run profiles the fused path with a
+#       cap of 2**29 logits (TSPIN_CHUNK_ELEMENTS; PROFILE_CAP_LIMIT_S, 90 s): one pass over llama3-8b's triplets
+#       instead of two. PROFILE_ARGS="--trace DIR ..." adds to all three.
 # TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it.
 # Each part's session replaces that file whole when it ends, so a part has written its results before the next
@@ -36,9 +45,9 @@ mkdir -p benchmarks/results
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 
-save() {  # the results written so far and the log, to $OUT (the tool brings back a few files: JSON and log only)
+save() {  # the results written so far and the log, to $OUT (the tool brings back a few files: JSON, .md and log only)
   [ -n "${OUT:-}" ] || return 0
-  find benchmarks/results -maxdepth 1 -name '*.json' -newer "$STARTED" -exec cp {} "$OUT"/ \;
+  find benchmarks/results -maxdepth 1 \( -name '*.json' -o -name '*.md' \) -newer "$STARTED" -exec cp {} "$OUT"/ \;
   cp "$LOG" "$OUT"/
 }
 
@@ -56,6 +65,27 @@ if [ "$PART" = tile-sweep ]; then
   "$PY" -m benchmarks.tile_sweep ${TILE_SWEEP_ARGS:-} 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   save
+  exit "$rc"
+fi
+
+if [ "$PART" = profile ]; then  # each run writes its JSON after every path: a capped run keeps the paths it finished
+  timeout -k 10 "${PROFILE_LIMIT_S:-330}" "$PY" -m benchmarks.profile_fused --shape llama3-8b \
+    --paths fused,default,compile ${PROFILE_ARGS:-} 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  save
+  timeout -k 10 "${PROFILE_FROZEN_LIMIT_S:-150}" "$PY" -m benchmarks.profile_fused --shape llama3-8b --paths fused \
+    --frozen ${PROFILE_ARGS:-} 2>&1 | tee -a "$LOG"
+  rc2=${PIPESTATUS[0]}
+  save
+  # the fused path with a cap of 2**29 logits: one pass over llama3-8b's triplets (3072 rows x 128256 = 394M
+  # logits, over the default 2**28, take two passes: 4 units of work instead of 3)
+  TSPIN_CHUNK_ELEMENTS=536870912 timeout -k 10 "${PROFILE_CAP_LIMIT_S:-90}" "$PY" -m benchmarks.profile_fused \
+    --shape llama3-8b --paths fused --out "benchmarks/results/profile-llama3-8b-fused-cap2e29-$(date -u +%Y%m%d).json" \
+    ${PROFILE_ARGS:-} 2>&1 | tee -a "$LOG"
+  rc3=${PIPESTATUS[0]}
+  save
+  [ "$rc" -eq 0 ] && [ "$rc2" -eq 0 ] && exit "$rc3"
+  [ "$rc" -eq 0 ] && exit "$rc2"
   exit "$rc"
 fi
 
