@@ -23,7 +23,7 @@ PY_VLLM := $(VENV_VLLM)/bin/python
 VLLM_TESTS ?= tests/test_generation_vllm.py tests/test_generation.py
 
 .PHONY: install install-vllm demo test test-main test-vllm test-gpu docs docs-serve lint bench-cpu bench-cpu-mid \
-	bench-gpu bench-generation plots clean
+	bench-gpu gpu-smoke bench-generation plots clean
 
 # $(call install_torch,PYTHON): a CPU wheel pip already finds (version ending in +cpu) is taken as it is; otherwise
 # torch comes from TORCH_INDEX (PyTorch's CPU index), its dependencies from PyPI.
@@ -94,6 +94,11 @@ bench-cpu-mid: install
 # On a GPU machine, like test-gpu (CUDA torch already there). PART=all, or one part (benchmarks/gpu_suite.sh).
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh $(or $(PART),all)
+
+# The whole self-play loop on one GPU (scripts/gpu_loop.py): every part once and small, checked and timed per phase,
+# results JSON + plot under benchmarks/results/. LOOP_ARGS="--parts iterate-hf,iterate-vllm" for some parts.
+gpu-smoke:
+	PYTHON=$(PYTHON) LOOP_ARGS="$(LOOP_ARGS)" bash benchmarks/gpu_suite.sh loop
 
 # Sampling throughput, HF generate vs vLLM, on CPU (README "Fast sampling with vLLM"): one run, results JSON
 # under benchmarks/results/.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (or one part of it), on the GPU machine, with the CUDA torch already there.
 #   bash benchmarks/gpu_suite.sh [PART]   (`make bench-gpu PART=...`)
-# PART: all | checks | tile-sweep | profile | kernels-mistral | kernels-llama3 | kernels-qwen | loss-paths | e2e-llama |
+# PART: all | checks | tile-sweep | profile | loop | kernels-mistral | kernels-llama3 | kernels-qwen | loss-paths | e2e-llama |
 #       e2e-mistral-tspin | e2e-mistral-naive | layouts (a T-SPIN step with padded / packed / shared-prefix batches,
 #       sdpa and flex), or any pytest -k expression. `loss-paths`: forward+backward with a trainable head at the
 #       three shapes for every peer (the library's plain call `default`, the fused loss path `triton_fused`, the
@@ -20,6 +20,10 @@
 #       after every path, so a capped run keeps the paths it finished. A third run profiles the fused path with a
 #       cap of 2**29 logits (TSPIN_CHUNK_ELEMENTS; PROFILE_CAP_LIMIT_S, 90 s): one pass over llama3-8b's triplets
 #       instead of two. PROFILE_ARGS="--trace DIR ..." adds to all three.
+#       `loop`: the whole self-play loop on this GPU (scripts/gpu_loop.py; LOOP_ARGS="--parts ..." for some parts):
+#       tspin iterate at the Llama-1B shape sampling with HF generate and with vLLM, shared-prefix batches, LoRA,
+#       single-GPU FSDP2 and the HF Trainer backend, each checked and timed per phase; `make gpu-smoke`. vLLM is not
+#       on the GPU image: benchmarks/gpu_vllm_wheels.sh says how it travels.
 # TSPIN_BENCH_ROUNDS=N lowers the timed rounds per kernel case (default 10).
 # Results go to benchmarks/results/<device>-<yyyymmdd>.json (parts accumulate in one file), plots next to it.
 # Each part's session replaces that file whole when it ends, so a part has written its results before the next
@@ -63,6 +67,13 @@ if [ "$PART" = checks ]; then
 fi
 if [ "$PART" = tile-sweep ]; then
   "$PY" -m benchmarks.tile_sweep ${TILE_SWEEP_ARGS:-} 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  save
+  exit "$rc"
+fi
+
+if [ "$PART" = loop ]; then  # scripts/gpu_loop.py copies its JSON, plot and log to $OUT after every part itself
+  "$PY" scripts/gpu_loop.py ${LOOP_ARGS:-} 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   save
   exit "$rc"

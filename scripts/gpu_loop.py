@@ -56,6 +56,13 @@ EMBED = "model.embed_tokens.weight"  # the same name in Hugging Face's model and
 PART_TIMEOUT_S = 900
 
 
+def child_env() -> dict:
+    """This process's environment with the repository first on the path (wheels carried to a GPU machine are on
+    PYTHONPATH too: kept)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 # ----------------------------------------------------------------------------- inputs
 def build_inputs(work: Path, shape: str, prompts: int, eval_prompts: int) -> dict:
     """The random-init model (saved in bf16 on a GPU run: what a user's checkpoint holds), its tokenizer, the
@@ -232,7 +239,7 @@ def run_iterate_part(part: str, args) -> dict:
     if part == "fsdp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
                "tspin.cli", *argv]
-        rc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=child_env()).returncode
     else:
         rc = tspin_main(argv)
     result = {"config": cfg, "exit_code": rc, "wall_seconds": round(time.perf_counter() - t0, 2)}
@@ -376,13 +383,15 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
-def save(results: dict, out: Path, log: Path | None) -> None:
+def save(results: dict, out: Path) -> None:
+    """The results file and its plot, and their copies under $OUT (what the device tool brings back; the log is
+    written there directly)."""
     from tspin.io import atomic_write_json
 
     atomic_write_json(out, results)
     png = plot(results, out.with_suffix(".png"))
-    if os.environ.get("OUT"):  # the device tool brings back what is under $OUT
-        for f in (out, png, log):
+    if os.environ.get("OUT"):
+        for f in (out, png):
             if f is not None and f.exists():
                 shutil.copy(f, os.environ["OUT"])
 
@@ -446,7 +455,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     out = args.out or default_out(args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = Path(os.environ["OUT"]) / "gpu-loop.log" if os.environ.get("OUT") else None
+    # each part's output (its process's), where the device tool brings it back; gpu_suite.sh's own log is beside it
+    log = Path(os.environ["OUT"]) / "gpu-loop-parts.log" if os.environ.get("OUT") else None
     results = {"provenance": provenance(args),
                "settings": {k: getattr(args, k) for k in ("shape", "prompts", "eval_prompts", "iterations",
                                                           "max_new_tokens", "eval_max_new_tokens", "batch_size",
@@ -460,7 +470,7 @@ def main(argv=None) -> int:
         result_file.unlink(missing_ok=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(child, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            proc = subprocess.run(child, cwd=ROOT, env=child_env(),
                                   timeout=PART_TIMEOUT_S, capture_output=True, text=True)
             tail = (proc.stdout + proc.stderr)[-4000:]
         except subprocess.TimeoutExpired as e:
@@ -478,7 +488,7 @@ def main(argv=None) -> int:
         if log is not None:
             with open(log, "a") as f:
                 f.write(f"==== {part}\n{tail}\n")
-        save(results, out, log)
+        save(results, out)
         print(f"[gpu_loop] {part}: {result['status']} in {result['process_seconds']} s "
               f"{result.get('reason', '')}", flush=True)
     print(summary_table(results))
@@ -492,7 +502,8 @@ def summary_table(results: dict) -> str:
     for name, p in results["parts"].items():
         iters = p.get("iteration_seconds") or {}
         last = iters[max(iters)] if iters else None
-        peaks = [v.get("peak_device_used_gib", 0.0) for ph in (p.get("phases") or {}).values() for v in ph.values()]
+        peaks = [v["peak_device_used_gib"] for ph in (p.get("phases") or {}).values() for v in ph.values()
+                 if "peak_device_used_gib" in v]
         checks = {k: p[k] for k in ("losses_finite", "weights_changed", "engine_holds_trained_weights",
                                     "greedy_equal_hf") if k in p}
         lines.append(f"{name:15} {p['status']:8} {last if last is not None else '-':>12} "
