@@ -41,7 +41,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# vLLM, where benchmarks/gpu_vllm_install.sh put it on this machine (the `loop` part samples with it; without it
+# that part's vLLM run is skipped, with the reason). Its worker processes import tspin: the repository goes on too.
+if [ -f /tmp/site-vllm/.installed ]; then
+  export PYTHONPATH="/tmp/site-vllm:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1  # no network there: nothing may try it
 LOG="/tmp/gpu-$(printf %s "$PART" | tr -c 'A-Za-z0-9_.-' '_').log"
 STARTED="$(mktemp)"  # results files changed since this run began are the ones copied to $OUT
 trap 'rm -f "$STARTED"' EXIT
