@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -64,9 +65,10 @@ def child_env() -> dict:
 
 
 # ----------------------------------------------------------------------------- inputs
-def build_inputs(work: Path, shape: str, prompts: int, eval_prompts: int) -> dict:
-    """The random-init model (saved in bf16 on a GPU run: what a user's checkpoint holds), its tokenizer, the
-    training and held-out prompts. Built once per work folder."""
+def build_inputs(work: Path, shape: str, prompts: int, eval_prompts: int, bf16: bool = False) -> dict:
+    """The random-init model (saved in bf16 for a GPU run: what a user's checkpoint holds), its tokenizer, the
+    training and held-out prompts. Built once per work folder, on the CPU: this process holds no GPU memory while
+    the parts run."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,10 +84,8 @@ def build_inputs(work: Path, shape: str, prompts: int, eval_prompts: int) -> dic
         config = LlamaConfig(**spec, max_position_embeddings=2048, tie_word_embeddings=True,
                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-        if device == "cuda":
+        model = LlamaForCausalLM(config)
+        if bf16:
             model = model.to(torch.bfloat16)
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
@@ -311,6 +311,16 @@ def run_part(part: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the parent: provenance, JSON, plot
+@functools.cache
+def gpu_info() -> tuple[str, float]:
+    """(name, GiB) of GPU 0, asked in a short-lived process: this one keeps no CUDA context (half a GiB) on the GPU
+    while the parts run."""
+    code = ("import torch; p = torch.cuda.get_device_properties(0); "
+            "print(torch.cuda.get_device_name(0)); print(p.total_memory / 2**30)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split("\n")
+    return out[0].strip(), round(float(out[1]), 1)
+
+
 def provenance(args) -> dict:
     import torch
     import transformers
@@ -321,7 +331,7 @@ def provenance(args) -> dict:
             versions[name] = __import__(name).__version__
         except Exception:
             versions[name] = None
-    cuda = torch.cuda.is_available() and args.device != "cpu"
+    cuda = args.device == "cuda"
     commit = os.environ.get("TSPIN_COMMIT", "").strip()
     if not commit:
         try:
@@ -329,8 +339,7 @@ def provenance(args) -> dict:
                                     text=True, timeout=10).stdout.strip() or "unknown"
         except (OSError, subprocess.SubprocessError):
             commit = "unknown"
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu",
-            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+    return {"device": gpu_info()[0] if cuda else "cpu", "gpu_memory_gib": gpu_info()[1] if cuda else None,
             **versions, "commit": commit, "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
@@ -397,9 +406,7 @@ def save(results: dict, out: Path) -> None:
 
 
 def default_out(device: str) -> Path:
-    import torch
-
-    name = torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else "cpu"
+    name = gpu_info()[0] if device == "cuda" else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     return ROOT / "benchmarks" / "results" / f"{slug}-loop-{_dt.date.today():%Y%m%d}.json"
 
@@ -462,7 +469,8 @@ def main(argv=None) -> int:
                                                           "max_new_tokens", "eval_max_new_tokens", "batch_size",
                                                           "learning_rate", "trainer_steps", "device")},
                "parts": {}}
-    build_inputs(args.work, args.shape, args.prompts, args.eval_prompts)  # once, before the parts time anything
+    # once, before the parts time anything
+    build_inputs(args.work, args.shape, args.prompts, args.eval_prompts, bf16=args.device == "cuda")
     for part in args.parts:
         print(f"[gpu_loop] {part} ...", flush=True)
         child = [sys.executable, str(Path(__file__).resolve()), "--run-part", part, *(argv or sys.argv[1:])]
