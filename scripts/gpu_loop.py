@@ -121,28 +121,21 @@ def run_config(part: str, inputs: dict, args, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- what a run shows
 def read_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line
-            continue
-    return rows
+    """A finished run's JSONL file, or nothing where the run did not write it."""
+    from tspin.io import read_jsonl
+
+    return read_jsonl(path) if path.exists() else []
 
 
-def phases_of(out: Path) -> dict:
-    """Per iteration ("start" before the loop): each phase's seconds and peak GPU memory."""
-    table: dict[str, dict[str, dict]] = {}
-    for r in read_lines(out / "phases.jsonl"):
-        key = "start" if r["iteration"] < 0 else f"iter{r['iteration']}"
-        p = table.setdefault(key, {}).setdefault(r["phase"], {"seconds": 0.0})
-        p["seconds"] = round(p["seconds"] + r["seconds"], 3)
-        for k in ("peak_allocated_gib", "peak_device_used_gib"):
-            if k in r:
-                p[k] = max(p.get(k, 0.0), r[k])
-    return table
+def saved_tensor(model_dir: Path, name: str):
+    """The tensor `name` of a saved model directory (any of its safetensors files), or None."""
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    return None
 
 
 def sampled_tokens(path: Path, field: str) -> int:
@@ -151,13 +144,14 @@ def sampled_tokens(path: Path, field: str) -> int:
 
 def run_facts(out: Path, initial: Path, final: Path) -> dict:
     """What every iterate part checks and reports."""
+    import torch
     from safetensors import safe_open
 
-    from tspin.generation.vllm_worker import tensor_digest
+    from tspin.phases import phase_table
 
     train = [r for r in read_lines(out / "metrics.jsonl") if r.get("phase") == "train"]
     losses = [r["loss"] for r in train]
-    phases = phases_of(out)
+    phases = phase_table(out / "phases.jsonl")
     facts = {"phases": phases, "train_steps": len(train),
              "losses_finite": bool(losses) and all(math.isfinite(x) for x in losses),
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -165,15 +159,9 @@ def run_facts(out: Path, initial: Path, final: Path) -> dict:
     files = sorted(final.glob("*.safetensors"))
     name = EMBED if not (final / "adapter_config.json").exists() else None
     if name and files:  # full weights: the embedding moved (a tied head gets a gradient on every row)
-        def embed(d: Path):
-            for f in sorted(d.glob("*.safetensors")):
-                with safe_open(str(f), "pt") as fh:
-                    if name in fh.keys():
-                        return fh.get_tensor(name)
-        facts["weights_changed"] = tensor_digest(embed(initial).float()) != tensor_digest(embed(final).float())
+        before, after = (saved_tensor(d, name).float() for d in (initial, final))
+        facts["weights_changed"] = not torch.equal(before, after)
     elif files:  # LoRA: the adapter's B matrices start at zero; trained, some are not
-        import torch
-
         with safe_open(str(files[0]), "pt") as fh:
             facts["weights_changed"] = any(torch.count_nonzero(fh.get_tensor(k)) > 0 for k in fh.keys()
                                            if "lora_B" in k)
@@ -194,7 +182,6 @@ def handoff_checks(out: Path, final: Path, eval_path: Path, args) -> dict:
     """In the process that ran the vLLM run: does the engine hold the trained weights, and do its greedy answers
     (the last evaluation's) equal HF generate's with those weights?"""
     import torch
-    from safetensors import safe_open
 
     from tspin.generation import generate_samples, vllm_engine
     from tspin.generation.vllm_worker import tensor_digest
@@ -203,11 +190,7 @@ def handoff_checks(out: Path, final: Path, eval_path: Path, args) -> dict:
     engine = vllm_engine.current_engine()
     facts = {}
     if engine is not None:
-        saved = None
-        for f in sorted(final.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as fh:
-                if EMBED in fh.keys():
-                    saved = fh.get_tensor(EMBED)
+        saved = saved_tensor(final, EMBED)
         dtype = torch.bfloat16 if engine.cuda else torch.float32  # what the engine was built with
         facts["engine_holds_trained_weights"] = engine.weight_digest(EMBED, len(saved)) == tensor_digest(
             saved.to(dtype))

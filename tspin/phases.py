@@ -20,7 +20,7 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ class _Open:
     start: float
     nested_s: float = 0.0
     peak_allocated: int = 0  # the largest peak of the nested phases (each resets torch's counter)
-    children: list = field(default_factory=list)
 
 
 class PhaseClock:
@@ -121,17 +120,27 @@ class PhaseClock:
 NULL_CLOCK = PhaseClock()
 
 
-def phase_summary(path) -> dict[str, dict[str, float]]:
-    """A phases.jsonl file's seconds summed per iteration and phase: {"start": {"eval": s, "proto": s}, "iter0":
-    {"sample": s, "train": s, "checkpoint": s, "eval": s}, ...}; "start" is before the loop (iteration -1: pi_0's
-    evaluation and the proto samples)."""
-    out: dict[str, dict[str, float]] = {}
+def phase_table(path) -> dict[str, dict[str, dict]]:
+    """A phases.jsonl file per iteration and phase: {"start": {"eval": {...}, "proto": {...}}, "iter0": {"sample":
+    {"seconds": s, "peak_allocated_gib": g, "peak_device_used_gib": g}, "train": {...}, ...}, ...}: the seconds
+    summed, the peaks (GPU runs) the largest; "start" is before the loop (iteration -1: pi_0's evaluation and the
+    proto samples)."""
+    out: dict[str, dict[str, dict]] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:  # the line a kill tore
             continue
         key = "start" if r["iteration"] < 0 else f"iter{r['iteration']}"
-        phases = out.setdefault(key, {})
-        phases[r["phase"]] = round(phases.get(r["phase"], 0.0) + r["seconds"], 4)
+        p = out.setdefault(key, {}).setdefault(r["phase"], {"seconds": 0.0})
+        p["seconds"] = round(p["seconds"] + r["seconds"], 4)
+        for k in ("peak_allocated_gib", "peak_device_used_gib"):
+            if k in r:
+                p[k] = max(p.get(k, 0.0), r[k])
     return out
+
+
+def phase_summary(path) -> dict[str, dict[str, float]]:
+    """:func:`phase_table`'s seconds alone: {"start": {"eval": s, "proto": s}, "iter0": {"sample": s, "train": s,
+    "checkpoint": s, "eval": s}, ...}."""
+    return {key: {name: p["seconds"] for name, p in phases.items()} for key, phases in phase_table(path).items()}
